@@ -1,0 +1,283 @@
+//! Creates or updates every stream and KV bucket defined in `nats/jetstream.yaml`, idempotently.
+//!
+//! KV buckets are created as their backing `KV_<bucket>` stream and then opened with
+//! `get_key_value`: async-nats' `create_key_value` cannot parse nats-server 2.9's account info,
+//! and the stream config below is exactly what a KV bucket is on every server version.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use serde::Deserialize;
+
+use super::{BusError, Names};
+
+/// The definitions file, compiled in so a binary needs nothing beside it.
+pub const DEFINITIONS_YAML: &str = include_str!("../../nats/jetstream.yaml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definitions {
+    pub streams: BTreeMap<String, StreamDef>,
+    pub buckets: BTreeMap<String, BucketDef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    Limits,
+    Workqueue,
+    Interest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDef {
+    pub description: String,
+    pub subjects: Vec<String>,
+    pub retention: Retention,
+    #[serde(default)]
+    pub max_age_secs: u64,
+    #[serde(default)]
+    pub duplicate_window_secs: u64,
+    /// Keep at most this many messages per subject (0 = unlimited).
+    #[serde(default)]
+    pub max_msgs_per_subject: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketDef {
+    pub description: String,
+    pub history: i64,
+    #[serde(default)]
+    pub max_age_secs: u64,
+}
+
+impl Definitions {
+    /// Parses the compiled-in definitions.
+    pub fn builtin() -> Result<Self, BusError> {
+        serde_norway::from_str(DEFINITIONS_YAML).map_err(|e| BusError::Provision {
+            what: "nats/jetstream.yaml".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The stream config for `key`, with `{ns}` rendered.
+    pub fn stream_config(&self, names: &Names, key: &str) -> Option<stream::Config> {
+        let def = self.streams.get(key)?;
+        Some(stream::Config {
+            name: names.stream(key),
+            description: Some(def.description.clone()),
+            subjects: def.subjects.iter().map(|s| render(s, names)).collect(),
+            retention: match def.retention {
+                Retention::Limits => stream::RetentionPolicy::Limits,
+                Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
+                Retention::Interest => stream::RetentionPolicy::Interest,
+            },
+            max_age: Duration::from_secs(def.max_age_secs),
+            duplicate_window: Duration::from_secs(def.duplicate_window_secs),
+            max_messages_per_subject: if def.max_msgs_per_subject > 0 {
+                def.max_msgs_per_subject
+            } else {
+                -1
+            },
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            ..Default::default()
+        })
+    }
+
+    /// The backing stream config of the KV bucket `key`.
+    pub fn bucket_stream_config(&self, names: &Names, key: &str) -> Option<stream::Config> {
+        let def = self.buckets.get(key)?;
+        let bucket = names.bucket(key);
+        Some(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some(def.description.clone()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: def.history.max(1),
+            max_age: Duration::from_secs(def.max_age_secs),
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            deny_purge: false,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+    }
+}
+
+fn render(template: &str, names: &Names) -> String {
+    template.replace("{ns}", names.namespace())
+}
+
+/// Creates or updates every stream and bucket of the namespace. Safe to run any number of
+/// times, from any number of processes at once.
+#[tracing::instrument(skip_all, fields(namespace = names.namespace()))]
+pub async fn ensure_all(js: &jetstream::Context, names: &Names) -> Result<(), BusError> {
+    let defs = Definitions::builtin()?;
+    for key in defs.streams.keys() {
+        if let Some(config) = defs.stream_config(names, key) {
+            ensure_stream(js, config).await?;
+        }
+    }
+    for key in defs.buckets.keys() {
+        if let Some(config) = defs.bucket_stream_config(names, key) {
+            ensure_stream(js, config).await?;
+        }
+    }
+    tracing::debug!("jetstream streams and buckets ensured");
+    Ok(())
+}
+
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BusError> {
+    let name = config.name.clone();
+    // Two processes starting together may both miss the stream and race to create it;
+    // the loser's create fails with "already in use", and a second update then succeeds.
+    let mut last = String::new();
+    for _ in 0..3 {
+        match js.create_or_update_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BusError::Provision {
+        what: format!("stream {name}"),
+        reason: last,
+    })
+}
+
+/// Opens the KV bucket `key` (after [`ensure_all`]).
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    names: &Names,
+    key: &str,
+) -> Result<jetstream::kv::Store, BusError> {
+    let bucket = names.bucket(key);
+    js.get_key_value(bucket.clone())
+        .await
+        .map_err(|e| BusError::Kv {
+            bucket,
+            reason: e.to_string(),
+        })
+}
+
+/// Deletes every stream and bucket of the namespace (tests and `omoi` teardown tooling).
+pub async fn delete_all(js: &jetstream::Context, names: &Names) -> Result<(), BusError> {
+    let defs = Definitions::builtin()?;
+    let streams = defs.streams.keys().map(|k| names.stream(k)).chain(
+        defs.buckets
+            .keys()
+            .map(|k| format!("KV_{}", names.bucket(k))),
+    );
+    for name in streams {
+        if let Err(e) = js.delete_stream(&name).await {
+            use async_nats::jetstream::context::DeleteStreamErrorKind;
+            if !matches!(e.kind(), DeleteStreamErrorKind::JetStream(ref je) if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
+            {
+                return Err(BusError::Provision {
+                    what: format!("delete stream {name}"),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two subject patterns (with `*` and `>` wildcards) can match a common subject.
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('.'), b.split('.'));
+    loop {
+        match (a.next(), b.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) => {
+                if x != y && x != "*" && y != "*" {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Event;
+
+    #[test]
+    fn every_event_type_lands_in_exactly_one_stream_and_no_request_subject_does() {
+        let names = Names::new("ns1").unwrap();
+        let defs = Definitions::builtin().unwrap();
+        let streams: Vec<stream::Config> = defs
+            .streams
+            .keys()
+            .filter_map(|k| defs.stream_config(&names, k))
+            .collect();
+        for kind in Event::TYPES {
+            let subject = names.event(kind);
+            let holders: Vec<_> = streams
+                .iter()
+                .filter(|s| s.subjects.iter().any(|p| subjects_overlap(p, &subject)))
+                .map(|s| s.name.clone())
+                .collect();
+            assert_eq!(
+                holders,
+                vec![names.stream(super::super::names::STREAM_EVENTS)],
+                "{subject}"
+            );
+        }
+        for request in names.request_subjects() {
+            for s in &streams {
+                for p in &s.subjects {
+                    assert!(
+                        !subjects_overlap(p, &request),
+                        "{} captures request subject {request}",
+                        s.name
+                    );
+                }
+            }
+        }
+        assert!(streams.iter().any(|s| {
+            s.subjects
+                .iter()
+                .any(|p| subjects_overlap(p, &names.deadletter("ns1.task.completed")))
+        }));
+    }
+
+    #[test]
+    fn subject_overlap_understands_wildcards() {
+        assert!(subjects_overlap("a.>", "a.b.c"));
+        assert!(subjects_overlap("a.*.c", "a.b.c"));
+        assert!(!subjects_overlap("a.*.c", "a.b.d"));
+        assert!(!subjects_overlap("a.b", "a.b.c"));
+        assert!(subjects_overlap("a.b.>", "a.*.c"));
+        assert!(!subjects_overlap("a.registered", "a.heartbeat.>"));
+    }
+
+    #[test]
+    fn definitions_name_the_documented_streams_and_buckets() {
+        let defs = Definitions::builtin().unwrap();
+        for key in [
+            super::super::names::STREAM_EVENTS,
+            super::super::names::STREAM_DEADLETTER,
+        ] {
+            assert!(defs.streams.contains_key(key), "{key}");
+        }
+        for key in [
+            super::super::names::BUCKET_AGENTS,
+            super::super::names::BUCKET_LEASES,
+        ] {
+            assert!(defs.buckets.contains_key(key), "{key}");
+        }
+        for def in defs.streams.values() {
+            assert!(!def.description.is_empty());
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Rust clients of omoi's NATS request/reply APIs. Any NATS client in any language can do
+//! the same: the subjects and payloads are in docs/protocol.md.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::bus::Names;
+use crate::db::agents::AgentRecord;
+use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
+use crate::service::ServiceError;
+use crate::service::registry::RegisterRequest;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// omoi answered with an error.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// Nobody serves this subject (no control plane running).
+    #[error("no omoi control plane answers on {0}")]
+    NoResponders(String),
+    #[error("request on {subject} failed: {reason}")]
+    Transport { subject: String, reason: String },
+    #[error("unreadable reply on {subject}: {reason}")]
+    BadReply { subject: String, reason: String },
+}
+
+/// Sends a JSON request and decodes the reply (or its error body).
+pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+    nats: &async_nats::Client,
+    subject: String,
+    body: &Req,
+    timeout: Duration,
+) -> Result<Resp, ClientError> {
+    let payload = serde_json::to_vec(body).map_err(|e| ClientError::Transport {
+        subject: subject.clone(),
+        reason: e.to_string(),
+    })?;
+    request_raw(nats, subject, payload.into(), timeout).await
+}
+
+/// Sends raw bytes as a request and decodes the reply.
+pub async fn request_raw<Resp: DeserializeOwned>(
+    nats: &async_nats::Client,
+    subject: String,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<Resp, ClientError> {
+    let reply = tokio::time::timeout(timeout, nats.request(subject.clone(), payload))
+        .await
+        .map_err(|_| ClientError::Transport {
+            subject: subject.clone(),
+            reason: format!("no reply within {timeout:?}"),
+        })?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                ClientError::NoResponders(subject.clone())
+            }
+            _ => ClientError::Transport {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+    let is_error = reply.headers.as_ref().is_some_and(|h| {
+        h.get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+            .is_some()
+    });
+    if is_error {
+        let body: ErrorReply =
+            serde_json::from_slice(&reply.payload).map_err(|e| ClientError::BadReply {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        return Err(ServiceError::from_body(body.error).into());
+    }
+    serde_json::from_slice(&reply.payload).map_err(|e| ClientError::BadReply {
+        subject,
+        reason: e.to_string(),
+    })
+}
+
+/// Client of the agent registry service (`<ns>.registry.*`) and of heartbeats.
+#[derive(Clone)]
+pub struct AgentRegistryClient {
+    nats: async_nats::Client,
+    names: Names,
+    timeout: Duration,
+}
+
+impl AgentRegistryClient {
+    pub fn new(nats: async_nats::Client, names: Names) -> Self {
+        Self {
+            nats,
+            names,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn subject(&self, endpoint: &str) -> String {
+        format!("{}.{endpoint}", self.names.registry_prefix())
+    }
+
+    pub async fn register(&self, req: &RegisterRequest) -> Result<AgentRecord, ClientError> {
+        request(&self.nats, self.subject("register"), req, self.timeout).await
+    }
+
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAck, ClientError> {
+        request(
+            &self.nats,
+            self.names.heartbeat(hb.agent_id),
+            hb,
+            self.timeout,
+        )
+        .await
+    }
+}

@@ -1,0 +1,442 @@
+//! Settings: defaults in the binary → optional `omoi.toml` → `OMOI_` environment → CLI flags,
+//! then [`Settings::validate`]. Every key is flat (`heartbeat_interval_ms`, not a table) so that
+//! each one has exactly one environment name: `OMOI_` + the key in upper case.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the settings could not be loaded. Always names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The effective configuration of one omoi process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Prefix of every subject, stream and KV bucket (`<ns>.task.completed`, `<ns>_events`).
+    pub namespace: String,
+    pub nats_url: String,
+    pub database_url: String,
+    pub http_addr: String,
+    pub log_format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `omoi=debug,info`.
+    pub log_level: String,
+    pub db_max_connections: u32,
+    /// How often a worker publishes a heartbeat per hosted agent.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which the control plane marks an agent `stale`.
+    pub agent_stale_after_ms: u64,
+    /// Silence after which the control plane marks an agent `offline`.
+    pub agent_offline_after_ms: u64,
+    /// First retry delay of a failed task attempt; doubles per failure.
+    pub retry_base_delay_ms: u64,
+    /// Upper bound of the retry delay.
+    pub retry_max_delay_ms: u64,
+    /// Time a stopping process gives in-flight work before it exits anyway.
+    pub shutdown_grace_ms: u64,
+    /// Time-to-live of the scheduler leader lease; a standby takes over after it lapses.
+    pub leader_lease_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "omoi".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/omoi".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+            db_max_connections: 10,
+            heartbeat_interval_ms: 1_000,
+            agent_stale_after_ms: 3_000,
+            agent_offline_after_ms: 10_000,
+            retry_base_delay_ms: 500,
+            retry_max_delay_ms: 60_000,
+            shutdown_grace_ms: 10_000,
+            leader_lease_ms: 5_000,
+        }
+    }
+}
+
+/// Where settings come from, besides the defaults. The environment is passed in (rather than
+/// read here) so tests can load settings in parallel without touching the process environment.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// An explicit file (must exist). Without it, `./omoi.toml` is read if present.
+    pub file: Option<PathBuf>,
+    pub env: HashMap<String, String>,
+    /// `(key, value)` pairs from CLI flags; they win over everything.
+    pub overrides: Vec<(&'static str, String)>,
+}
+
+impl Sources {
+    /// Sources with the current process environment.
+    pub fn from_process_env() -> Self {
+        Self {
+            env: std::env::vars().collect(),
+            ..Self::default()
+        }
+    }
+}
+
+const DEFAULT_FILE: &str = "omoi.toml";
+
+impl Settings {
+    /// Loads and validates settings from `sources` layered over the defaults.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+
+        match &sources.file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError::File {
+                        path: path.clone(),
+                        reason: "no such file".into(),
+                    });
+                }
+                builder = builder.add_source(file_source(path));
+            }
+            None if Path::new(DEFAULT_FILE).is_file() => {
+                builder = builder.add_source(file_source(Path::new(DEFAULT_FILE)));
+            }
+            None => {}
+        }
+
+        let omoi_env: config::Map<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("OMOI_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("OMOI")
+                .prefix_separator("_")
+                .source(Some(omoi_env.clone())),
+        );
+        // Conventional names are fallbacks: they lose to OMOI_* but beat the file and defaults.
+        for (fallback, key, omoi) in [
+            ("NATS_URL", "nats_url", "OMOI_NATS_URL"),
+            ("DATABASE_URL", "database_url", "OMOI_DATABASE_URL"),
+        ] {
+            if let (Some(v), false) = (sources.env.get(fallback), omoi_env.contains_key(omoi)) {
+                builder = builder
+                    .set_override(key, v.clone())
+                    .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            }
+        }
+        for (key, value) in &sources.overrides {
+            builder = builder
+                .set_override(*key, value.clone())
+                .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value; the error names the key and says why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_namespace(&self.namespace).map_err(|reason| ConfigError::Invalid {
+            key: "namespace",
+            reason,
+        })?;
+        check_url(&self.nats_url, &["nats", "tls", "ws", "wss"]).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "nats_url",
+                reason,
+            }
+        })?;
+        check_url(&self.database_url, &["postgres", "postgresql"]).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "database_url",
+                reason,
+            }
+        })?;
+        self.http_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "http_addr",
+                reason: format!("`{}` is not host:port ({e})", self.http_addr),
+            })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            ConfigError::Invalid {
+                key: "log_level",
+                reason: e.to_string(),
+            }
+        })?;
+        let positive = [
+            ("db_max_connections", u64::from(self.db_max_connections)),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("retry_base_delay_ms", self.retry_base_delay_ms),
+            ("leader_lease_ms", self.leader_lease_ms),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
+        if self.agent_stale_after_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::Invalid {
+                key: "agent_stale_after_ms",
+                reason: format!(
+                    "must exceed heartbeat_interval_ms ({}), or every agent would go stale",
+                    self.heartbeat_interval_ms
+                ),
+            });
+        }
+        if self.agent_offline_after_ms <= self.agent_stale_after_ms {
+            return Err(ConfigError::Invalid {
+                key: "agent_offline_after_ms",
+                reason: format!(
+                    "must exceed agent_stale_after_ms ({})",
+                    self.agent_stale_after_ms
+                ),
+            });
+        }
+        if self.retry_max_delay_ms < self.retry_base_delay_ms {
+            return Err(ConfigError::Invalid {
+                key: "retry_max_delay_ms",
+                reason: "must be at least retry_base_delay_ms".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A copy safe to print: passwords in URLs are replaced by `***`.
+    pub fn redacted(&self) -> Self {
+        Self {
+            nats_url: mask_url_password(&self.nats_url),
+            database_url: mask_url_password(&self.database_url),
+            ..self.clone()
+        }
+    }
+
+    /// The effective settings as `key = value` lines (valid TOML), secrets masked.
+    pub fn render_toml(&self) -> String {
+        let value = serde_json::to_value(self.redacted()).unwrap_or_default();
+        let mut out = String::new();
+        if let serde_json::Value::Object(map) = value {
+            for (k, v) in map {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        // validate() proved it parses; the fallback only guards direct construction.
+        self.http_addr
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn agent_stale_after(&self) -> Duration {
+        Duration::from_millis(self.agent_stale_after_ms)
+    }
+    pub fn agent_offline_after(&self) -> Duration {
+        Duration::from_millis(self.agent_offline_after_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+    pub fn leader_lease(&self) -> Duration {
+        Duration::from_millis(self.leader_lease_ms)
+    }
+    pub fn retry_policy(&self) -> crate::domain::RetryPolicy {
+        crate::domain::RetryPolicy {
+            base_delay: Duration::from_millis(self.retry_base_delay_ms),
+            max_delay: Duration::from_millis(self.retry_max_delay_ms),
+        }
+    }
+}
+
+fn file_source(path: &Path) -> config::File<config::FileSourceFile, config::FileFormat> {
+    config::File::from(path.to_path_buf()).format(config::FileFormat::Toml)
+}
+
+/// Namespace grammar: `[a-z][a-z0-9_-]{0,31}` — valid as a subject token, a stream name and a KV
+/// bucket name, and short enough to read in `nats stream ls`.
+pub fn validate_namespace(ns: &str) -> Result<(), String> {
+    let mut chars = ns.chars();
+    match chars.next() {
+        None => return Err("must not be empty".into()),
+        Some(c) if !c.is_ascii_lowercase() => {
+            return Err(format!("`{ns}` must start with a lower-case letter"));
+        }
+        _ => {}
+    }
+    if ns.len() > 32 {
+        return Err(format!("`{ns}` is longer than 32 characters"));
+    }
+    if let Some(bad) =
+        chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "`{ns}` contains `{bad}`; allowed are a-z, 0-9, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
+    let url = url::Url::parse(raw)
+        .map_err(|e| format!("`{}` is not a URL ({e})", mask_url_password(raw)))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!(
+            "scheme `{}` is not one of {}",
+            url.scheme(),
+            schemes.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces the password of a URL with `***`; a string that is not a URL is returned unchanged.
+pub fn mask_url_password(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("omoi.toml");
+        std::fs::write(
+            &file,
+            "namespace = \"fromfile\"\nhttp_addr = \"127.0.0.1:9000\"\nlog_level = \"debug\"\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            file: Some(file),
+            env: env(&[("OMOI_NAMESPACE", "fromenv"), ("OMOI_LOG_LEVEL", "warn")]),
+            overrides: vec![("namespace", "fromflag".into())],
+        };
+        let s = Settings::load(&sources).unwrap();
+        assert_eq!(s.namespace, "fromflag");
+        assert_eq!(s.log_level, "warn", "env beats file");
+        assert_eq!(s.http_addr, "127.0.0.1:9000", "file beats default");
+        assert_eq!(s.retry_base_delay_ms, 500, "default kept");
+    }
+
+    #[test]
+    fn conventional_urls_are_fallbacks_only() {
+        let s = Settings::load(&Sources {
+            env: env(&[("NATS_URL", "nats://10.0.0.1:4222")]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.nats_url, "nats://10.0.0.1:4222");
+        let s = Settings::load(&Sources {
+            env: env(&[
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("OMOI_DATABASE_URL", "postgres://x@y/z"),
+            ]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.database_url, "postgres://x@y/z");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("OMOI_NAMESPACE", "Has.Dots", "namespace"),
+            ("OMOI_HTTP_ADDR", "nonsense", "http_addr"),
+            ("OMOI_NATS_URL", "http://x:1", "nats_url"),
+            ("OMOI_HEARTBEAT_INTERVAL_MS", "abc", "heartbeat_interval_ms"),
+            ("OMOI_AGENT_STALE_AFTER_MS", "10", "agent_stale_after_ms"),
+            ("OMOI_LOG_FORMAT", "xml", "log_format"),
+        ];
+        for (var, value, key) in cases {
+            let err = Settings::load(&Sources {
+                env: env(&[(var, value)]),
+                ..Sources::default()
+            })
+            .expect_err(var)
+            .to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` should name `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Settings::load(&Sources {
+            file: Some("/nonexistent/omoi.toml".into()),
+            ..Sources::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/omoi.toml"));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let s = Settings {
+            database_url: "postgres://omoi:hunter2@db:5432/omoi".into(),
+            nats_url: "nats://u:p4ss@nats:4222".into(),
+            ..Settings::default()
+        };
+        let printed = s.render_toml();
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("p4ss"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("postgres://omoi:***@db:5432/omoi"),
+            "{printed}"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! The control plane process (`omoi coordinator`): owns PostgreSQL, serves the HTTP API and the
+//! registry service, and — on the one instance holding the `scheduler` lease — runs the
+//! background loops (liveness sweep now; the scheduler in a later step).
+
+pub mod endpoints;
+
+use std::net::SocketAddr;
+
+use async_nats::jetstream;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::bus::lease::Lease;
+use crate::bus::names::{BUCKET_AGENTS, BUCKET_LEASES};
+use crate::bus::{BusError, EventBus, Names, provision};
+use crate::config::Settings;
+use crate::db::DbError;
+use crate::runtime::Shutdown;
+use crate::runtime::health::{self, HealthState};
+use crate::service::registry::Registry;
+
+/// Key of the scheduler lease in the `<ns>_leases` bucket.
+pub const SCHEDULER_LEASE_KEY: &str = "scheduler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Config(String),
+    #[error("bind HTTP on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started coordinator.
+pub struct Running {
+    /// Where the HTTP API listens (useful with port 0).
+    pub http_addr: SocketAddr,
+    /// True while this instance holds the scheduler lease.
+    pub leader: watch::Receiver<bool>,
+    pub instance_id: String,
+}
+
+/// Applies migrations and provisions JetStream: what `omoi migrate` does, and every process
+/// does at start.
+pub async fn migrate(
+    settings: &Settings,
+) -> Result<(PgPool, async_nats::Client), CoordinatorError> {
+    let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
+    crate::db::migrate(&pool).await?;
+    let nats = crate::bus::connect(&settings.nats_url, "omoi-migrate").await?;
+    let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
+    provision::ensure_all(&jetstream::new(nats.clone()), &names).await?;
+    Ok((pool, nats))
+}
+
+/// Starts every component on `shutdown`'s tracker and returns once they are up.
+pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, CoordinatorError> {
+    let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
+    let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
+    crate::db::migrate(&pool).await?;
+    let instance_id = format!("coordinator-{}", uuid::Uuid::now_v7().simple());
+    let nats = crate::bus::connect(&settings.nats_url, &instance_id).await?;
+    let js = jetstream::new(nats.clone());
+    provision::ensure_all(&js, &names).await?;
+
+    let bus = EventBus::new(js.clone(), names.clone());
+    let mirror = provision::open_bucket(&js, &names, BUCKET_AGENTS).await?;
+    let registry = Registry::new(pool.clone(), bus.clone(), mirror);
+    endpoints::start(nats.clone(), names.clone(), registry.clone(), shutdown).await?;
+
+    // Leader election: background loops run only while this instance holds the lease.
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let leases = provision::open_bucket(&js, &names, BUCKET_LEASES).await?;
+    let lease = Lease::new(
+        leases,
+        SCHEDULER_LEASE_KEY,
+        &instance_id,
+        settings.leader_lease(),
+    );
+    shutdown.spawn(lease.run(leader_tx, shutdown.token.clone()));
+    shutdown.spawn(sweep_loop(
+        registry.clone(),
+        settings.clone(),
+        leader_rx.clone(),
+        shutdown.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
+        .await
+        .map_err(|source| CoordinatorError::Bind {
+            addr: settings.http_addr.clone(),
+            source,
+        })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Bind {
+            addr: settings.http_addr.clone(),
+            source,
+        })?;
+    let app = health::router(HealthState {
+        nats: nats.clone(),
+        db: Some(pool.clone()),
+    });
+    let token = shutdown.token.clone();
+    shutdown.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    tracing::info!(%http_addr, namespace = names.namespace(), instance = %instance_id, "coordinator started");
+    Ok(Running {
+        http_addr,
+        leader: leader_rx,
+        instance_id,
+    })
+}
+
+/// Runs a coordinator until `shutdown` is cancelled, then drains within the grace period.
+pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), CoordinatorError> {
+    start(settings, &shutdown).await?;
+    shutdown.token.cancelled().await;
+    if !shutdown.drain(settings.shutdown_grace()).await {
+        tracing::warn!("some tasks did not stop within the grace period");
+    }
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Leader-only: marks silent agents stale, then offline, a few times per heartbeat interval.
+async fn sweep_loop(
+    registry: Registry,
+    settings: Settings,
+    mut leader: watch::Receiver<bool>,
+    shutdown: Shutdown,
+) {
+    let period = (settings.heartbeat_interval() / 2).max(std::time::Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.token.cancelled() => break,
+            _ = tick.tick() => {}
+            _ = leader.changed() => continue,
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        if let Err(e) = registry
+            .sweep(
+                settings.agent_stale_after_ms as i64,
+                settings.agent_offline_after_ms as i64,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "liveness sweep failed; will retry");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Agent rows: registration, partial updates, batched heartbeats and the liveness sweep.
+//! Time comes from the database clock (`now()`) on both the heartbeat and the sweep side, so
+//! process clocks never disagree about who is stale.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgExecutor, PgPool};
+
+use super::DbError;
+use crate::domain::{AgentId, AgentStatus, HealthStatus};
+
+/// An agent as stored (and as mirrored into the `<ns>_agents` bucket and returned by the API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub name: String,
+    pub agent_type: String,
+    pub phase_id: Option<String>,
+    pub capabilities: Vec<String>,
+    pub capacity: i32,
+    pub current_load: i32,
+    pub status: AgentStatus,
+    pub health_status: HealthStatus,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub last_assigned_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An agent whose status changed, with the status it had before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusChange {
+    pub agent: AgentRecord,
+    pub from: AgentStatus,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChangedRow {
+    #[sqlx(flatten)]
+    agent: AgentRecord,
+    prev_status: AgentStatus,
+}
+
+impl From<ChangedRow> for StatusChange {
+    fn from(r: ChangedRow) -> Self {
+        Self {
+            agent: r.agent,
+            from: r.prev_status,
+        }
+    }
+}
+
+/// A new registration (already validated and normalised).
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub name: String,
+    pub agent_type: String,
+    pub phase_id: Option<String>,
+    pub capabilities: Vec<String>,
+    pub capacity: i32,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Value,
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+/// Inserts a new agent, healthy and idle, its registration counting as a first heartbeat.
+pub async fn insert(db: impl PgExecutor<'_>, new: &NewAgent) -> Result<AgentRecord, DbError> {
+    sqlx::query_as::<_, AgentRecord>(
+        "INSERT INTO agents (id, name, agent_type, phase_id, capabilities, capacity, tags,
+                             metadata, status, health_status, last_heartbeat)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'idle', 'healthy', now())
+         RETURNING *",
+    )
+    .bind(new.id)
+    .bind(&new.name)
+    .bind(&new.agent_type)
+    .bind(&new.phase_id)
+    .bind(&new.capabilities)
+    .bind(new.capacity)
+    .bind(&new.tags)
+    .bind(&new.metadata)
+    .fetch_one(db)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            DbError::Duplicate(format!(
+                "an agent named `{}` is already registered",
+                new.name
+            ))
+        } else {
+            e.into()
+        }
+    })
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: AgentId) -> Result<AgentRecord, DbError> {
+    sqlx::query_as::<_, AgentRecord>("SELECT * FROM agents WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| DbError::NotFound {
+            what: "agent",
+            id: id.to_string(),
+        })
+}
+
+/// The live (not deregistered) agent with this name.
+pub async fn get_live_by_name(
+    db: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE name = $1 AND status <> 'terminated'",
+    )
+    .bind(name)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Every agent not deregistered, by name.
+pub async fn list_live(db: impl PgExecutor<'_>) -> Result<Vec<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE status <> 'terminated' ORDER BY name",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Records a batch of heartbeats in one statement. Returns the agents that were found (with
+/// their status before): an id missing from the result is unknown or deregistered. A stale or
+/// offline agent comes back to idle/running; maintenance, degraded and quarantined keep their
+/// status.
+pub async fn record_heartbeats(
+    pool: &PgPool,
+    beats: &[(AgentId, i32)],
+) -> Result<Vec<StatusChange>, DbError> {
+    let ids: Vec<AgentId> = beats.iter().map(|b| b.0).collect();
+    let loads: Vec<i32> = beats.iter().map(|b| b.1.max(0)).collect();
+    let rows = sqlx::query_as::<_, ChangedRow>(
+        "WITH hb AS (
+             SELECT DISTINCT ON (id) id, load FROM UNNEST($1::uuid[], $2::int[]) AS h(id, load)
+         ), prev AS (
+             SELECT a.id, a.status FROM agents a JOIN hb USING (id)
+             WHERE a.status <> 'terminated' FOR UPDATE OF a
+         )
+         UPDATE agents a SET
+             last_heartbeat = now(),
+             current_load = hb.load,
+             health_status = 'healthy',
+             status = CASE
+                 WHEN prev.status IN ('idle', 'running', 'stale', 'offline')
+                     THEN CASE WHEN hb.load > 0 THEN 'running' ELSE 'idle' END
+                 ELSE prev.status END,
+             updated_at = now()
+         FROM hb, prev
+         WHERE a.id = hb.id AND a.id = prev.id
+         RETURNING a.*, prev.status AS prev_status",
+    )
+    .bind(&ids)
+    .bind(&loads)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Marks agents that missed heartbeats: silent longer than `stale_after_ms` → stale, longer
+/// than `offline_after_ms` → offline. Returns only agents whose status changed.
+pub async fn sweep_silent(
+    pool: &PgPool,
+    stale_after_ms: i64,
+    offline_after_ms: i64,
+) -> Result<Vec<StatusChange>, DbError> {
+    let rows = sqlx::query_as::<_, ChangedRow>(
+        "WITH silent AS (
+             SELECT id, status,
+                    last_heartbeat < now() - make_interval(secs => $2::float8 / 1000) AS gone
+             FROM agents
+             WHERE status IN ('idle', 'running', 'degraded', 'maintenance', 'stale')
+               AND last_heartbeat < now() - make_interval(secs => $1::float8 / 1000)
+             FOR UPDATE
+         )
+         UPDATE agents a SET
+             status = CASE WHEN silent.gone THEN 'offline' ELSE 'stale' END,
+             health_status = CASE WHEN silent.gone THEN 'unresponsive' ELSE 'stale' END,
+             updated_at = now()
+         FROM silent
+         WHERE a.id = silent.id AND (silent.gone OR silent.status <> 'stale')
+         RETURNING a.*, silent.status AS prev_status",
+    )
+    .bind(stale_after_ms)
+    .bind(offline_after_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}

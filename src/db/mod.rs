@@ -1,0 +1,109 @@
+//! Everything that talks to PostgreSQL: the pool, migrations, and one repository per
+//! aggregate. State changes are compare-and-set updates (`… WHERE status = $expected`).
+
+pub mod agents;
+pub mod tasks;
+pub mod workflows;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::domain::IllegalTransition;
+
+/// The migrations in `migrations/`, compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("connect to PostgreSQL at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrate: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{what} {id} changed concurrently: expected {expected}, found {actual}")]
+    Conflict {
+        what: &'static str,
+        id: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+}
+
+/// Connects a pool. Fails fast (a few seconds) when nothing answers, naming the URL.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let masked = crate::config::mask_url_password(url);
+    let options: PgConnectOptions = url.parse().map_err(|source| DbError::Connect {
+        url: masked.clone(),
+        source,
+    })?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: masked,
+            source,
+        })
+}
+
+/// Applies pending migrations; a no-op when all are applied. Concurrent callers are serialised
+/// by sqlx's advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Creates the database named in `url` if it does not exist, connecting to the `postgres`
+/// maintenance database of the same server. Returns true if it was created.
+pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
+    let masked = crate::config::mask_url_password(url);
+    let options: PgConnectOptions = url.parse().map_err(|source| DbError::Connect {
+        url: masked.clone(),
+        source,
+    })?;
+    let Some(name) = options.get_database().map(str::to_string) else {
+        return Ok(false);
+    };
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.database("postgres"))
+        .await
+        .map_err(|source| DbError::Connect {
+            url: masked.clone(),
+            source,
+        })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&admin)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Created by someone else in the meantime.
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P04") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,116 @@
+//! Workflow rows; a workflow and all its tasks are inserted in one transaction.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgExecutor, PgPool};
+
+use super::DbError;
+use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct WorkflowRecord {
+    pub id: WorkflowId,
+    pub name: String,
+    pub status: WorkflowStatus,
+    pub failure_policy: String,
+    pub spec: serde_json::Value,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A task to insert with its workflow.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub key: String,
+    pub executor: String,
+    pub capabilities: Vec<String>,
+    pub input: serde_json::Value,
+    pub depends_on: Vec<String>,
+    pub resources: serde_json::Value,
+    pub priority: Priority,
+    pub status: TaskStatus,
+    pub max_attempts: i32,
+    pub timeout_seconds: Option<i32>,
+}
+
+/// Inserts a workflow and its tasks atomically: all of it is stored, or none.
+pub async fn create(
+    pool: &PgPool,
+    id: WorkflowId,
+    name: &str,
+    failure_policy: &str,
+    spec: &serde_json::Value,
+    tasks: &[NewTask],
+) -> Result<WorkflowRecord, DbError> {
+    let mut tx = pool.begin().await?;
+    let workflow = sqlx::query_as::<_, WorkflowRecord>(
+        "INSERT INTO workflows (id, name, failure_policy, spec) VALUES ($1, $2, $3, $4) RETURNING *",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(failure_policy)
+    .bind(spec)
+    .fetch_one(&mut *tx)
+    .await?;
+    // One statement for every task: a wide DAG costs one round trip, not one per task.
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+    let keys: Vec<&str> = tasks.iter().map(|t| t.key.as_str()).collect();
+    let executors: Vec<&str> = tasks.iter().map(|t| t.executor.as_str()).collect();
+    let caps: Vec<serde_json::Value> = tasks
+        .iter()
+        .map(|t| serde_json::json!(t.capabilities))
+        .collect();
+    let inputs: Vec<&serde_json::Value> = tasks.iter().map(|t| &t.input).collect();
+    let deps: Vec<serde_json::Value> = tasks
+        .iter()
+        .map(|t| serde_json::json!(t.depends_on))
+        .collect();
+    let resources: Vec<&serde_json::Value> = tasks.iter().map(|t| &t.resources).collect();
+    let priorities: Vec<&str> = tasks.iter().map(|t| t.priority.as_str()).collect();
+    let statuses: Vec<&str> = tasks.iter().map(|t| t.status.as_str()).collect();
+    let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
+    let timeouts: Vec<Option<i32>> = tasks.iter().map(|t| t.timeout_seconds).collect();
+    sqlx::query(
+        "INSERT INTO tasks (id, workflow_id, key, executor, capabilities, input, depends_on,
+                            resources, priority, status, max_attempts, timeout_seconds, ready_at)
+         SELECT t.id, $1, t.key, t.executor,
+                ARRAY(SELECT jsonb_array_elements_text(t.caps)), t.input,
+                ARRAY(SELECT jsonb_array_elements_text(t.deps)), t.resources, t.priority,
+                t.status, t.max_attempts, t.timeout_seconds,
+                CASE WHEN t.status = 'ready' THEN now() END
+         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[],
+                     $8::jsonb[], $9::text[], $10::text[], $11::int[], $12::int[])
+              AS t(id, key, executor, caps, input, deps, resources, priority, status,
+                   max_attempts, timeout_seconds)",
+    )
+    .bind(id)
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&executors)
+    .bind(&caps)
+    .bind(&inputs)
+    .bind(&deps)
+    .bind(&resources)
+    .bind(&priorities)
+    .bind(&statuses)
+    .bind(&max_attempts)
+    .bind(&timeouts)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(workflow)
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<WorkflowRecord, DbError> {
+    sqlx::query_as::<_, WorkflowRecord>("SELECT * FROM workflows WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| DbError::NotFound {
+            what: "workflow",
+            id: id.to_string(),
+        })
+}

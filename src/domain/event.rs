@@ -1,0 +1,268 @@
+//! The event catalogue: every event omoi publishes, with its wire type name.
+//!
+//! On the wire an event is an [`Envelope`]:
+//! `{"v":1,"id":"<uuid>","time":"<RFC 3339>","type":"task.completed","data":{…}}`.
+//! The subject is `<namespace>.<type>`; `id` is also the `Nats-Msg-Id` header, so JetStream drops
+//! a re-published copy. Field names in `data` are a public contract (docs/protocol.md).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::ids::{AgentId, TaskId, WorkflowId};
+use super::{AgentStatus, TaskStatus, WorkflowStatus};
+
+/// Version of the envelope and event schemas.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// One event as published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub id: Uuid,
+    pub time: DateTime<Utc>,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl Envelope {
+    /// Wraps `event` with a fresh id and the current time.
+    pub fn new(event: Event) -> Self {
+        Self {
+            v: EVENT_SCHEMA_VERSION,
+            id: Uuid::now_v7(),
+            time: Utc::now(),
+            event,
+        }
+    }
+}
+
+/// Every event type. The serde name is the wire `type` and the subject suffix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    #[serde(rename = "agent.registered")]
+    AgentRegistered(AgentRegistered),
+    #[serde(rename = "agent.capability.updated")]
+    AgentCapabilityUpdated(AgentCapabilityUpdated),
+    #[serde(rename = "agent.status.changed")]
+    AgentStatusChanged(AgentStatusChanged),
+    #[serde(rename = "agent.deregistered")]
+    AgentDeregistered(AgentDeregistered),
+    #[serde(rename = "task.ready")]
+    TaskReady(TaskEvent),
+    #[serde(rename = "task.assigned")]
+    TaskAssigned(TaskEvent),
+    #[serde(rename = "task.started")]
+    TaskStarted(TaskEvent),
+    #[serde(rename = "task.completed")]
+    TaskCompleted(TaskEvent),
+    #[serde(rename = "task.retrying")]
+    TaskRetrying(TaskEvent),
+    #[serde(rename = "task.failed")]
+    TaskFailed(TaskEvent),
+    #[serde(rename = "task.cancelled")]
+    TaskCancelled(TaskEvent),
+    #[serde(rename = "workflow.created")]
+    WorkflowCreated(WorkflowEvent),
+    #[serde(rename = "workflow.completed")]
+    WorkflowCompleted(WorkflowEvent),
+    #[serde(rename = "workflow.failed")]
+    WorkflowFailed(WorkflowEvent),
+    #[serde(rename = "workflow.cancelled")]
+    WorkflowCancelled(WorkflowEvent),
+}
+
+impl Event {
+    /// Every wire type, in catalogue order (used to build stream subjects and the docs).
+    pub const TYPES: &'static [&'static str] = &[
+        "agent.registered",
+        "agent.capability.updated",
+        "agent.status.changed",
+        "agent.deregistered",
+        "task.ready",
+        "task.assigned",
+        "task.started",
+        "task.completed",
+        "task.retrying",
+        "task.failed",
+        "task.cancelled",
+        "workflow.created",
+        "workflow.completed",
+        "workflow.failed",
+        "workflow.cancelled",
+    ];
+
+    /// The wire type, e.g. `task.completed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AgentRegistered(_) => "agent.registered",
+            Self::AgentCapabilityUpdated(_) => "agent.capability.updated",
+            Self::AgentStatusChanged(_) => "agent.status.changed",
+            Self::AgentDeregistered(_) => "agent.deregistered",
+            Self::TaskReady(_) => "task.ready",
+            Self::TaskAssigned(_) => "task.assigned",
+            Self::TaskStarted(_) => "task.started",
+            Self::TaskCompleted(_) => "task.completed",
+            Self::TaskRetrying(_) => "task.retrying",
+            Self::TaskFailed(_) => "task.failed",
+            Self::TaskCancelled(_) => "task.cancelled",
+            Self::WorkflowCreated(_) => "workflow.created",
+            Self::WorkflowCompleted(_) => "workflow.completed",
+            Self::WorkflowFailed(_) => "workflow.failed",
+            Self::WorkflowCancelled(_) => "workflow.cancelled",
+        }
+    }
+
+    /// The task event for a task entering `status`, if that status has one.
+    pub fn for_task_status(status: TaskStatus, data: TaskEvent) -> Option<Event> {
+        Some(match status {
+            TaskStatus::Ready => Self::TaskReady(data),
+            TaskStatus::Assigned => Self::TaskAssigned(data),
+            TaskStatus::Running => Self::TaskStarted(data),
+            TaskStatus::Completed => Self::TaskCompleted(data),
+            TaskStatus::RetryWait => Self::TaskRetrying(data),
+            TaskStatus::Failed => Self::TaskFailed(data),
+            TaskStatus::Cancelled => Self::TaskCancelled(data),
+            TaskStatus::Pending => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRegistered {
+    pub agent_id: AgentId,
+    pub name: String,
+    pub agent_type: String,
+    pub capabilities: Vec<String>,
+    pub capacity: i32,
+}
+
+/// Published on register and whenever the normalised capability set really changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentCapabilityUpdated {
+    pub agent_id: AgentId,
+    pub capabilities: Vec<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatusChanged {
+    pub agent_id: AgentId,
+    pub from: AgentStatus,
+    pub to: AgentStatus,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDeregistered {
+    pub agent_id: AgentId,
+    pub name: String,
+}
+
+/// Data of every `task.*` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub task_id: TaskId,
+    pub workflow_id: WorkflowId,
+    pub key: String,
+    pub status: TaskStatus,
+    /// The attempt (fencing token) the event belongs to; 0 before the first dispatch.
+    pub attempt: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `task.retrying`: when the next attempt becomes ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// Data of every `workflow.*` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowEvent {
+    pub workflow_id: WorkflowId,
+    pub name: String,
+    pub status: WorkflowStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_wire_shape_is_flat() {
+        let env = Envelope::new(Event::AgentDeregistered(AgentDeregistered {
+            agent_id: AgentId::new(),
+            name: "a1".into(),
+        }));
+        let v = serde_json::to_value(&env).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["type"], "agent.deregistered");
+        assert_eq!(v["data"]["name"], "a1");
+        let back: Envelope = serde_json::from_value(v).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn kind_matches_the_serde_name_for_every_variant() {
+        let task = TaskEvent {
+            task_id: TaskId::new(),
+            workflow_id: WorkflowId::new(),
+            key: "k".into(),
+            status: TaskStatus::Ready,
+            attempt: 0,
+            agent_id: None,
+            error: None,
+            retry_at: None,
+        };
+        let wf = WorkflowEvent {
+            workflow_id: WorkflowId::new(),
+            name: "w".into(),
+            status: WorkflowStatus::Running,
+        };
+        let agent = AgentId::new();
+        let all = vec![
+            Event::AgentRegistered(AgentRegistered {
+                agent_id: agent,
+                name: "n".into(),
+                agent_type: "worker".into(),
+                capabilities: vec![],
+                capacity: 1,
+            }),
+            Event::AgentCapabilityUpdated(AgentCapabilityUpdated {
+                agent_id: agent,
+                capabilities: vec![],
+                added: vec![],
+                removed: vec![],
+            }),
+            Event::AgentStatusChanged(AgentStatusChanged {
+                agent_id: agent,
+                from: AgentStatus::Idle,
+                to: AgentStatus::Stale,
+                reason: "r".into(),
+            }),
+            Event::AgentDeregistered(AgentDeregistered {
+                agent_id: agent,
+                name: "n".into(),
+            }),
+            Event::TaskReady(task.clone()),
+            Event::TaskAssigned(task.clone()),
+            Event::TaskStarted(task.clone()),
+            Event::TaskCompleted(task.clone()),
+            Event::TaskRetrying(task.clone()),
+            Event::TaskFailed(task.clone()),
+            Event::TaskCancelled(task),
+            Event::WorkflowCreated(wf.clone()),
+            Event::WorkflowCompleted(wf.clone()),
+            Event::WorkflowFailed(wf.clone()),
+            Event::WorkflowCancelled(wf),
+        ];
+        assert_eq!(all.len(), Event::TYPES.len());
+        for (ev, ty) in all.iter().zip(Event::TYPES) {
+            assert_eq!(ev.kind(), *ty);
+            assert_eq!(serde_json::to_value(ev).unwrap()["type"], *ty);
+        }
+    }
+}

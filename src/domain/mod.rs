@@ -1,0 +1,16 @@
+//! Pure types of omoi — ids, tasks and their state machine, agents, workflows, events.
+//! No I/O here: the database and the bus translate to and from these types.
+
+pub mod agent;
+pub mod event;
+pub mod ids;
+pub mod retry;
+pub mod task;
+pub mod workflow;
+
+pub use agent::{AgentStatus, HealthStatus};
+pub use event::{Envelope, Event};
+pub use ids::{AgentId, TaskId, WorkflowId};
+pub use retry::{AfterFailure, RetryPolicy};
+pub use task::{IllegalTransition, Priority, TaskStatus};
+pub use workflow::WorkflowStatus;

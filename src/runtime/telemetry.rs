@@ -1,0 +1,35 @@
+//! Logging (`tracing`, human or JSON) and the Prometheus metrics recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global `tracing` subscriber, writing to stderr (stdout is for data).
+/// `RUST_LOG`, when set, overrides `level`.
+pub fn init_tracing(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        // The NATS client logs every (re)connect at info; keep that out of the default view.
+        .or_else(|_| EnvFilter::try_new(format!("async_nats=warn,{level}")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // A second init (tests, `omoi dev`) keeps the first subscriber.
+    let _ = result;
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .as_ref()
+}

@@ -1,0 +1,13 @@
+//! Integration tests against the real NATS and PostgreSQL of this machine. Every test makes a
+//! [`env::TestEnv`]: its own namespace (subjects, streams, buckets) and its own database,
+//! removed when the test ends, so tests run in parallel and leave nothing behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod env;
+
+mod bus;
+mod liveness;
+mod processes;
+mod provisioning;
+mod repo;
+mod tasks;

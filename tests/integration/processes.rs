@@ -1,0 +1,112 @@
+//! Real `omoi` processes: a worker that heartbeats, stops cleanly on SIGTERM, and whose agent
+//! goes stale and offline when the process is killed.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use omoi::db::agents;
+use omoi::domain::AgentStatus;
+use omoi::runtime::Shutdown;
+use tokio::process::{Child, Command};
+
+use crate::env::{TestEnv, eventually};
+
+fn spawn_worker(env: &TestEnv, agent: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args([
+            "worker",
+            "--agent",
+            agent,
+            "--capabilities",
+            "echo,sleep",
+            "--capacity",
+            "2",
+        ])
+        .envs(env.child_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn omoi worker")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running child").to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn registered(env: &TestEnv, name: &str) -> agents::AgentRecord {
+    eventually(
+        Duration::from_secs(15),
+        "agent registered and heartbeating",
+        || async {
+            agents::get_live_by_name(&env.pool, name)
+                .await
+                .unwrap()
+                .filter(|a| a.status == AgentStatus::Idle)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_worker_heartbeats_and_exits_cleanly_on_sigterm() {
+    let env = TestEnv::new().await;
+    let shutdown = Shutdown::new();
+    omoi::coordinator::start(&env.settings(), &shutdown)
+        .await
+        .unwrap();
+    let mut worker = spawn_worker(&env, "w1");
+    let agent = registered(&env, "w1").await;
+    assert_eq!(agent.capabilities, vec!["echo", "sleep"]);
+    let first_beat = agent.last_heartbeat.unwrap();
+    eventually(Duration::from_secs(5), "a later heartbeat", || async {
+        let a = agents::get(&env.pool, agent.id).await.unwrap();
+        (a.last_heartbeat.unwrap() > first_beat).then_some(())
+    })
+    .await;
+
+    signal(&worker, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("worker exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "clean exit, got {status:?}");
+    // It said goodbye: offline at once, not after the silence timeout.
+    let a = agents::get(&env.pool, agent.id).await.unwrap();
+    assert_eq!(a.status, AgentStatus::Offline);
+    shutdown.drain(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_goes_stale_then_offline_and_its_restart_reclaims_the_agent() {
+    let env = TestEnv::new().await;
+    let shutdown = Shutdown::new();
+    omoi::coordinator::start(&env.settings(), &shutdown)
+        .await
+        .unwrap();
+    let mut worker = spawn_worker(&env, "w1");
+    let agent = registered(&env, "w1").await;
+
+    signal(&worker, "-KILL");
+    let _ = worker.wait().await;
+    eventually(Duration::from_secs(5), "offline after SIGKILL", || async {
+        let a = agents::get(&env.pool, agent.id).await.unwrap();
+        (a.status == AgentStatus::Offline).then_some(())
+    })
+    .await;
+
+    let mut restarted = spawn_worker(&env, "w1");
+    let back = registered(&env, "w1").await;
+    assert_eq!(
+        back.id, agent.id,
+        "a restarted worker gets its agent (and its id) back"
+    );
+    signal(&restarted, "-TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(10), restarted.wait()).await;
+    shutdown.drain(Duration::from_secs(5)).await;
+}

@@ -1,0 +1,39 @@
+//! Files of the repository that no other test exercises: docker-compose.yml and the Dockerfile.
+
+use serde_norway::Value;
+
+#[test]
+fn docker_compose_parses_and_names_the_services() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+        .unwrap();
+    let doc: Value = serde_norway::from_str(&text).unwrap();
+    let services = doc["services"].as_mapping().expect("services");
+    for name in ["nats", "postgres", "coordinator", "worker"] {
+        assert!(services.contains_key(name), "service {name}");
+    }
+    let worker = &doc["services"]["worker"];
+    // `--scale worker=N` needs replicas that do not clash.
+    assert!(worker.get("container_name").is_none());
+    assert!(worker.get("ports").is_none());
+    assert!(
+        worker["environment"].get("OMOI_DATABASE_URL").is_none(),
+        "workers are NATS-only"
+    );
+    assert_eq!(worker["command"][0], "worker");
+    assert_eq!(doc["services"]["coordinator"]["command"][0], "coordinator");
+    let nats_cmd = doc["services"]["nats"]["command"].as_sequence().unwrap();
+    assert!(
+        nats_cmd
+            .iter()
+            .any(|a| a.as_str() == Some("/etc/nats/nats-server.conf"))
+    );
+    let conf = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/nats/nats-server.conf"
+    ))
+    .unwrap();
+    assert!(conf.contains("jetstream"));
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("--bin omoi") && dockerfile.contains("ENTRYPOINT [\"omoi\"]"));
+}

@@ -1,0 +1,248 @@
+//! The task state machine as written to PostgreSQL: compare-and-set transitions, fencing by
+//! attempt, and retries until max_attempts.
+
+use std::time::Duration;
+
+use omoi::db::DbError;
+use omoi::db::tasks::{self, TaskChange};
+use omoi::db::workflows::{self, NewTask};
+use omoi::domain::{AgentId, Priority, RetryPolicy, TaskId, TaskStatus, WorkflowId};
+
+use crate::env::TestEnv;
+
+async fn one_task(env: &TestEnv, status: TaskStatus, max_attempts: i32) -> TaskId {
+    let id = TaskId::new();
+    workflows::create(
+        &env.pool,
+        WorkflowId::new(),
+        "wf",
+        "fail_fast",
+        &serde_json::json!({}),
+        &[NewTask {
+            id,
+            key: "only".into(),
+            executor: "echo".into(),
+            capabilities: vec!["echo".into()],
+            input: serde_json::json!({"x": 1}),
+            depends_on: vec![],
+            resources: serde_json::json!([]),
+            priority: Priority::High,
+            status,
+            max_attempts,
+            timeout_seconds: Some(30),
+        }],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+fn dispatch_to(agent: AgentId) -> TaskChange {
+    TaskChange {
+        agent_id: Some(Some(agent)),
+        new_attempt: true,
+        ..TaskChange::default()
+    }
+}
+
+#[tokio::test]
+async fn two_concurrent_writers_on_one_transition_exactly_one_wins() {
+    let env = TestEnv::new().await;
+    for _ in 0..20 {
+        let id = one_task(&env, TaskStatus::Ready, 3).await;
+        let (a, b) = (AgentId::new(), AgentId::new());
+        let (ra, rb) = tokio::join!(
+            tasks::transition(
+                &env.pool,
+                id,
+                TaskStatus::Ready,
+                TaskStatus::Assigned,
+                dispatch_to(a)
+            ),
+            tasks::transition(
+                &env.pool,
+                id,
+                TaskStatus::Ready,
+                TaskStatus::Assigned,
+                dispatch_to(b)
+            ),
+        );
+        let winners: Vec<_> = [&ra, &rb].into_iter().filter(|r| r.is_ok()).collect();
+        assert_eq!(winners.len(), 1, "{ra:?} / {rb:?}");
+        let loser = [ra.as_ref().err(), rb.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap();
+        assert!(matches!(loser, DbError::Conflict { .. }), "{loser:?}");
+        let stored = tasks::get(&env.pool, id).await.unwrap();
+        assert_eq!(stored.status, TaskStatus::Assigned);
+        assert_eq!(stored.attempt, 1, "only one dispatch counted");
+        let winner = winners[0].as_ref().unwrap();
+        assert_eq!(stored.agent_id, winner.agent_id);
+    }
+}
+
+#[tokio::test]
+async fn illegal_transitions_are_refused_and_change_nothing() {
+    let env = TestEnv::new().await;
+    let id = one_task(&env, TaskStatus::Pending, 3).await;
+    let err = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Pending,
+        TaskStatus::Completed,
+        TaskChange::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, DbError::Illegal(_)), "{err}");
+    assert_eq!(
+        tasks::get(&env.pool, id).await.unwrap().status,
+        TaskStatus::Pending
+    );
+    // A legal transition from a status the task is not in is a conflict, naming what it is in.
+    let err = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Ready,
+        TaskStatus::Assigned,
+        TaskChange::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("found pending"), "{err}");
+}
+
+#[tokio::test]
+async fn a_result_for_an_old_attempt_is_fenced_off() {
+    let env = TestEnv::new().await;
+    let id = one_task(&env, TaskStatus::Ready, 3).await;
+    let first = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Ready,
+        TaskStatus::Assigned,
+        dispatch_to(AgentId::new()),
+    )
+    .await
+    .unwrap();
+    // The agent is presumed lost: the task goes back to ready and is dispatched again.
+    tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Assigned,
+        TaskStatus::Ready,
+        TaskChange::default(),
+    )
+    .await
+    .unwrap();
+    let second = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Ready,
+        TaskStatus::Assigned,
+        dispatch_to(AgentId::new()),
+    )
+    .await
+    .unwrap();
+    assert_eq!((first.attempt, second.attempt), (1, 2));
+    let late = TaskChange {
+        output: Some(serde_json::json!({"from": "old"})),
+        expected_attempt: Some(first.attempt),
+        ..TaskChange::default()
+    };
+    let err = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Assigned,
+        TaskStatus::Completed,
+        late,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, DbError::Conflict { .. }));
+    let current = TaskChange {
+        output: Some(serde_json::json!({"from": "new"})),
+        expected_attempt: Some(second.attempt),
+        ..TaskChange::default()
+    };
+    let done = tasks::transition(
+        &env.pool,
+        id,
+        TaskStatus::Assigned,
+        TaskStatus::Completed,
+        current,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.output, Some(serde_json::json!({"from": "new"})));
+    assert!(done.finished_at.is_some());
+}
+
+#[tokio::test]
+async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
+    let env = TestEnv::new().await;
+    let id = one_task(&env, TaskStatus::Ready, 3).await;
+    let policy = RetryPolicy {
+        base_delay: Duration::from_secs(10),
+        max_delay: Duration::from_secs(100),
+    };
+    let mut waits = Vec::new();
+    for n in 1..=3 {
+        let t = tasks::transition(
+            &env.pool,
+            id,
+            TaskStatus::Ready,
+            TaskStatus::Assigned,
+            dispatch_to(AgentId::new()),
+        )
+        .await
+        .unwrap();
+        tasks::transition(
+            &env.pool,
+            id,
+            TaskStatus::Assigned,
+            TaskStatus::Running,
+            TaskChange::default(),
+        )
+        .await
+        .unwrap();
+        let after = tasks::record_failure(
+            &env.pool,
+            id,
+            TaskStatus::Running,
+            t.attempt,
+            &format!("boom {n}"),
+            &policy,
+        )
+        .await
+        .unwrap();
+        assert_eq!(after.failures, n);
+        assert_eq!(after.error.as_deref(), Some(format!("boom {n}").as_str()));
+        if n < 3 {
+            assert_eq!(after.status, TaskStatus::RetryWait);
+            let wait = (after.retry_at.unwrap() - after.updated_at).num_milliseconds();
+            waits.push(wait);
+            tasks::transition(
+                &env.pool,
+                id,
+                TaskStatus::RetryWait,
+                TaskStatus::Ready,
+                TaskChange::default(),
+            )
+            .await
+            .unwrap();
+        } else {
+            assert_eq!(
+                after.status,
+                TaskStatus::Failed,
+                "third failure of three is final"
+            );
+            assert!(after.retry_at.is_none());
+        }
+    }
+    // First wait in [5s, 10s], second in [10s, 20s] (equal jitter on a doubling step).
+    assert!((4_900..=10_100).contains(&waits[0]), "{waits:?}");
+    assert!((9_900..=20_100).contains(&waits[1]), "{waits:?}");
+}
