@@ -9,9 +9,12 @@ use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
 use crate::db::agents::AgentRecord;
+use crate::domain::AgentId;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::service::ServiceError;
-use crate::service::registry::RegisterRequest;
+use crate::service::registry::{
+    AgentMatch, AgentUpdate, RegisterRequest, SearchQuery, UpdateRequest,
+};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,24 @@ impl AgentRegistryClient {
 
     pub async fn register(&self, req: &RegisterRequest) -> Result<AgentRecord, ClientError> {
         request(&self.nats, self.subject("register"), req, self.timeout).await
+    }
+
+    pub async fn update(
+        &self,
+        agent_id: AgentId,
+        update: AgentUpdate,
+    ) -> Result<AgentRecord, ClientError> {
+        let body = UpdateRequest { agent_id, update };
+        request(&self.nats, self.subject("update"), &body, self.timeout).await
+    }
+
+    pub async fn search(&self, query: &SearchQuery) -> Result<Vec<AgentMatch>, ClientError> {
+        request(&self.nats, self.subject("search"), query, self.timeout).await
+    }
+
+    /// The best available agent; `Err(Service(NotFound))` when none fits.
+    pub async fn best_fit(&self, query: &SearchQuery) -> Result<AgentMatch, ClientError> {
+        request(&self.nats, self.subject("best_fit"), query, self.timeout).await
     }
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAck, ClientError> {

@@ -3,6 +3,7 @@
 //! Layers, with data flowing one way: `api`/`cli` → `service` → (`db`, `bus`) → `domain`.
 //! `coordinator` is the control plane process, `worker` the stateless NATS-only worker process.
 
+pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod client;

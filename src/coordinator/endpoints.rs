@@ -14,7 +14,7 @@ use crate::domain::AgentId;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
-use crate::service::registry::{RegisterRequest, Registry};
+use crate::service::registry::{RegisterRequest, Registry, SearchQuery, UpdateRequest};
 
 /// Name shown by `nats micro ls`.
 pub const SERVICE_NAME: &str = "omoi-registry";
@@ -82,6 +82,9 @@ pub async fn start(
         .map_err(err)?;
     let group = service.group(names.registry_prefix());
     let register = group.endpoint("register").await.map_err(err)?;
+    let update = group.endpoint("update").await.map_err(err)?;
+    let search = group.endpoint("search").await.map_err(err)?;
+    let best_fit = group.endpoint("best_fit").await.map_err(err)?;
     let heartbeat = service
         .endpoint_builder()
         .name("heartbeat")
@@ -96,6 +99,45 @@ pub async fn start(
         async move {
             let result = match parse::<RegisterRequest>(&req) {
                 Ok(body) => reg.register(body).await.map(|(agent, _)| agent),
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
+    let reg = registry.clone();
+    shutdown.spawn(serve(update, token.clone(), move |req| {
+        let reg = reg.clone();
+        async move {
+            let result = match parse::<UpdateRequest>(&req) {
+                Ok(body) => reg.update(body.agent_id, body.update).await,
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
+    let reg = registry.clone();
+    shutdown.spawn(serve(search, token.clone(), move |req| {
+        let reg = reg.clone();
+        async move {
+            let result = match parse::<SearchQuery>(&req) {
+                Ok(q) => reg.search(&q).await,
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
+    let reg = registry.clone();
+    shutdown.spawn(serve(best_fit, token.clone(), move |req| {
+        let reg = reg.clone();
+        async move {
+            let result = match parse::<SearchQuery>(&req) {
+                Ok(q) => reg.best_fit(&q).await.and_then(|m| {
+                    m.ok_or_else(|| {
+                        ServiceError::NotFound(
+                            "no available agent has every required capability".into(),
+                        )
+                    })
+                }),
                 Err(e) => Err(e),
             };
             respond(&req, result).await;

@@ -72,7 +72,12 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
 
     let bus = EventBus::new(js.clone(), names.clone());
     let mirror = provision::open_bucket(&js, &names, BUCKET_AGENTS).await?;
-    let registry = Registry::new(pool.clone(), bus.clone(), mirror);
+    let registry = Registry::new(
+        pool.clone(),
+        bus.clone(),
+        mirror,
+        settings.agent_stale_after_ms as i64,
+    );
     endpoints::start(nats.clone(), names.clone(), registry.clone(), shutdown).await?;
 
     // Leader election: background loops run only while this instance holds the lease.
@@ -107,7 +112,14 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     let app = health::router(HealthState {
         nats: nats.clone(),
         db: Some(pool.clone()),
-    });
+    })
+    .merge(crate::api::router(crate::api::AppState {
+        registry: registry.clone(),
+    }))
+    .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        std::time::Duration::from_secs(30),
+    ));
     let token = shutdown.token.clone();
     shutdown.spawn(async move {
         let served = axum::serve(listener, app)

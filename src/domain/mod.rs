@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod event;
 pub mod ids;
+pub mod matching;
 pub mod retry;
 pub mod task;
 pub mod workflow;

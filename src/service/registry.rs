@@ -44,12 +44,112 @@ pub struct RegisterRequest {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// `PATCH /api/v1/agents/{id}` and `<ns>.registry.update`: only the fields present change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `<ns>.registry.update`: `{"agent_id": "…", "capabilities"?, "capacity"?, "status"?, "tags"?, "metadata"?}`.
+/// (No `deny_unknown_fields` here: serde cannot combine it with `flatten`; the inner
+/// [`AgentUpdate`] still rejects unknown fields.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    pub agent_id: AgentId,
+    #[serde(flatten)]
+    pub update: AgentUpdate,
+}
+
+/// A search: `GET /api/v1/agents/search` and `<ns>.registry.search`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SearchQuery {
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub preferred_tags: Vec<String>,
+    #[serde(default)]
+    pub agent_type: Option<String>,
+    #[serde(default)]
+    pub phase_id: Option<String>,
+    #[serde(default)]
+    pub partial: bool,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// One search result, in upstream's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentMatch {
+    pub agent: AgentRecord,
+    pub match_score: f64,
+    pub matched_capabilities: Vec<String>,
+}
+
+/// `GET /api/v1/agents/{id}/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    pub agent_id: AgentId,
+    pub name: String,
+    pub status: AgentStatus,
+    pub health_status: crate::domain::HealthStatus,
+    pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
+    pub seconds_since_heartbeat: Option<f64>,
+    pub current_load: i32,
+    pub capacity: i32,
+}
+
+impl From<&AgentRecord> for AgentHealth {
+    fn from(a: &AgentRecord) -> Self {
+        Self {
+            agent_id: a.id,
+            name: a.name.clone(),
+            status: a.status,
+            health_status: a.health_status,
+            last_heartbeat: a.last_heartbeat,
+            seconds_since_heartbeat: a
+                .last_heartbeat
+                .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+            current_load: a.current_load,
+            capacity: a.capacity,
+        }
+    }
+}
+
+/// `GET /api/v1/agents/statistics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryStatistics {
+    pub total_agents: usize,
+    pub by_status: std::collections::BTreeMap<String, usize>,
+    pub by_health: std::collections::BTreeMap<String, usize>,
+    pub by_type: std::collections::BTreeMap<String, usize>,
+    pub capabilities: std::collections::BTreeMap<String, usize>,
+    pub total_capacity: i64,
+    pub total_load: i64,
+    /// Load over capacity of agents that can take work.
+    pub utilisation: f64,
+}
+
+/// Most results a search returns when no limit is given.
+pub const DEFAULT_SEARCH_LIMIT: usize = 50;
+
 /// The registry use-cases.
 #[derive(Clone)]
 pub struct Registry {
     pool: PgPool,
     bus: EventBus,
     mirror: kv::Store,
+    /// Silence after which an agent counts as stale (scores heartbeat freshness).
+    stale_after_ms: i64,
 }
 
 /// Checks an agent name: 1–128 characters of `A-Z a-z 0-9 . _ : -`.
@@ -92,8 +192,13 @@ fn minus(a: &[String], b: &[String]) -> Vec<String> {
 }
 
 impl Registry {
-    pub fn new(pool: PgPool, bus: EventBus, mirror: kv::Store) -> Self {
-        Self { pool, bus, mirror }
+    pub fn new(pool: PgPool, bus: EventBus, mirror: kv::Store, stale_after_ms: i64) -> Self {
+        Self {
+            pool,
+            bus,
+            mirror,
+            stale_after_ms,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -228,6 +333,225 @@ impl Registry {
 
     pub async fn list(&self) -> Result<Vec<AgentRecord>, ServiceError> {
         Ok(agents::list_live(&self.pool).await?)
+    }
+
+    /// Applies a partial update. Capability changes publish `agent.capability.updated` only
+    /// when the normalised set really changes; status changes follow the transition table.
+    #[tracing::instrument(skip_all, fields(agent.id = %id))]
+    pub async fn update(
+        &self,
+        id: AgentId,
+        update: AgentUpdate,
+    ) -> Result<AgentRecord, ServiceError> {
+        let capabilities = update
+            .capabilities
+            .as_ref()
+            .map(|c| normalize("capabilities", c))
+            .transpose()?;
+        let tags = update
+            .tags
+            .as_ref()
+            .map(|t| normalize("tags", t))
+            .transpose()?;
+        if let Some(c) = update.capacity {
+            validate_capacity(c)?;
+        }
+        if update.metadata.as_ref().is_some_and(|m| !m.is_object()) {
+            return Err(ServiceError::validation(
+                "metadata",
+                "must be a JSON object",
+            ));
+        }
+        let mut tx = self.pool.begin().await.map_err(crate::db::DbError::from)?;
+        let old = lock_live(&mut tx, id).await?;
+        if let Some(to) = update.status {
+            if !old.status.can_become(to) {
+                return Err(ServiceError::Conflict(format!(
+                    "agent {id} cannot go from {} to {to}",
+                    old.status
+                )));
+            }
+        }
+        let agent = sqlx::query_as::<_, AgentRecord>(
+            "UPDATE agents SET capabilities = COALESCE($2, capabilities),
+                 capacity = COALESCE($3, capacity), status = COALESCE($4, status),
+                 tags = COALESCE($5, tags), metadata = COALESCE($6, metadata), updated_at = now()
+             WHERE id = $1 RETURNING *",
+        )
+        .bind(id)
+        .bind(&capabilities)
+        .bind(update.capacity)
+        .bind(update.status)
+        .bind(&tags)
+        .bind(&update.metadata)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(crate::db::DbError::from)?;
+        tx.commit().await.map_err(crate::db::DbError::from)?;
+        self.mirror(&agent).await?;
+        let mut events = Vec::new();
+        if old.capabilities != agent.capabilities {
+            events.push(Event::AgentCapabilityUpdated(AgentCapabilityUpdated {
+                agent_id: id,
+                capabilities: agent.capabilities.clone(),
+                added: minus(&agent.capabilities, &old.capabilities),
+                removed: minus(&old.capabilities, &agent.capabilities),
+            }));
+        }
+        if old.status != agent.status {
+            events.push(Event::AgentStatusChanged(AgentStatusChanged {
+                agent_id: id,
+                from: old.status,
+                to: agent.status,
+                reason: "updated".into(),
+            }));
+        }
+        if !events.is_empty() {
+            self.bus.publish_all(events).await?;
+        }
+        Ok(agent)
+    }
+
+    /// Takes an agent out of rotation (`maintenance`) or puts it back (`idle`).
+    pub async fn set_availability(
+        &self,
+        id: AgentId,
+        available: bool,
+    ) -> Result<AgentRecord, ServiceError> {
+        let agent = self.get(id).await?;
+        let target = match (available, agent.status) {
+            (_, AgentStatus::Terminated) => {
+                return Err(ServiceError::NotFound(format!("agent {id} not found")));
+            }
+            (true, AgentStatus::Maintenance | AgentStatus::Quarantined) => AgentStatus::Idle,
+            (true, AgentStatus::Idle | AgentStatus::Running | AgentStatus::Degraded) => {
+                return Ok(agent);
+            }
+            (true, st) => {
+                return Err(ServiceError::Conflict(format!(
+                    "agent {id} is {st}; it becomes available when it heartbeats again"
+                )));
+            }
+            (false, AgentStatus::Maintenance) => return Ok(agent),
+            (false, _) => AgentStatus::Maintenance,
+        };
+        self.update(
+            id,
+            AgentUpdate {
+                status: Some(target),
+                ..AgentUpdate::default()
+            },
+        )
+        .await
+    }
+
+    /// One heartbeat (the HTTP path); workers send theirs over NATS in batches.
+    pub async fn heartbeat(&self, id: AgentId, load: i32) -> Result<AgentRecord, ServiceError> {
+        let mut results = self.record_heartbeats(&[(id, load)]).await?;
+        results.pop().unwrap_or_else(|| {
+            Err(ServiceError::UnknownAgent(format!(
+                "agent {id} is not registered"
+            )))
+        })
+    }
+
+    /// Ranks live agents for `query` (see [`crate::domain::matching`]).
+    pub async fn search(&self, query: &SearchQuery) -> Result<Vec<AgentMatch>, ServiceError> {
+        let req = crate::domain::matching::Requirements {
+            capabilities: normalize("capabilities", &query.capabilities)?,
+            preferred_tags: normalize("preferred_tags", &query.preferred_tags)?,
+            agent_type: query.agent_type.clone(),
+            phase_id: query.phase_id.clone(),
+            partial: query.partial,
+        };
+        let limit = query.limit.unwrap_or(DEFAULT_SEARCH_LIMIT);
+        if limit == 0 || limit > 1_000 {
+            return Err(ServiceError::validation(
+                "limit",
+                "must be between 1 and 1000",
+            ));
+        }
+        // "Has every capability" is served by the GIN index; partial searches scan live agents.
+        let candidates = if req.partial || req.capabilities.is_empty() {
+            agents::list_live(&self.pool).await?
+        } else {
+            sqlx::query_as::<_, AgentRecord>(
+                "SELECT * FROM agents WHERE capabilities @> $1
+                   AND status IN ('idle', 'running', 'degraded')",
+            )
+            .bind(&req.capabilities)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(crate::db::DbError::from)?
+        };
+        let snapshots: Vec<_> = candidates.iter().map(snapshot).collect();
+        let ranked = crate::domain::matching::rank(
+            &snapshots,
+            &req,
+            chrono::Utc::now(),
+            self.stale_after_ms,
+        );
+        Ok(ranked
+            .into_iter()
+            .take(limit)
+            .map(|r| AgentMatch {
+                agent: candidates[r.index].clone(),
+                match_score: (r.score * 1000.0).round() / 1000.0,
+                matched_capabilities: r.matched,
+            })
+            .collect())
+    }
+
+    /// The single best candidate for `query` (never a partial match), if any.
+    pub async fn best_fit(&self, query: &SearchQuery) -> Result<Option<AgentMatch>, ServiceError> {
+        let query = SearchQuery {
+            partial: false,
+            limit: Some(1),
+            ..query.clone()
+        };
+        Ok(self.search(&query).await?.into_iter().next())
+    }
+
+    /// Health of every live agent.
+    pub async fn health(&self) -> Result<Vec<AgentHealth>, ServiceError> {
+        Ok(self.list().await?.iter().map(AgentHealth::from).collect())
+    }
+
+    /// Counts over the live fleet.
+    pub async fn statistics(&self) -> Result<RegistryStatistics, ServiceError> {
+        let agents = self.list().await?;
+        let mut stats = RegistryStatistics {
+            total_agents: agents.len(),
+            by_status: Default::default(),
+            by_health: Default::default(),
+            by_type: Default::default(),
+            capabilities: Default::default(),
+            total_capacity: 0,
+            total_load: 0,
+            utilisation: 0.0,
+        };
+        let (mut live_capacity, mut live_load) = (0i64, 0i64);
+        for a in &agents {
+            *stats.by_status.entry(a.status.to_string()).or_default() += 1;
+            *stats
+                .by_health
+                .entry(a.health_status.to_string())
+                .or_default() += 1;
+            *stats.by_type.entry(a.agent_type.clone()).or_default() += 1;
+            for c in &a.capabilities {
+                *stats.capabilities.entry(c.clone()).or_default() += 1;
+            }
+            stats.total_capacity += i64::from(a.capacity);
+            stats.total_load += i64::from(a.current_load);
+            if a.status.is_dispatchable() {
+                live_capacity += i64::from(a.capacity);
+                live_load += i64::from(a.current_load);
+            }
+        }
+        if live_capacity > 0 {
+            stats.utilisation = live_load as f64 / live_capacity as f64;
+        }
+        Ok(stats)
     }
 
     /// Records a batch of heartbeats (one statement). For each input, in order: the agent's
@@ -365,5 +689,38 @@ impl Registry {
             .await
             .map_err(|e| ServiceError::Internal(format!("mirror agent {}: {e}", agent.id)))?;
         Ok(())
+    }
+}
+
+/// Locks a live agent's row for the rest of the transaction.
+async fn lock_live(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: AgentId,
+) -> Result<AgentRecord, ServiceError> {
+    sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE id = $1 AND status <> 'terminated' FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(crate::db::DbError::from)?
+    .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))
+}
+
+/// The ranking view of a record.
+pub fn snapshot(a: &AgentRecord) -> crate::domain::matching::AgentSnapshot<'_> {
+    crate::domain::matching::AgentSnapshot {
+        id: a.id,
+        name: &a.name,
+        agent_type: &a.agent_type,
+        phase_id: a.phase_id.as_deref(),
+        capabilities: &a.capabilities,
+        tags: &a.tags,
+        capacity: a.capacity,
+        load: a.current_load,
+        status: a.status,
+        health: a.health_status,
+        last_heartbeat: a.last_heartbeat,
+        last_assigned_at: a.last_assigned_at,
     }
 }

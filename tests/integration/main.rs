@@ -4,10 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod env;
+mod http;
 
 mod bus;
+mod control_plane;
 mod liveness;
 mod processes;
 mod provisioning;
+mod registry;
 mod repo;
 mod tasks;

@@ -1,0 +1,318 @@
+//! Best-fit ranking of agents for a set of required capabilities: a pure function over agent
+//! snapshots, shared by the registry's search and the scheduler's dispatch.
+//!
+//! Score (documented in docs/registry.md), each term in [0, 1]:
+//!
+//! ```text
+//! score = 1.00 · coverage        matched required capabilities / required (1 if none required)
+//!       + 0.30 · free capacity   (capacity − load) / capacity
+//!       + 0.20 · health          healthy 1, degraded status 0.5, anything else 0
+//!       + 0.10 · freshness       1 − heartbeat age / stale window (clamped)
+//!       + 0.10 · preferred tags  preferred tags present / preferred tags (0 if none asked)
+//! ```
+//! Ties (equal score) go to the lower load, then the agent assigned least recently (never
+//! assigned first), then name, then id — deterministic, and spreading repeated dispatches.
+
+use std::cmp::Ordering;
+
+use chrono::{DateTime, Utc};
+
+use super::{AgentId, AgentStatus, HealthStatus};
+
+pub const W_COVERAGE: f64 = 1.0;
+pub const W_FREE_CAPACITY: f64 = 0.3;
+pub const W_HEALTH: f64 = 0.2;
+pub const W_FRESHNESS: f64 = 0.1;
+pub const W_TAGS: f64 = 0.1;
+
+/// What ranking needs to know about one agent.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot<'a> {
+    pub id: AgentId,
+    pub name: &'a str,
+    pub agent_type: &'a str,
+    pub phase_id: Option<&'a str>,
+    /// Normalised (sorted, de-duplicated).
+    pub capabilities: &'a [String],
+    pub tags: &'a [String],
+    pub capacity: i32,
+    pub load: i32,
+    pub status: AgentStatus,
+    pub health: HealthStatus,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub last_assigned_at: Option<DateTime<Utc>>,
+}
+
+/// What is searched for.
+#[derive(Debug, Clone, Default)]
+pub struct Requirements {
+    /// Normalised required capabilities.
+    pub capabilities: Vec<String>,
+    /// Normalised tags that raise the score when present.
+    pub preferred_tags: Vec<String>,
+    pub agent_type: Option<String>,
+    pub phase_id: Option<String>,
+    /// Also return agents that have only some of the capabilities (ranked by coverage).
+    pub partial: bool,
+}
+
+/// One ranked candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    /// Index into the slice passed to [`rank`].
+    pub index: usize,
+    pub score: f64,
+    pub matched: Vec<String>,
+}
+
+impl AgentSnapshot<'_> {
+    pub fn free_capacity(&self) -> i32 {
+        (self.capacity - self.load).max(0)
+    }
+
+    /// May be given work at all: a live, dispatchable, healthy-enough agent with a free slot.
+    pub fn is_available(&self) -> bool {
+        self.status.is_dispatchable()
+            && matches!(self.health, HealthStatus::Healthy)
+            && self.free_capacity() > 0
+    }
+}
+
+fn covered(required: &[String], have: &[String]) -> Vec<String> {
+    required
+        .iter()
+        .filter(|c| have.binary_search(c).is_ok())
+        .cloned()
+        .collect()
+}
+
+/// Scores one agent, or `None` if it is not a candidate for `req`.
+pub fn score(
+    agent: &AgentSnapshot<'_>,
+    req: &Requirements,
+    now: DateTime<Utc>,
+    stale_after_ms: i64,
+) -> Option<(f64, Vec<String>)> {
+    if !agent.is_available() {
+        return None;
+    }
+    if req
+        .agent_type
+        .as_deref()
+        .is_some_and(|t| t != agent.agent_type)
+    {
+        return None;
+    }
+    if req.phase_id.is_some() && req.phase_id.as_deref() != agent.phase_id {
+        return None;
+    }
+    let matched = covered(&req.capabilities, agent.capabilities);
+    let coverage = if req.capabilities.is_empty() {
+        1.0
+    } else {
+        matched.len() as f64 / req.capabilities.len() as f64
+    };
+    // A partial match counts only when asked for, and only if it covers something.
+    let partial_ok = req.partial && !matched.is_empty();
+    if coverage < 1.0 && !partial_ok {
+        return None;
+    }
+    let free = f64::from(agent.free_capacity()) / f64::from(agent.capacity.max(1));
+    let health = match (agent.health, agent.status) {
+        (HealthStatus::Healthy, AgentStatus::Degraded) => 0.5,
+        (HealthStatus::Healthy, _) => 1.0,
+        _ => 0.0,
+    };
+    let freshness = match agent.last_heartbeat {
+        Some(t) if stale_after_ms > 0 => {
+            let age = (now - t).num_milliseconds().max(0) as f64;
+            (1.0 - age / stale_after_ms as f64).clamp(0.0, 1.0)
+        }
+        _ => 0.0,
+    };
+    let tags = if req.preferred_tags.is_empty() {
+        0.0
+    } else {
+        covered(&req.preferred_tags, agent.tags).len() as f64 / req.preferred_tags.len() as f64
+    };
+    let score = W_COVERAGE * coverage
+        + W_FREE_CAPACITY * free
+        + W_HEALTH * health
+        + W_FRESHNESS * freshness
+        + W_TAGS * tags;
+    Some((score, matched))
+}
+
+/// Ranks candidates best first. Cost: one pass plus a sort of the candidates.
+pub fn rank(
+    agents: &[AgentSnapshot<'_>],
+    req: &Requirements,
+    now: DateTime<Utc>,
+    stale_after_ms: i64,
+) -> Vec<Ranked> {
+    let mut ranked: Vec<Ranked> = agents
+        .iter()
+        .enumerate()
+        .filter_map(|(index, a)| {
+            score(a, req, now, stale_after_ms).map(|(score, matched)| Ranked {
+                index,
+                score,
+                matched,
+            })
+        })
+        .collect();
+    ranked.sort_by(|x, y| {
+        let (a, b) = (&agents[x.index], &agents[y.index]);
+        y.score
+            .partial_cmp(&x.score)
+            .unwrap_or(Ordering::Equal)
+            .then(a.load.cmp(&b.load))
+            .then(a.last_assigned_at.cmp(&b.last_assigned_at))
+            .then(a.name.cmp(b.name))
+            .then(a.id.cmp(&b.id))
+    });
+    ranked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    struct Owned {
+        id: AgentId,
+        name: String,
+        caps: Vec<String>,
+        tags: Vec<String>,
+        capacity: i32,
+        load: i32,
+        status: AgentStatus,
+        health: HealthStatus,
+        last_assigned_at: Option<DateTime<Utc>>,
+    }
+
+    impl Owned {
+        fn new(name: &str, c: &[&str], capacity: i32, load: i32, status: AgentStatus) -> Self {
+            Self {
+                id: AgentId::new(),
+                name: name.into(),
+                caps: caps(c),
+                tags: vec![],
+                capacity,
+                load,
+                status,
+                health: HealthStatus::Healthy,
+                last_assigned_at: None,
+            }
+        }
+        fn snap(&self, now: DateTime<Utc>) -> AgentSnapshot<'_> {
+            AgentSnapshot {
+                id: self.id,
+                name: &self.name,
+                agent_type: "worker",
+                phase_id: None,
+                capabilities: &self.caps,
+                tags: &self.tags,
+                capacity: self.capacity,
+                load: self.load,
+                status: self.status,
+                health: self.health,
+                last_heartbeat: Some(now),
+                last_assigned_at: self.last_assigned_at,
+            }
+        }
+    }
+
+    fn names(agents: &[Owned], req: &Requirements) -> Vec<String> {
+        let now = Utc::now();
+        let snaps: Vec<_> = agents.iter().map(|a| a.snap(now)).collect();
+        rank(&snaps, req, now, 3_000)
+            .into_iter()
+            .map(|r| agents[r.index].name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn upstream_scenario_full_match_beats_partial_and_partial_only_on_request() {
+        let agents = vec![
+            Owned::new("partial", &["analysis"], 1, 1, AgentStatus::Running),
+            Owned::new(
+                "full",
+                &["analysis", "fastapi", "python"],
+                3,
+                0,
+                AgentStatus::Idle,
+            ),
+        ];
+        let mut req = Requirements {
+            capabilities: caps(&["analysis", "python"]),
+            ..Requirements::default()
+        };
+        assert_eq!(names(&agents, &req), vec!["full"]);
+        // The partial agent is also at full capacity: still excluded. Give it a free slot.
+        let mut agents = agents;
+        agents[0].capacity = 2;
+        req.partial = true;
+        assert_eq!(names(&agents, &req), vec!["full", "partial"]);
+    }
+
+    #[test]
+    fn unavailable_agents_are_never_candidates() {
+        let mut agents = vec![
+            Owned::new("full-capacity", &["x"], 2, 2, AgentStatus::Running),
+            Owned::new("stale", &["x"], 2, 0, AgentStatus::Stale),
+            Owned::new("maintenance", &["x"], 2, 0, AgentStatus::Maintenance),
+            Owned::new("quarantined", &["x"], 2, 0, AgentStatus::Quarantined),
+            Owned::new("offline", &["x"], 2, 0, AgentStatus::Offline),
+            Owned::new("ok", &["x"], 2, 1, AgentStatus::Running),
+        ];
+        agents[1].health = HealthStatus::Stale;
+        let req = Requirements {
+            capabilities: caps(&["x"]),
+            partial: true,
+            ..Requirements::default()
+        };
+        assert_eq!(names(&agents, &req), vec!["ok"]);
+    }
+
+    #[test]
+    fn free_capacity_not_raw_capacity_wins_and_ties_spread_work() {
+        let agents = vec![
+            Owned::new("big-busy", &["x"], 10, 9, AgentStatus::Running),
+            Owned::new("small-free", &["x"], 2, 0, AgentStatus::Idle),
+        ];
+        let req = Requirements {
+            capabilities: caps(&["x"]),
+            ..Requirements::default()
+        };
+        assert_eq!(names(&agents, &req)[0], "small-free");
+
+        let now = Utc::now();
+        let mut twins = vec![
+            Owned::new("b", &["x"], 1, 0, AgentStatus::Idle),
+            Owned::new("a", &["x"], 1, 0, AgentStatus::Idle),
+        ];
+        twins[1].last_assigned_at = Some(now);
+        assert_eq!(names(&twins, &req)[0], "b", "least recently assigned first");
+        twins[0].last_assigned_at = Some(now + chrono::Duration::seconds(1));
+        assert_eq!(names(&twins, &req)[0], "a");
+    }
+
+    #[test]
+    fn preferred_tags_raise_the_score() {
+        let mut agents = vec![
+            Owned::new("plain", &["x"], 1, 0, AgentStatus::Idle),
+            Owned::new("gpu", &["x"], 1, 0, AgentStatus::Idle),
+        ];
+        agents[1].tags = caps(&["gpu"]);
+        let req = Requirements {
+            capabilities: caps(&["x"]),
+            preferred_tags: caps(&["gpu"]),
+            ..Requirements::default()
+        };
+        assert_eq!(names(&agents, &req)[0], "gpu");
+    }
+}
