@@ -138,3 +138,83 @@ impl AgentRegistryClient {
         .await
     }
 }
+
+/// Client of the workflow service (`<ns>.workflow.submit|get|cancel`).
+#[derive(Clone)]
+pub struct WorkflowClient {
+    nats: async_nats::Client,
+    names: Names,
+    timeout: Duration,
+}
+
+impl WorkflowClient {
+    pub fn new(nats: async_nats::Client, names: Names) -> Self {
+        Self {
+            nats,
+            names,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub async fn submit(
+        &self,
+        spec: &crate::domain::dag::WorkflowSpec,
+    ) -> Result<crate::service::workflows::Submitted, ClientError> {
+        request(
+            &self.nats,
+            self.names.workflow_endpoint("submit"),
+            spec,
+            self.timeout,
+        )
+        .await
+    }
+
+    pub async fn get(
+        &self,
+        workflow_id: crate::domain::WorkflowId,
+    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        let body = crate::service::workflows::WorkflowRef { workflow_id };
+        request(
+            &self.nats,
+            self.names.workflow_endpoint("get"),
+            &body,
+            self.timeout,
+        )
+        .await
+    }
+
+    pub async fn cancel(
+        &self,
+        workflow_id: crate::domain::WorkflowId,
+    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        let body = crate::service::workflows::WorkflowRef { workflow_id };
+        request(
+            &self.nats,
+            self.names.workflow_endpoint("cancel"),
+            &body,
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Polls until the workflow finishes (or `timeout` passes) and returns its final view.
+    pub async fn wait(
+        &self,
+        workflow_id: crate::domain::WorkflowId,
+        timeout: Duration,
+    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.get(workflow_id).await {
+                Ok(view) if view.workflow.status.is_terminal() => return Ok(view),
+                Ok(view) if tokio::time::Instant::now() >= deadline => return Ok(view),
+                Ok(_) => {}
+                // A control plane restarting (none answers for a moment) is not the end.
+                Err(ClientError::NoResponders(_) | ClientError::Transport { .. })
+                    if tokio::time::Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -54,6 +54,16 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     /// Time-to-live of the scheduler leader lease; a standby takes over after it lapses.
     pub leader_lease_ms: u64,
+    /// Lease of a resource lock; the holder renews it while the task runs, and a dead holder's
+    /// lock can be taken over once it lapses.
+    pub lock_lease_ms: u64,
+    /// How long a worker waits for a busy lock before handing the task back as blocked.
+    pub lock_wait_ms: u64,
+    /// A dispatched task not started within this time is dispatched again.
+    pub task_start_timeout_ms: u64,
+    /// Most tasks one worker process runs at once, over all its agents (0 = the sum of their
+    /// capacities).
+    pub worker_max_concurrency: u32,
 }
 
 impl Default for Settings {
@@ -73,6 +83,10 @@ impl Default for Settings {
             retry_max_delay_ms: 60_000,
             shutdown_grace_ms: 10_000,
             leader_lease_ms: 5_000,
+            lock_lease_ms: 15_000,
+            lock_wait_ms: 10_000,
+            task_start_timeout_ms: 30_000,
+            worker_max_concurrency: 0,
         }
     }
 }
@@ -193,6 +207,8 @@ impl Settings {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("retry_base_delay_ms", self.retry_base_delay_ms),
             ("leader_lease_ms", self.leader_lease_ms),
+            ("lock_lease_ms", self.lock_lease_ms),
+            ("task_start_timeout_ms", self.task_start_timeout_ms),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -51,3 +51,73 @@ pub struct ErrorBody {
 pub struct ErrorReply {
     pub error: ErrorBody,
 }
+
+/// A task handed to an agent: published by the scheduler on `<ns>.dispatch.<agent_id>`
+/// (stream `<ns>_dispatch`, one durable consumer `agent-<agent_id>` per agent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dispatch {
+    #[serde(default = "v1")]
+    pub v: u32,
+    pub task_id: crate::domain::TaskId,
+    pub workflow_id: crate::domain::WorkflowId,
+    pub key: String,
+    /// Fencing token: reports must carry it; a report for an older attempt is ignored.
+    pub attempt: i32,
+    pub agent_id: AgentId,
+    pub executor: String,
+    /// The task's input with `${deps.…}` references resolved.
+    pub input: serde_json::Value,
+    /// Outputs of the task's dependencies, by key.
+    #[serde(default)]
+    pub dependencies: std::collections::BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub resources: Vec<crate::domain::dag::ResourceSpec>,
+    #[serde(default)]
+    pub timeout_seconds: Option<i32>,
+}
+
+/// What a worker reports about one attempt, on `<ns>.result.<task_id>` (stream `<ns>_results`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    #[serde(default = "v1")]
+    pub v: u32,
+    pub task_id: crate::domain::TaskId,
+    pub attempt: i32,
+    pub agent_id: AgentId,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// The outcome of an attempt, tagged by `"outcome"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent began running it.
+    Started,
+    Completed {
+        #[serde(default)]
+        output: serde_json::Value,
+    },
+    /// The attempt failed; the scheduler retries with backoff until `max_attempts`.
+    Failed {
+        error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+    /// A resource lock stayed busy: dispatch again later (not a failure).
+    Blocked { reason: String },
+    /// The agent gave the task back unfinished (e.g. shutting down): dispatch again.
+    Released { reason: String },
+}
+
+impl Outcome {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Completed { .. } => "completed",
+            Self::Failed { .. } => "failed",
+            Self::Blocked { .. } => "blocked",
+            Self::Released { .. } => "released",
+        }
+    }
+}

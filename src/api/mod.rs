@@ -2,6 +2,7 @@
 //! field?}}`), routes per resource.
 
 pub mod agents;
+pub mod workflows;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -17,12 +18,14 @@ use crate::service::registry::Registry;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
+    pub workflows: crate::service::workflows::Workflows,
+    pub locks: crate::bus::kv_lock::LockManager,
 }
 
 /// The `/api/v1` router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .nest("/api/v1", agents::routes())
+        .nest("/api/v1", agents::routes().merge(workflows::routes()))
         .with_state(state)
 }
 

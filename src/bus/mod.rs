@@ -3,6 +3,7 @@
 
 pub mod consume;
 pub mod events;
+pub mod kv_lock;
 pub mod lease;
 pub mod names;
 pub mod provision;

@@ -8,17 +8,25 @@
 //! | agent heartbeat (request/reply) | `<ns>.agent.heartbeat.<agent_id>` |
 //! | registry service endpoints | `<ns>.registry.<endpoint>` |
 //! | dead letter of a message first sent on `<ns>.S` | `<ns>.deadletter.S` |
-//! | streams | `<ns>_events`, `<ns>_deadletter` |
-//! | KV buckets | `<ns>_agents`, `<ns>_leases` |
+//! | task for an agent | `<ns>.dispatch.<agent_id>` |
+//! | a worker's report on a task | `<ns>.result.<task_id>` |
+//! | workflow endpoints (request/reply) | `<ns>.workflow.submit`, `.get`, `.cancel` |
+//! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_deadletter` |
+//! | KV buckets | `<ns>_agents`, `<ns>_locks`, `<ns>_leases` |
 
 use crate::domain::AgentId;
 
 /// Stream keys; the stream is named `<ns>_<key>` and defined in `nats/jetstream.yaml`.
 pub const STREAM_EVENTS: &str = "events";
 pub const STREAM_DEADLETTER: &str = "deadletter";
+pub const STREAM_DISPATCH: &str = "dispatch";
+pub const STREAM_RESULTS: &str = "results";
+/// Durable consumer of `<ns>_results` used by the scheduler leader.
+pub const CONSUMER_SCHEDULER: &str = "scheduler";
 /// Bucket keys; the bucket is named `<ns>_<key>`.
 pub const BUCKET_AGENTS: &str = "agents";
 pub const BUCKET_LEASES: &str = "leases";
+pub const BUCKET_LOCKS: &str = "locks";
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DEADLETTER_REASON: &str = "Omoi-Deadletter-Reason";
@@ -69,6 +77,26 @@ impl Names {
         format!("{}.agent.heartbeat.*", self.ns)
     }
 
+    /// `<ns>.dispatch.<agent_id>`: tasks for one agent.
+    pub fn dispatch(&self, agent: AgentId) -> String {
+        format!("{}.dispatch.{agent}", self.ns)
+    }
+
+    /// `agent-<agent_id>`: the durable consumer of an agent's dispatches.
+    pub fn dispatch_consumer(&self, agent: AgentId) -> String {
+        format!("agent-{agent}")
+    }
+
+    /// `<ns>.result.<task_id>`: a worker's report on a task.
+    pub fn result(&self, task: crate::domain::TaskId) -> String {
+        format!("{}.result.{task}", self.ns)
+    }
+
+    /// `<ns>.workflow.<verb>`: workflow request/reply endpoints (`submit`, `get`, `cancel`).
+    pub fn workflow_endpoint(&self, verb: &str) -> String {
+        format!("{}.workflow.{verb}", self.ns)
+    }
+
     /// `<ns>.registry`: prefix of the registry service's endpoints.
     pub fn registry_prefix(&self) -> String {
         format!("{}.registry", self.ns)
@@ -88,6 +116,8 @@ impl Names {
             format!("{}.agent.heartbeat.>", self.ns),
             format!("{}.registry.>", self.ns),
             format!("{}.workflow.submit", self.ns),
+            format!("{}.workflow.get", self.ns),
+            format!("{}.workflow.cancel", self.ns),
         ]
     }
 }

@@ -60,6 +60,29 @@ pub enum Command {
     Config,
     /// Run a control plane and N workers in one process, for development.
     Dev(dev::DevArgs),
+    /// Submit a workflow from a JSON or YAML file (prints the workflow id and task ids).
+    Submit(SubmitArgs),
+    /// List resource locks and their holders, or force-release one.
+    Locks(LocksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The workflow file (`.json`, `.yaml` or `.yml`).
+    pub file: PathBuf,
+    /// Wait until the workflow finishes and print its final state.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LocksArgs {
+    /// Force-release this resource's lock (operator action).
+    #[arg(long, value_name = "RESOURCE")]
+    pub release: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -160,7 +183,83 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev::run(settings, args).await,
+        Command::Submit(args) => submit(&settings, args).await,
+        Command::Locks(args) => locks(&settings, args).await,
     }
+}
+
+async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("read {}", args.file.display()))?;
+    let is_json = args.file.extension().is_some_and(|e| e == "json");
+    let spec: crate::domain::dag::WorkflowSpec = if is_json {
+        serde_json::from_str(&text).with_context(|| format!("parse {}", args.file.display()))?
+    } else {
+        serde_norway::from_str(&text).with_context(|| format!("parse {}", args.file.display()))?
+    };
+    let names = crate::bus::Names::new(&settings.namespace).map_err(anyhow::Error::msg)?;
+    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-cli").await?;
+    let client = crate::client::WorkflowClient::new(nats, names);
+    let submitted = client.submit(&spec).await?;
+    if !args.wait {
+        println!("{}", serde_json::to_string_pretty(&submitted)?);
+        return Ok(());
+    }
+    eprintln!("submitted workflow {}; waiting", submitted.workflow_id);
+    let view = client
+        .wait(
+            submitted.workflow_id,
+            std::time::Duration::from_secs(args.timeout),
+        )
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&view)?);
+    if view.workflow.status != crate::domain::WorkflowStatus::Completed {
+        anyhow::bail!(
+            "workflow {} ended {}",
+            view.workflow.id,
+            view.workflow.status
+        );
+    }
+    Ok(())
+}
+
+async fn locks(settings: &Settings, args: LocksArgs) -> anyhow::Result<()> {
+    let names = crate::bus::Names::new(&settings.namespace).map_err(anyhow::Error::msg)?;
+    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-cli").await?;
+    let js = async_nats::jetstream::new(nats);
+    let kv =
+        crate::bus::provision::open_bucket(&js, &names, crate::bus::names::BUCKET_LOCKS).await?;
+    let manager = crate::bus::kv_lock::LockManager::new(
+        kv,
+        std::time::Duration::from_millis(settings.lock_lease_ms),
+    );
+    if let Some(name) = args.release {
+        let released = manager.force_release(&name).await?;
+        eprintln!("{}", if released { "released" } else { "not held" });
+        return Ok(());
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    for (name, lock) in manager.list().await? {
+        for h in lock.live_holders(now) {
+            println!(
+                "{name}\t{}\tholder={}\tagent={}\texpires_in_ms={}",
+                lock.mode
+                    .map(|m| format!("{m:?}").to_lowercase())
+                    .unwrap_or_default(),
+                h.owner,
+                h.agent_id.as_deref().unwrap_or("-"),
+                h.expires_at_ms - now
+            );
+        }
+        for w in lock.live_waiters(now) {
+            println!(
+                "{name}\twaiting\towner={}\tsince_ms_ago={}",
+                w.owner,
+                now - w.since_ms
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `worker-<hostname>`: distinct per container when a worker service is scaled out.

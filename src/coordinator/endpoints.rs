@@ -11,10 +11,12 @@ use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
 use crate::domain::AgentId;
+use crate::domain::dag::WorkflowSpec;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
 use crate::service::registry::{RegisterRequest, Registry, SearchQuery, UpdateRequest};
+use crate::service::workflows::{WorkflowRef, Workflows};
 
 /// Name shown by `nats micro ls`.
 pub const SERVICE_NAME: &str = "omoi-registry";
@@ -144,6 +146,75 @@ pub async fn start(
         }
     }));
     shutdown.spawn(serve_heartbeats(heartbeat, registry, token.clone()));
+    shutdown.spawn(async move {
+        token.cancelled().await;
+        let _ = service.stop().await;
+    });
+    Ok(())
+}
+
+/// Name shown by `nats micro ls` for the workflow endpoints.
+pub const WORKFLOW_SERVICE_NAME: &str = "omoi-workflows";
+
+/// Starts `omoi-workflows`: `<ns>.workflow.submit`, `<ns>.workflow.get`, `<ns>.workflow.cancel`.
+pub async fn start_workflows(
+    nats: async_nats::Client,
+    names: Names,
+    workflows: Workflows,
+    shutdown: &Shutdown,
+) -> Result<(), crate::bus::BusError> {
+    let err = |e: async_nats::Error| crate::bus::BusError::Provision {
+        what: format!("service {WORKFLOW_SERVICE_NAME}"),
+        reason: e.to_string(),
+    };
+    let service = nats
+        .service_builder()
+        .description(format!(
+            "omoi workflows for namespace `{}`",
+            names.namespace()
+        ))
+        .queue_group(format!("{}-workflows", names.namespace()))
+        .start(WORKFLOW_SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(err)?;
+    let token = shutdown.token.clone();
+    for verb in ["submit", "get", "cancel"] {
+        let endpoint = service
+            .endpoint_builder()
+            .name(verb)
+            .add(names.workflow_endpoint(verb))
+            .await
+            .map_err(err)?;
+        let wf = workflows.clone();
+        shutdown.spawn(serve(endpoint, token.clone(), move |req| {
+            let wf = wf.clone();
+            async move {
+                match verb {
+                    "submit" => {
+                        let result = match parse::<WorkflowSpec>(&req) {
+                            Ok(spec) => wf.submit(spec).await,
+                            Err(e) => Err(e),
+                        };
+                        respond(&req, result).await;
+                    }
+                    "get" => {
+                        let result = match parse::<WorkflowRef>(&req) {
+                            Ok(r) => wf.get(r.workflow_id).await,
+                            Err(e) => Err(e),
+                        };
+                        respond(&req, result).await;
+                    }
+                    _ => {
+                        let result = match parse::<WorkflowRef>(&req) {
+                            Ok(r) => wf.cancel(r.workflow_id).await,
+                            Err(e) => Err(e),
+                        };
+                        respond(&req, result).await;
+                    }
+                }
+            }
+        }));
+    }
     shutdown.spawn(async move {
         token.cancelled().await;
         let _ = service.stop().await;

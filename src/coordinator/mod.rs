@@ -1,6 +1,6 @@
 //! The control plane process (`omoi coordinator`): owns PostgreSQL, serves the HTTP API and the
-//! registry service, and — on the one instance holding the `scheduler` lease — runs the
-//! background loops (liveness sweep now; the scheduler in a later step).
+//! registry and workflow services, and — on the one instance holding the `scheduler` lease —
+//! runs the background loops: the liveness sweep and the scheduler.
 
 pub mod endpoints;
 
@@ -11,13 +11,20 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::bus::lease::Lease;
-use crate::bus::names::{BUCKET_AGENTS, BUCKET_LEASES};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::bus::kv_lock::LockManager;
+use crate::bus::names::{BUCKET_AGENTS, BUCKET_LEASES, BUCKET_LOCKS};
 use crate::bus::{BusError, EventBus, Names, provision};
 use crate::config::Settings;
 use crate::db::DbError;
 use crate::runtime::Shutdown;
 use crate::runtime::health::{self, HealthState};
 use crate::service::registry::Registry;
+use crate::service::scheduler::{Scheduler, SchedulerConfig};
+use crate::service::workflows::Workflows;
 
 /// Key of the scheduler lease in the `<ns>_leases` bucket.
 pub const SCHEDULER_LEASE_KEY: &str = "scheduler";
@@ -79,6 +86,14 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         settings.agent_stale_after_ms as i64,
     );
     endpoints::start(nats.clone(), names.clone(), registry.clone(), shutdown).await?;
+    let wake = Arc::new(Notify::new());
+    let workflows = Workflows::new(pool.clone(), bus.clone(), wake.clone());
+    endpoints::start_workflows(nats.clone(), names.clone(), workflows.clone(), shutdown).await?;
+    let locks_kv = provision::open_bucket(&js, &names, BUCKET_LOCKS).await?;
+    let locks = LockManager::new(
+        locks_kv,
+        std::time::Duration::from_millis(settings.lock_lease_ms),
+    );
 
     // Leader election: background loops run only while this instance holds the lease.
     let (leader_tx, leader_rx) = watch::channel(false);
@@ -96,6 +111,18 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         leader_rx.clone(),
         shutdown.clone(),
     ));
+    let scheduler = Scheduler::new(
+        pool.clone(),
+        bus.clone(),
+        SchedulerConfig {
+            retry: settings.retry_policy(),
+            stale_after_ms: settings.agent_stale_after_ms as i64,
+            start_timeout_ms: settings.task_start_timeout_ms as i64,
+            tick: std::time::Duration::from_millis(250),
+        },
+        wake,
+    );
+    shutdown.spawn(scheduler.run(leader_rx.clone(), shutdown.token.clone()));
 
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
@@ -115,6 +142,8 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     })
     .merge(crate::api::router(crate::api::AppState {
         registry: registry.clone(),
+        workflows,
+        locks,
     }))
     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
         axum::http::StatusCode::REQUEST_TIMEOUT,

@@ -1,14 +1,14 @@
 //! Task rows and their compare-and-set state transitions.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
 use super::DbError;
 use crate::domain::{AgentId, Priority, TaskId, TaskStatus, WorkflowId};
 
 /// A task as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub workflow_id: WorkflowId,

@@ -1,13 +1,13 @@
 //! Workflow rows; a workflow and all its tasks are inserted in one transaction.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
 use super::DbError;
 use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct WorkflowRecord {
     pub id: WorkflowId,
     pub name: String,

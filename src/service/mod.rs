@@ -2,6 +2,8 @@
 //! and patterns later. Nothing here knows about HTTP.
 
 pub mod registry;
+pub mod scheduler;
+pub mod workflows;
 
 use crate::bus::BusError;
 use crate::db::DbError;

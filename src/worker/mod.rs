@@ -1,8 +1,20 @@
 //! The worker process (`omoi worker`): stateless and NATS-only. It hosts one or more agents,
-//! registers them with the control plane, and heartbeats for each while it runs. Start more
-//! workers to scale out.
+//! registers them with the control plane, heartbeats for each, and runs their tasks
+//! ([`runner`]) with the [`executor`]s it offers. Start more workers to scale out.
+//!
+//! Stopping (SIGINT/SIGTERM): stop taking work; let running tasks finish within
+//! `shutdown_grace_ms`; hand back (report `released`) what is still running then, releasing its
+//! locks; keep heartbeating until all that is done; then mark the agents offline and exit.
 
+pub mod executor;
+pub mod runner;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -51,11 +63,21 @@ pub enum WorkerError {
     },
 }
 
-/// Runs a worker hosting `agents` until `shutdown` is cancelled; then marks its agents offline
-/// and returns.
+/// Runs a worker hosting `agents` until `shutdown` is cancelled; then drains, marks its agents
+/// offline and returns.
 pub async fn run(
     settings: &Settings,
     agents: Vec<AgentSpec>,
+    shutdown: Shutdown,
+) -> Result<(), WorkerError> {
+    run_with(settings, agents, executor::Executors::builtin(), shutdown).await
+}
+
+/// [`run`] with a custom set of executors.
+pub async fn run_with(
+    settings: &Settings,
+    agents: Vec<AgentSpec>,
+    executors: executor::Executors,
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
     if agents.is_empty() {
@@ -65,29 +87,79 @@ pub async fn run(
     }
     let names = Names::new(&settings.namespace).map_err(WorkerError::Config)?;
     let nats = crate::bus::connect(&settings.nats_url, "omoi-worker").await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    crate::bus::provision::ensure_all(&js, &names).await?;
+    let locks_kv =
+        crate::bus::provision::open_bucket(&js, &names, crate::bus::names::BUCKET_LOCKS).await?;
+    let locks = crate::bus::kv_lock::LockManager::new(
+        locks_kv,
+        Duration::from_millis(settings.lock_lease_ms),
+    );
     let registry = AgentRegistryClient::new(nats.clone(), names.clone());
+    let total_capacity: usize = agents.iter().map(|a| a.capacity.max(1) as usize).sum();
+    let limit = match settings.worker_max_concurrency {
+        0 => total_capacity,
+        n => n as usize,
+    };
+    let worker_slots = Arc::new(tokio::sync::Semaphore::new(limit));
 
+    let stop_taking = shutdown.token.clone();
+    let hard_stop = CancellationToken::new();
+    let stop_heartbeats = CancellationToken::new();
+    let runners = TaskTracker::new();
+    let heartbeats = TaskTracker::new();
     let mut hosted = Vec::new();
     for spec in agents {
-        let Some(record) = register_until_accepted(&registry, &spec, &shutdown).await? else {
-            return Ok(()); // cancelled while registering
+        let Some(record) = register_until_accepted(&registry, &spec, &shutdown.token).await? else {
+            break; // stopped while registering
         };
         tracing::info!(agent.id = %record.id, agent.name = %record.name, "agent registered");
+        let load = Arc::new(AtomicI32::new(0));
         let (tx, rx) = watch::channel(record.id);
-        shutdown.spawn(heartbeat_loop(
+        heartbeats.spawn(heartbeat_loop(
             registry.clone(),
-            spec,
+            spec.clone(),
             tx,
+            load.clone(),
             settings.heartbeat_interval(),
-            shutdown.clone(),
+            stop_heartbeats.clone(),
         ));
+        let runner = runner::AgentRunner {
+            js: js.clone(),
+            names: names.clone(),
+            agent_id: record.id,
+            agent_name: record.name.clone(),
+            capacity: spec.capacity.max(1) as usize,
+            worker_slots: worker_slots.clone(),
+            executors: executors.clone(),
+            locks: locks.clone(),
+            lock_wait: Duration::from_millis(settings.lock_wait_ms),
+            load,
+            running: Default::default(),
+        };
+        let (stop, hard) = (stop_taking.clone(), hard_stop.clone());
+        runners.spawn(async move {
+            if let Err(e) = runner.run(stop, hard).await {
+                tracing::error!(error = %e, "agent runner failed");
+            }
+        });
         hosted.push(rx);
     }
 
-    shutdown.token.cancelled().await;
-    tracing::info!("worker stopping");
-    shutdown.tracker.close();
-    let _ = tokio::time::timeout(settings.shutdown_grace(), shutdown.tracker.wait()).await;
+    stop_taking.cancelled().await;
+    tracing::info!("worker stopping: no new tasks; waiting for running ones");
+    runners.close();
+    if tokio::time::timeout(settings.shutdown_grace(), runners.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: handing back the tasks still running");
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), runners.wait()).await;
+    }
+    stop_heartbeats.cancel();
+    heartbeats.close();
+    heartbeats.wait().await;
     // Say goodbye so the agents go offline now instead of after the timeout.
     for rx in hosted {
         let id = *rx.borrow();
@@ -112,7 +184,7 @@ pub async fn run(
 async fn register_until_accepted(
     registry: &AgentRegistryClient,
     spec: &AgentSpec,
-    shutdown: &Shutdown,
+    stop: &CancellationToken,
 ) -> Result<Option<AgentRecord>, WorkerError> {
     let request = RegisterRequest {
         name: spec.name.clone(),
@@ -147,7 +219,7 @@ async fn register_until_accepted(
         failures += 1;
         let delay = backoff.delay(failures, &mut rand::rng());
         tokio::select! {
-            () = shutdown.token.cancelled() => return Ok(None),
+            () = stop.cancelled() => return Ok(None),
             () = tokio::time::sleep(delay) => {}
         }
     }
@@ -158,29 +230,34 @@ async fn heartbeat_loop(
     registry: AgentRegistryClient,
     spec: AgentSpec,
     id: watch::Sender<AgentId>,
+    load: Arc<AtomicI32>,
     interval: Duration,
-    shutdown: Shutdown,
+    stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shutdown.token.cancelled() => break,
+            () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let agent_id = *id.borrow();
         let hb = Heartbeat {
             v: PROTOCOL_VERSION,
             agent_id,
-            load: 0,
+            load: load.load(Ordering::SeqCst),
             leaving: false,
         };
         match registry.heartbeat(&hb).await {
             Ok(_) => metrics::counter!("omoi_worker_heartbeats_total").increment(1),
             Err(ClientError::Service(ServiceError::UnknownAgent(_))) => {
                 tracing::warn!(agent.id = %agent_id, "control plane does not know this agent; re-registering");
-                match register_until_accepted(&registry, &spec, &shutdown).await {
+                match register_until_accepted(&registry, &spec, &stop).await {
                     Ok(Some(record)) => {
+                        if record.id != agent_id {
+                            // Its dispatch consumer is bound to the old id; a restart picks up the new one.
+                            tracing::error!(old = %agent_id, new = %record.id, "agent re-registered under a new id; restart this worker");
+                        }
                         id.send_replace(record.id);
                     }
                     Ok(None) => break,

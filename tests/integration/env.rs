@@ -74,36 +74,32 @@ impl TestEnv {
             agent_offline_after_ms: 1_000,
             leader_lease_ms: 1_500,
             shutdown_grace_ms: 3_000,
+            retry_base_delay_ms: 100,
+            retry_max_delay_ms: 1_000,
+            lock_lease_ms: 2_000,
+            lock_wait_ms: 5_000,
+            task_start_timeout_ms: 5_000,
             ..Settings::default()
         }
     }
 
-    /// Environment variables that point an `omoi` child process at this environment.
+    /// Environment variables that point an `omoi` child process at this environment: every
+    /// setting as its `OMOI_` variable.
     pub fn child_env(&self) -> Vec<(String, String)> {
-        let s = self.settings();
-        vec![
-            ("OMOI_NAMESPACE".into(), s.namespace),
-            ("OMOI_NATS_URL".into(), s.nats_url),
-            ("OMOI_DATABASE_URL".into(), s.database_url),
-            ("OMOI_HTTP_ADDR".into(), s.http_addr),
-            (
-                "OMOI_HEARTBEAT_INTERVAL_MS".into(),
-                s.heartbeat_interval_ms.to_string(),
-            ),
-            (
-                "OMOI_AGENT_STALE_AFTER_MS".into(),
-                s.agent_stale_after_ms.to_string(),
-            ),
-            (
-                "OMOI_AGENT_OFFLINE_AFTER_MS".into(),
-                s.agent_offline_after_ms.to_string(),
-            ),
-            ("OMOI_LEADER_LEASE_MS".into(), s.leader_lease_ms.to_string()),
-            (
-                "OMOI_SHUTDOWN_GRACE_MS".into(),
-                s.shutdown_grace_ms.to_string(),
-            ),
-        ]
+        let mut settings = self.settings();
+        settings.log_level = "warn".into();
+        let serde_json::Value::Object(map) = serde_json::to_value(&settings).unwrap() else {
+            unreachable!("settings serialise to an object")
+        };
+        map.into_iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (format!("OMOI_{}", k.to_uppercase()), value)
+            })
+            .collect()
     }
 }
 

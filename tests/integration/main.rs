@@ -3,14 +3,18 @@
 //! removed when the test ends, so tests run in parallel and leave nothing behind.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
 mod env;
+mod faults;
 mod http;
 
 mod bus;
 mod control_plane;
 mod liveness;
+mod locks;
 mod processes;
 mod provisioning;
 mod registry;
 mod repo;
+mod scheduling;
 mod tasks;

@@ -1,0 +1,109 @@
+//! `/api/v1/workflows`, `/api/v1/tasks` and `/api/v1/locks`.
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiResult, AppState, Json, Path};
+use crate::db::tasks::TaskRecord;
+use crate::db::workflows::WorkflowRecord;
+use crate::domain::dag::WorkflowSpec;
+use crate::service::ServiceError;
+use crate::service::workflows::{Submitted, WorkflowView};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/workflows", post(submit).get(list))
+        .route("/workflows/{id}", get(get_one))
+        .route("/workflows/{id}/cancel", post(cancel))
+        .route("/tasks/{id}", get(task))
+        .route("/tasks/{id}/retry", post(retry))
+        .route("/locks", get(locks))
+        .route("/locks/{name}", delete(force_release))
+}
+
+fn parse_id<T: std::str::FromStr>(what: &str, raw: &str) -> Result<T, ApiError> {
+    raw.parse()
+        .map_err(|_| ServiceError::NotFound(format!("{what} {raw} not found (not an id)")).into())
+}
+
+#[tracing::instrument(skip_all)]
+async fn submit(
+    State(state): State<AppState>,
+    Json(spec): Json<WorkflowSpec>,
+) -> ApiResult<(StatusCode, Json<Submitted>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.workflows.submit(spec).await?),
+    ))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> ApiResult<Json<Vec<WorkflowRecord>>> {
+    let mut limit = 100;
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if k == "limit" {
+            limit = v
+                .parse()
+                .map_err(|_| ServiceError::validation("limit", "must be a positive integer"))?;
+        }
+    }
+    Ok(Json(state.workflows.list(limit).await?))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<WorkflowView>> {
+    Ok(Json(state.workflows.get(parse_id("workflow", &id)?).await?))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<WorkflowView>> {
+    Ok(Json(
+        state.workflows.cancel(parse_id("workflow", &id)?).await?,
+    ))
+}
+
+async fn task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TaskRecord>> {
+    Ok(Json(state.workflows.task(parse_id("task", &id)?).await?))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TaskRecord>> {
+    Ok(Json(
+        state.workflows.retry_task(parse_id("task", &id)?).await?,
+    ))
+}
+
+async fn locks(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let all = state.locks.list().await?;
+    Ok(Json(json!(
+        all.into_iter()
+            .map(|(name, lock)| json!({"name": name, "lock": lock}))
+            .collect::<Vec<_>>()
+    )))
+}
+
+async fn force_release(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let released = state.locks.force_release(&name).await?;
+    if !released {
+        return Err(ServiceError::NotFound(format!("lock `{name}` is not held")).into());
+    }
+    tracing::warn!(lock = %name, "lock force-released by an operator");
+    Ok(Json(json!({"name": name, "released": true})))
+}

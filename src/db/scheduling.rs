@@ -1,0 +1,324 @@
+//! The scheduler's set-based statements: each moves a whole batch of tasks in one round trip,
+//! every row guarded by its expected status (and attempt, where a worker's report is applied).
+
+use std::collections::BTreeMap;
+
+use sqlx::PgPool;
+
+use super::DbError;
+use super::tasks::TaskRecord;
+use super::workflows::WorkflowRecord;
+use crate::domain::{AgentId, TaskId, WorkflowId};
+
+const PRIORITY_RANK: &str =
+    "CASE priority WHEN 'CRITICAL' THEN 4 WHEN 'HIGH' THEN 3 WHEN 'MEDIUM' THEN 2 ELSE 1 END";
+
+/// Up to `limit` ready tasks in fair order: round-robin across workflows (each workflow's
+/// first task, then each one's second, …), by priority then readiness within a workflow, and
+/// by priority then age across workflows within a round.
+pub async fn ready_fair(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
+    let sql = format!(
+        "SELECT s.* FROM (
+             SELECT t.*, {PRIORITY_RANK} AS prio,
+                    row_number() OVER (PARTITION BY t.workflow_id
+                                       ORDER BY {PRIORITY_RANK} DESC, t.ready_at, t.id) AS rn
+             FROM tasks t WHERE t.status = 'ready'
+         ) s
+         ORDER BY s.rn, s.prio DESC, s.ready_at, s.id
+         LIMIT $1"
+    );
+    Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Unfinished tasks held by each agent (the load capacity is checked against).
+pub async fn in_flight(pool: &PgPool) -> Result<BTreeMap<AgentId, i32>, DbError> {
+    let rows: Vec<(AgentId, i64)> = sqlx::query_as(
+        "SELECT agent_id, count(*) FROM tasks
+         WHERE status IN ('assigned', 'running') AND agent_id IS NOT NULL GROUP BY agent_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(a, n)| (a, n as i32)).collect())
+}
+
+/// Assigns tasks to agents: `ready → assigned`, attempt + 1. Rows no longer ready are skipped.
+/// Stamps the agents' `last_assigned_at` in the same transaction.
+pub async fn assign(
+    pool: &PgPool,
+    pairs: &[(TaskId, AgentId)],
+) -> Result<Vec<TaskRecord>, DbError> {
+    let tasks: Vec<TaskId> = pairs.iter().map(|p| p.0).collect();
+    let agents: Vec<AgentId> = pairs.iter().map(|p| p.1).collect();
+    let mut tx = pool.begin().await?;
+    let assigned = sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
+             error = NULL, started_at = NULL, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
+         WHERE t.id = u.id AND t.status = 'ready'
+         RETURNING t.*",
+    )
+    .bind(&tasks)
+    .bind(&agents)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE agents SET last_assigned_at = now() WHERE id = ANY($1)")
+        .bind(&agents)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(assigned)
+}
+
+/// Outputs of each task's dependencies: task id → (dependency key → output).
+pub async fn dependency_outputs(
+    pool: &PgPool,
+    tasks: &[TaskId],
+) -> Result<BTreeMap<TaskId, BTreeMap<String, serde_json::Value>>, DbError> {
+    let rows: Vec<(TaskId, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT t.id, d.key, d.output FROM tasks t
+         JOIN tasks d ON d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+         WHERE t.id = ANY($1)",
+    )
+    .bind(tasks)
+    .fetch_all(pool)
+    .await?;
+    let mut out: BTreeMap<TaskId, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
+    for (id, key, output) in rows {
+        out.entry(id)
+            .or_default()
+            .insert(key, output.unwrap_or(serde_json::Value::Null));
+    }
+    Ok(out)
+}
+
+/// Puts tasks whose dispatch could not be published back to ready (still at their attempt).
+pub async fn unassign(pool: &PgPool, tasks: &[(TaskId, i32)]) -> Result<Vec<TaskRecord>, DbError> {
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.0).collect();
+    let attempts: Vec<i32> = tasks.iter().map(|t| t.1).collect();
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
+         WHERE t.id = u.id AND t.attempt = u.attempt AND t.status = 'assigned'
+         RETURNING t.*",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `assigned → running` for reports of the current attempt.
+pub async fn mark_started(
+    pool: &PgPool,
+    reports: &[(TaskId, i32)],
+) -> Result<Vec<TaskRecord>, DbError> {
+    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
+    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'running', started_at = now(), updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
+         WHERE t.id = u.id AND t.attempt = u.attempt AND t.status = 'assigned'
+         RETURNING t.*",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `assigned|running → completed` with outputs, for reports of the current attempt only.
+pub async fn mark_completed(
+    pool: &PgPool,
+    reports: &[(TaskId, i32, serde_json::Value)],
+) -> Result<Vec<TaskRecord>, DbError> {
+    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
+    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
+    let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.2).collect();
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
+             started_at = COALESCE(t.started_at, now()), finished_at = now(), updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, output)
+         WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
+         RETURNING t.*",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&outputs)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `assigned|running → retry_wait` (blocked: due again after `delay_ms`) or `→ ready`
+/// (released), for the current attempt; neither counts as a failure.
+pub async fn requeue(
+    pool: &PgPool,
+    reports: &[(TaskId, i32)],
+    delay_ms: i64,
+    reason: &str,
+) -> Result<Vec<TaskRecord>, DbError> {
+    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
+    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET
+             status = CASE WHEN $3 > 0 THEN 'retry_wait' ELSE 'ready' END,
+             retry_at = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $3::float8 / 1000) END,
+             ready_at = CASE WHEN $3 > 0 THEN t.ready_at ELSE now() END,
+             agent_id = NULL, error = $4, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
+         WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
+         RETURNING t.*",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(delay_ms)
+    .bind(reason)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Pending tasks of `workflows` whose every dependency has completed become ready.
+pub async fn promote_unblocked(
+    pool: &PgPool,
+    workflows: &[WorkflowId],
+) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()
+         WHERE t.workflow_id = ANY($1) AND t.status = 'pending'
+           AND NOT EXISTS (
+               SELECT 1 FROM tasks d
+               WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+                 AND d.status <> 'completed')
+         RETURNING t.*",
+    )
+    .bind(workflows)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `retry_wait → ready` for tasks whose backoff has passed.
+pub async fn promote_due_retries(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'ready', retry_at = NULL, ready_at = now(), updated_at = now()
+         WHERE status = 'retry_wait' AND retry_at <= now()
+         RETURNING *",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Tasks held by agents that are offline, terminated or quarantined go back to ready; their
+/// next dispatch raises the attempt, fencing off the lost holder.
+pub async fn reclaim_from_lost_agents(
+    pool: &PgPool,
+) -> Result<Vec<(TaskRecord, AgentId)>, DbError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        task: TaskRecord,
+        lost_agent: AgentId,
+    }
+    let rows = sqlx::query_as::<_, Row>(
+        "WITH lost AS (
+             SELECT t.id, t.agent_id FROM tasks t JOIN agents a ON a.id = t.agent_id
+             WHERE t.status IN ('assigned', 'running')
+               AND a.status IN ('offline', 'terminated', 'quarantined')
+             FOR UPDATE OF t
+         )
+         UPDATE tasks t SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now(),
+             error = 'agent lost'
+         FROM lost WHERE t.id = lost.id
+         RETURNING t.*, lost.agent_id AS lost_agent",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.task, r.lost_agent)).collect())
+}
+
+/// Running tasks past their timeout, and assigned tasks never started within
+/// `start_timeout_ms` (their dispatch was lost or never picked up).
+pub async fn overdue(
+    pool: &PgPool,
+    start_timeout_ms: i64,
+) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), DbError> {
+    let timed_out = sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE status = 'running' AND timeout_seconds IS NOT NULL
+           AND started_at + make_interval(secs => timeout_seconds) < now()",
+    )
+    .fetch_all(pool)
+    .await?;
+    let never_started = sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE status = 'assigned'
+           AND updated_at < now() - make_interval(secs => $1::float8 / 1000)",
+    )
+    .bind(start_timeout_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok((timed_out, never_started))
+}
+
+/// Fail-fast: every unfinished task of the workflow is cancelled.
+pub async fn cancel_unfinished(
+    pool: &PgPool,
+    workflow: WorkflowId,
+    reason: &str,
+) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now()
+         WHERE workflow_id = $1 AND status IN ('pending', 'ready', 'assigned', 'running', 'retry_wait')
+         RETURNING *",
+    )
+    .bind(workflow)
+    .bind(reason)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Continue policy: the pending tasks that depend, directly or transitively, on `failed_key` fail.
+pub async fn fail_dependants(
+    pool: &PgPool,
+    workflow: WorkflowId,
+    failed_key: &str,
+) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "WITH RECURSIVE downstream(key) AS (
+             SELECT $2::text
+             UNION
+             SELECT t.key FROM tasks t JOIN downstream d ON d.key = ANY(t.depends_on)
+             WHERE t.workflow_id = $1
+         )
+         UPDATE tasks SET status = 'failed', finished_at = now(), updated_at = now(),
+             error = 'dependency ' || $2 || ' failed'
+         WHERE workflow_id = $1 AND status = 'pending' AND key IN (SELECT key FROM downstream)
+         RETURNING *",
+    )
+    .bind(workflow)
+    .bind(failed_key)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Workflows among `ids` whose tasks are all finished get their final status: failed if any task
+/// failed, else cancelled if any was cancelled, else completed.
+pub async fn finish_workflows(
+    pool: &PgPool,
+    ids: &[WorkflowId],
+) -> Result<Vec<WorkflowRecord>, DbError> {
+    Ok(sqlx::query_as::<_, WorkflowRecord>(
+        "UPDATE workflows w SET
+             status = CASE
+                 WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'failed') THEN 'failed'
+                 WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'cancelled') THEN 'cancelled'
+                 ELSE 'completed' END,
+             finished_at = now(), updated_at = now()
+         WHERE w.id = ANY($1) AND w.status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id
+                           AND t.status NOT IN ('completed', 'failed', 'cancelled'))
+         RETURNING w.*",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}

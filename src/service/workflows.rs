@@ -1,0 +1,291 @@
+//! Workflow use-cases any control plane can serve: submit (validate the whole DAG, then store
+//! everything in one transaction), read, list, cancel, retry a failed task.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use super::ServiceError;
+use crate::bus::EventBus;
+use crate::db::tasks::{self, TaskChange, TaskRecord};
+use crate::db::workflows::{self, NewTask, WorkflowRecord};
+use crate::db::{DbError, scheduling};
+use crate::domain::dag::{DagError, WorkflowSpec, validate};
+use crate::domain::event::{TaskEvent, WorkflowEvent};
+use crate::domain::{Event, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
+
+/// Reply to a submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub workflow_id: WorkflowId,
+    /// Task ids by key.
+    pub tasks: BTreeMap<String, TaskId>,
+    /// Tasks needing a capability no registered agent has: accepted, but they wait.
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unschedulable {
+    pub key: String,
+    pub missing_capabilities: Vec<String>,
+}
+
+/// A workflow with every task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowView {
+    #[serde(flatten)]
+    pub workflow: WorkflowRecord,
+    pub tasks: Vec<TaskRecord>,
+    pub counts: BTreeMap<String, usize>,
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+/// `<ns>.workflow.get` / `.cancel` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowRef {
+    pub workflow_id: WorkflowId,
+}
+
+#[derive(Clone)]
+pub struct Workflows {
+    pool: PgPool,
+    bus: EventBus,
+    /// Wakes the local scheduler (remote ones wake on the `workflow.created` event).
+    wake: Arc<Notify>,
+}
+
+impl From<DagError> for ServiceError {
+    fn from(e: DagError) -> Self {
+        ServiceError::validation(e.field(), e.to_string())
+    }
+}
+
+pub fn task_event(t: &TaskRecord) -> TaskEvent {
+    TaskEvent {
+        task_id: t.id,
+        workflow_id: t.workflow_id,
+        key: t.key.clone(),
+        status: t.status,
+        attempt: t.attempt,
+        agent_id: t.agent_id,
+        error: t.error.clone(),
+        retry_at: t.retry_at,
+    }
+}
+
+/// `task.*` events for tasks that just entered their current status.
+pub fn task_events<'a>(tasks: impl IntoIterator<Item = &'a TaskRecord>) -> Vec<Event> {
+    tasks
+        .into_iter()
+        .filter_map(|t| Event::for_task_status(t.status, task_event(t)))
+        .collect()
+}
+
+pub fn workflow_event(w: &WorkflowRecord) -> Event {
+    let data = WorkflowEvent {
+        workflow_id: w.id,
+        name: w.name.clone(),
+        status: w.status,
+    };
+    match w.status {
+        WorkflowStatus::Running => Event::WorkflowCreated(data),
+        WorkflowStatus::Completed => Event::WorkflowCompleted(data),
+        WorkflowStatus::Failed => Event::WorkflowFailed(data),
+        WorkflowStatus::Cancelled => Event::WorkflowCancelled(data),
+    }
+}
+
+impl Workflows {
+    pub fn new(pool: PgPool, bus: EventBus, wake: Arc<Notify>) -> Self {
+        Self { pool, bus, wake }
+    }
+
+    /// Validates and stores a workflow; tasks without dependencies start ready.
+    #[tracing::instrument(skip_all, fields(workflow.name = %spec.name, tasks = spec.tasks.len()))]
+    pub async fn submit(&self, spec: WorkflowSpec) -> Result<Submitted, ServiceError> {
+        let valid = validate(spec)?;
+        let id = WorkflowId::new();
+        let spec_json =
+            serde_json::to_value(&valid.spec).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let new_tasks: Vec<NewTask> = valid
+            .spec
+            .tasks
+            .iter()
+            .map(|t| NewTask {
+                id: TaskId::new(),
+                key: t.key.clone(),
+                executor: t.executor.clone(),
+                capabilities: t.capabilities.clone(),
+                input: t.input.clone(),
+                depends_on: t.depends_on.clone(),
+                resources: serde_json::to_value(&t.resources).unwrap_or_default(),
+                priority: t.priority,
+                status: if t.depends_on.is_empty() {
+                    TaskStatus::Ready
+                } else {
+                    TaskStatus::Pending
+                },
+                max_attempts: t.max_attempts,
+                timeout_seconds: t.timeout_seconds,
+            })
+            .collect();
+        let workflow = workflows::create(
+            &self.pool,
+            id,
+            &valid.spec.name,
+            valid.spec.failure_policy.as_str(),
+            &spec_json,
+            &new_tasks,
+        )
+        .await?;
+        let unschedulable = self.unschedulable(id).await?;
+        if !unschedulable.is_empty() {
+            tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
+        }
+        let stored = tasks::list_for_workflow(&self.pool, id).await?;
+        let mut events = vec![workflow_event(&workflow)];
+        events.extend(task_events(
+            stored.iter().filter(|t| t.status == TaskStatus::Ready),
+        ));
+        self.bus.publish_all(events).await?;
+        self.wake.notify_one();
+        tracing::info!(workflow.id = %id, "workflow submitted");
+        Ok(Submitted {
+            workflow_id: id,
+            tasks: new_tasks.into_iter().map(|t| (t.key, t.id)).collect(),
+            unschedulable,
+        })
+    }
+
+    /// Unfinished tasks needing a capability that no live agent has.
+    async fn unschedulable(&self, id: WorkflowId) -> Result<Vec<Unschedulable>, ServiceError> {
+        let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT t.key, ARRAY(
+                 SELECT c FROM unnest(t.capabilities) AS c
+                 WHERE NOT EXISTS (SELECT 1 FROM agents a
+                                   WHERE a.status <> 'terminated' AND c = ANY(a.capabilities)))
+             FROM tasks t
+             WHERE t.workflow_id = $1 AND t.status NOT IN ('completed', 'failed', 'cancelled')
+             ORDER BY t.key",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from)?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, missing)| !missing.is_empty())
+            .map(|(key, missing_capabilities)| Unschedulable {
+                key,
+                missing_capabilities,
+            })
+            .collect())
+    }
+
+    pub async fn get(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
+        let workflow = workflows::get(&self.pool, id).await?;
+        let tasks = tasks::list_for_workflow(&self.pool, id).await?;
+        let mut counts = BTreeMap::new();
+        for t in &tasks {
+            *counts.entry(t.status.to_string()).or_default() += 1;
+        }
+        let unschedulable = if workflow.status.is_terminal() {
+            vec![]
+        } else {
+            self.unschedulable(id).await?
+        };
+        Ok(WorkflowView {
+            workflow,
+            tasks,
+            counts,
+            unschedulable,
+        })
+    }
+
+    pub async fn list(&self, limit: i64) -> Result<Vec<WorkflowRecord>, ServiceError> {
+        Ok(sqlx::query_as::<_, WorkflowRecord>(
+            "SELECT * FROM workflows ORDER BY created_at DESC LIMIT $1",
+        )
+        .bind(limit.clamp(1, 1_000))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from)?)
+    }
+
+    pub async fn task(&self, id: TaskId) -> Result<TaskRecord, ServiceError> {
+        Ok(tasks::get(&self.pool, id).await?)
+    }
+
+    /// Cancels every unfinished task (workers running them are told by `task.cancelled`).
+    pub async fn cancel(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
+        let workflow = workflows::get(&self.pool, id).await?;
+        if workflow.status.is_terminal() {
+            return Err(ServiceError::Conflict(format!(
+                "workflow {id} is already {}",
+                workflow.status
+            )));
+        }
+        let cancelled = scheduling::cancel_unfinished(&self.pool, id, "workflow cancelled").await?;
+        let finished = scheduling::finish_workflows(&self.pool, &[id]).await?;
+        let mut events = task_events(&cancelled);
+        events.extend(finished.iter().map(workflow_event));
+        self.bus.publish_all(events).await?;
+        self.wake.notify_one();
+        self.get(id).await
+    }
+
+    /// An operator's retry of a failed task: it becomes ready with its failures reset; the
+    /// dependants that failed because of it are pending again, and the workflow runs again.
+    pub async fn retry_task(&self, id: TaskId) -> Result<TaskRecord, ServiceError> {
+        let task = tasks::get(&self.pool, id).await?;
+        if task.status != TaskStatus::Failed {
+            return Err(ServiceError::Conflict(format!(
+                "task {id} is {}, only failed tasks can be retried",
+                task.status
+            )));
+        }
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let retried = sqlx::query_as::<_, TaskRecord>(
+            "UPDATE tasks SET status = 'ready', failures = 0, error = NULL, retry_at = NULL,
+                 finished_at = NULL, ready_at = now(), updated_at = now()
+             WHERE id = $1 AND status = 'failed' RETURNING *",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(DbError::from)?
+        .ok_or_else(|| ServiceError::Conflict(format!("task {id} changed concurrently")))?;
+        let reopened = sqlx::query_as::<_, TaskRecord>(
+            "UPDATE tasks SET status = 'pending', error = NULL, finished_at = NULL, updated_at = now()
+             WHERE workflow_id = $1 AND status = 'failed' AND error LIKE 'dependency % failed'
+             RETURNING *",
+        )
+        .bind(task.workflow_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
+        sqlx::query("UPDATE workflows SET status = 'running', finished_at = NULL, updated_at = now() WHERE id = $1")
+            .bind(task.workflow_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+        tx.commit().await.map_err(DbError::from)?;
+        let _ = reopened;
+        self.bus.publish_all(task_events([&retried])).await?;
+        self.wake.notify_one();
+        Ok(retried)
+    }
+}
+
+/// Applies a change with the usual CAS (used by tests and tools).
+pub async fn transition(
+    pool: &PgPool,
+    id: TaskId,
+    from: TaskStatus,
+    to: TaskStatus,
+) -> Result<TaskRecord, ServiceError> {
+    Ok(tasks::transition(pool, id, from, to, TaskChange::default()).await?)
+}

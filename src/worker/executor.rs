@@ -1,0 +1,236 @@
+//! Executors run a task's work. A failure is data ([`TaskFailure`]), never a worker crash.
+//!
+//! | executor | input | output |
+//! |---|---|---|
+//! | `echo` | anything | `{"input": …, "dependencies": {…}, "agent": "<name>"}` |
+//! | `sleep` | `{"ms": 250, "fail": false, "output": …}` | `output` if given, else `{"slept_ms": 250}` |
+//! | `shell` | `{"command": "…"}` run by `sh -c`; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
+//! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What an executor gets.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub task_id: crate::domain::TaskId,
+    pub key: String,
+    pub attempt: i32,
+    pub agent_name: String,
+    pub input: Value,
+    pub dependencies: BTreeMap<String, Value>,
+    /// Fencing tokens of the resource locks held for this attempt (name → KV revision).
+    pub lock_tokens: BTreeMap<String, u64>,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TaskFailure {
+    pub message: String,
+    pub exit_code: Option<i32>,
+}
+
+impl TaskFailure {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            exit_code: None,
+        }
+    }
+}
+
+/// Runs tasks of one kind.
+pub trait Executor: Send + Sync {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>>;
+}
+
+/// The executors a worker offers, by name.
+#[derive(Clone, Default)]
+pub struct Executors {
+    by_name: BTreeMap<String, Arc<dyn Executor>>,
+}
+
+impl Executors {
+    /// `echo`, `sleep`, `shell` and `http`.
+    pub fn builtin() -> Self {
+        let mut e = Self::default();
+        e.register("echo", Arc::new(Echo));
+        e.register("sleep", Arc::new(Sleep));
+        e.register("shell", Arc::new(Shell));
+        e.register("http", Arc::new(Http));
+        e
+    }
+
+    pub fn register(&mut self, name: &str, executor: Arc<dyn Executor>) {
+        self.by_name.insert(name.to_string(), executor);
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Executor>> {
+        self.by_name.get(name).cloned()
+    }
+}
+
+fn payload(ctx: &TaskContext) -> Value {
+    json!({"input": ctx.input, "dependencies": ctx.dependencies, "task_id": ctx.task_id, "attempt": ctx.attempt})
+}
+
+struct Echo;
+impl Executor for Echo {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        Box::pin(async move {
+            Ok(
+                json!({"input": ctx.input, "dependencies": ctx.dependencies, "agent": ctx.agent_name}),
+            )
+        })
+    }
+}
+
+struct Sleep;
+impl Executor for Sleep {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        Box::pin(async move {
+            let ms = ctx.input.get("ms").and_then(Value::as_u64).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if ctx
+                .input
+                .get("fail")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                return Err(TaskFailure::new(
+                    "failed as asked (sleep executor, fail=true)",
+                ));
+            }
+            Ok(ctx
+                .input
+                .get("output")
+                .cloned()
+                .unwrap_or_else(|| json!({"slept_ms": ms})))
+        })
+    }
+}
+
+struct Shell;
+impl Executor for Shell {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        Box::pin(async move {
+            let Some(command) = ctx
+                .input
+                .get("command")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            else {
+                return Err(TaskFailure::new(
+                    "shell executor: input.command (a string) is required",
+                ));
+            };
+            let mut child = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .env("OMOI_TASK_ID", ctx.task_id.to_string())
+                .env("OMOI_TASK_KEY", &ctx.key)
+                .env("OMOI_ATTEMPT", ctx.attempt.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                // The task's timeout (or cancellation) drops this future: the process dies with it.
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| TaskFailure::new(format!("cannot start `sh -c {command}`: {e}")))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let body = payload(&ctx).to_string();
+                // A command that does not read stdin closes it early: not an error.
+                let _ = stdin.write_all(body.as_bytes()).await;
+            }
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            if let Some(mut out) = child.stdout.take() {
+                let _ = out.read_to_end(&mut stdout).await;
+            }
+            if let Some(mut err) = child.stderr.take() {
+                let _ = err.read_to_end(&mut stderr).await;
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| TaskFailure::new(format!("waiting for `{command}`: {e}")))?;
+            let text = String::from_utf8_lossy(&stdout).trim().to_string();
+            if !status.success() {
+                let err = String::from_utf8_lossy(&stderr);
+                return Err(TaskFailure {
+                    message: format!(
+                        "`{command}` failed: {}",
+                        err.trim().chars().take(2_000).collect::<String>()
+                    ),
+                    exit_code: status.code(),
+                });
+            }
+            Ok(serde_json::from_str(&text).unwrap_or_else(|_| json!({"stdout": text})))
+        })
+    }
+}
+
+struct Http;
+impl Executor for Http {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        Box::pin(async move {
+            let Some(url) = ctx.input.get("url").and_then(Value::as_str) else {
+                return Err(TaskFailure::new("http executor: input.url is required"));
+            };
+            let url = url::Url::parse(url)
+                .map_err(|e| TaskFailure::new(format!("http executor: bad url: {e}")))?;
+            if url.scheme() != "http" {
+                return Err(TaskFailure::new(
+                    "http executor: only http:// URLs are supported",
+                ));
+            }
+            let host = url.host_str().unwrap_or("localhost").to_string();
+            let port = url.port_or_known_default().unwrap_or(80);
+            let body = payload(&ctx).to_string();
+            let path = match url.query() {
+                Some(q) => format!("{}?{q}", url.path()),
+                None => url.path().to_string(),
+            };
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| TaskFailure::new(format!("connect {host}:{port}: {e}")))?;
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| TaskFailure::new(format!("send to {url}: {e}")))?;
+            let mut response = Vec::new();
+            stream
+                .read_to_end(&mut response)
+                .await
+                .map_err(|e| TaskFailure::new(format!("read from {url}: {e}")))?;
+            let text = String::from_utf8_lossy(&response);
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if !(200..300).contains(&status) {
+                return Err(TaskFailure {
+                    message: format!(
+                        "POST {url} answered {status}: {}",
+                        body.chars().take(500).collect::<String>()
+                    ),
+                    exit_code: None,
+                });
+            }
+            Ok(serde_json::from_str(body.trim()).unwrap_or_else(|_| json!({"body": body})))
+        })
+    }
+}

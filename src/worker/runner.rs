@@ -1,0 +1,435 @@
+//! Runs one hosted agent's tasks: pulls its dispatches (`<ns>.dispatch.<agent_id>`, durable
+//! consumer `agent-<agent_id>`) only as fast as it has free slots, and for each one reports
+//! `started`, takes its resource locks, runs the executor under the task's timeout while
+//! extending the message's ack deadline and the locks' leases, reports the outcome, releases the
+//! locks and only then acknowledges the dispatch — so a worker killed at any point leaves the
+//! task to be redelivered or reclaimed, never lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::executor::{Executors, TaskContext, TaskFailure};
+use crate::bus::consume::dead_letter;
+use crate::bus::kv_lock::{AcquireAll, HeldLock, LockManager, LockMode, ResourceRequest};
+use crate::bus::names::STREAM_DISPATCH;
+use crate::bus::{BusError, Names};
+use crate::domain::dag::ResourceMode;
+use crate::domain::{AgentId, Envelope, Event, TaskId};
+use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
+
+/// Ack deadline of a dispatch; extended every third of it while the task runs.
+const DISPATCH_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// One agent's runner.
+#[derive(Clone)]
+pub struct AgentRunner {
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub agent_id: AgentId,
+    pub agent_name: String,
+    pub capacity: usize,
+    /// Shared by all agents of the worker (its concurrency limit).
+    pub worker_slots: Arc<Semaphore>,
+    pub executors: Executors,
+    pub locks: LockManager,
+    pub lock_wait: Duration,
+    /// Tasks running now (reported as load in heartbeats).
+    pub load: Arc<AtomicI32>,
+    /// Cancellation handles of running tasks, for `task.cancelled` events.
+    pub running: Arc<Mutex<HashMap<TaskId, CancellationToken>>>,
+}
+
+enum Ending {
+    Finished(Outcome),
+    /// The workflow cancelled it: nothing to report.
+    Cancelled,
+}
+
+impl AgentRunner {
+    /// Pulls and runs tasks until `stop_taking`; tasks still running when `hard_stop` fires are
+    /// handed back (`released`).
+    pub async fn run(
+        self,
+        stop_taking: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Result<(), BusError> {
+        let stream_name = self.names.stream(STREAM_DISPATCH);
+        let err = |e: String| BusError::Consumer {
+            stream: stream_name.clone(),
+            reason: e,
+        };
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let consumer_name = self.names.dispatch_consumer(self.agent_id);
+        let consumer = stream
+            .get_or_create_consumer(
+                &consumer_name,
+                consumer::pull::Config {
+                    durable_name: Some(consumer_name.clone()),
+                    description: Some(format!("omoi dispatches for agent {}", self.agent_name)),
+                    filter_subject: self.names.dispatch(self.agent_id),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: DISPATCH_ACK_WAIT,
+                    max_ack_pending: (self.capacity as i64 * 2).max(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let cancel_listener = tokio::spawn(
+            self.clone()
+                .listen_for_cancellations(stop_taking.clone(), hard_stop.clone()),
+        );
+        let agent_slots = Arc::new(Semaphore::new(self.capacity));
+        let tracker = TaskTracker::new();
+        loop {
+            // Take a slot of this agent and one of the worker before pulling anything.
+            let slot = tokio::select! {
+                () = stop_taking.cancelled() => break,
+                s = agent_slots.clone().acquire_owned() => s,
+            };
+            let Ok(mut slot) = slot else { break };
+            let worker_slot = tokio::select! {
+                () = stop_taking.cancelled() => break,
+                s = self.worker_slots.clone().acquire_owned() => s,
+            };
+            let Ok(mut worker_slot) = worker_slot else {
+                break;
+            };
+            // Pull as many as there are free slots (at least the one just taken).
+            let extra = agent_slots
+                .available_permits()
+                .min(self.worker_slots.available_permits());
+            if extra > 0 {
+                if let Ok(more) = agent_slots.clone().try_acquire_many_owned(extra as u32) {
+                    slot.merge(more);
+                }
+                if let Ok(more) = self
+                    .worker_slots
+                    .clone()
+                    .try_acquire_many_owned(extra as u32)
+                {
+                    worker_slot.merge(more);
+                }
+            }
+            let want = slot.num_permits().min(worker_slot.num_permits());
+            let fetched = tokio::select! {
+                () = stop_taking.cancelled() => break,
+                b = consumer.fetch().max_messages(want).expires(Duration::from_secs(1)).messages() => b,
+            };
+            let mut batch = match fetched {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(agent = %self.agent_name, error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            while let Some(next) = batch.next().await {
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetch ended");
+                        break;
+                    }
+                };
+                // Each task carries one slot of each kind; they are returned when it ends.
+                let (Some(task_slot), Some(task_worker_slot)) =
+                    (slot.split(1), worker_slot.split(1))
+                else {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                let runner = self.clone();
+                let hard = hard_stop.clone();
+                tracker.spawn(async move {
+                    runner.handle(msg, hard).await;
+                    drop((task_slot, task_worker_slot));
+                });
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        cancel_listener.abort();
+        Ok(())
+    }
+
+    /// Cancels running tasks whose workflow was cancelled (`<ns>.task.cancelled` events).
+    async fn listen_for_cancellations(self, stop: CancellationToken, hard: CancellationToken) {
+        let Ok(mut sub) = self
+            .js
+            .client()
+            .subscribe(self.names.event("task.cancelled"))
+            .await
+        else {
+            return;
+        };
+        loop {
+            let msg = tokio::select! {
+                () = hard.cancelled() => break,
+                () = stop.cancelled(), if self.load.load(Ordering::SeqCst) == 0 => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload) {
+                if let Event::TaskCancelled(t) = env.event {
+                    if let Some(token) = self
+                        .running
+                        .lock()
+                        .ok()
+                        .and_then(|r| r.get(&t.task_id).cloned())
+                    {
+                        tracing::info!(task.id = %t.task_id, "task cancelled by its workflow");
+                        token.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report(
+        &self,
+        task_id: TaskId,
+        attempt: i32,
+        outcome: Outcome,
+    ) -> Result<(), BusError> {
+        let report = TaskReport {
+            v: PROTOCOL_VERSION,
+            task_id,
+            attempt,
+            agent_id: self.agent_id,
+            outcome,
+        };
+        let subject = self.names.result(task_id);
+        let payload = serde_json::to_vec(&report).map_err(|source| BusError::Encode {
+            what: "report",
+            source,
+        })?;
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(format!(
+                "report:{task_id}:{attempt}:{}",
+                report.outcome.name()
+            ));
+        let ack = self
+            .js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        ack.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %self.agent_name))]
+    async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
+        let dispatch: Dispatch = match serde_json::from_slice(&msg.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let reason = format!("malformed dispatch: {e}");
+                tracing::warn!(subject = %msg.subject, %reason, "dead-lettering dispatch");
+                match dead_letter(
+                    &self.js,
+                    &self.names,
+                    &msg.subject,
+                    seq,
+                    &msg.payload,
+                    &reason,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                    }
+                    Err(_) => {
+                        let _ = msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                }
+                return;
+            }
+        };
+        let task_id = dispatch.task_id;
+        let attempt = dispatch.attempt;
+        let span =
+            tracing::info_span!("task", task.id = %task_id, task.key = %dispatch.key, attempt);
+        // Cancelled by a `task.cancelled` event; `hard_stop` is the worker stopping.
+        let token = CancellationToken::new();
+        {
+            let Ok(mut running) = self.running.lock() else {
+                return;
+            };
+            if running.contains_key(&task_id) {
+                // A redelivery of what is already running here: the running copy will ack it.
+                return;
+            }
+            running.insert(task_id, token.clone());
+        }
+        self.load.fetch_add(1, Ordering::SeqCst);
+        let outcome = self
+            .execute(&msg, dispatch, token, hard_stop)
+            .instrument(span)
+            .await;
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&task_id);
+        }
+        self.load.fetch_sub(1, Ordering::SeqCst);
+        match outcome {
+            Ok(()) => {
+                let _ = msg.ack().await;
+            }
+            Err(e) => {
+                // The report could not be stored: let JetStream redeliver the dispatch.
+                tracing::warn!(task.id = %task_id, error = %e, "could not report; dispatch will be redelivered");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        msg: &jetstream::Message,
+        d: Dispatch,
+        cancelled: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Result<(), BusError> {
+        let (task_id, attempt) = (d.task_id, d.attempt);
+        self.report(task_id, attempt, Outcome::Started).await?;
+        let owner = format!("{task_id}:{attempt}");
+        let requests: Vec<ResourceRequest> = d
+            .resources
+            .iter()
+            .map(|r| ResourceRequest {
+                name: r.name.clone(),
+                mode: match r.mode {
+                    ResourceMode::Exclusive => LockMode::Exclusive,
+                    ResourceMode::Shared => LockMode::Shared,
+                },
+            })
+            .collect();
+        let agent = self.agent_id.to_string();
+        let held: Vec<HeldLock> = if requests.is_empty() {
+            vec![]
+        } else {
+            match self
+                .locks
+                .acquire_all(&requests, &owner, Some(&agent), self.lock_wait)
+                .await
+            {
+                Ok(AcquireAll::Acquired(held)) => held,
+                Ok(AcquireAll::Blocked { resource, waited }) => {
+                    let reason = format!("lock `{resource}` busy after {} ms", waited.as_millis());
+                    tracing::info!(task.id = %task_id, %reason, "handing task back as blocked");
+                    return self
+                        .report(task_id, attempt, Outcome::Blocked { reason })
+                        .await;
+                }
+                Err(e) => {
+                    let reason = format!("lock store error: {e}");
+                    return self
+                        .report(task_id, attempt, Outcome::Blocked { reason })
+                        .await;
+                }
+            }
+        };
+        let ctx = TaskContext {
+            task_id,
+            key: d.key.clone(),
+            attempt,
+            agent_name: self.agent_name.clone(),
+            input: d.input.clone(),
+            dependencies: d.dependencies.clone(),
+            lock_tokens: held
+                .iter()
+                .map(|h| (h.name.clone(), h.revision))
+                .collect::<BTreeMap<_, _>>(),
+        };
+        let ending = self
+            .run_executor(msg, &d, ctx, &held, cancelled, hard_stop)
+            .await;
+        let result = match ending {
+            Ending::Finished(outcome) => self.report(task_id, attempt, outcome).await,
+            Ending::Cancelled => Ok(()),
+        };
+        if !held.is_empty() {
+            if let Err(e) = self.locks.release_all(&held, &owner).await {
+                tracing::warn!(task.id = %task_id, error = %e, "could not release locks; they will expire");
+            }
+        }
+        result
+    }
+
+    async fn run_executor(
+        &self,
+        msg: &jetstream::Message,
+        d: &Dispatch,
+        ctx: TaskContext,
+        held: &[HeldLock],
+        cancelled: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Ending {
+        let owner = format!("{}:{}", d.task_id, d.attempt);
+        let Some(executor) = self.executors.get(&d.executor) else {
+            return Ending::Finished(Outcome::Failed {
+                error: format!("agent {} has no executor `{}`", self.agent_name, d.executor),
+                exit_code: None,
+            });
+        };
+        let timeout = d
+            .timeout_seconds
+            .map(|s| Duration::from_secs(s.max(1) as u64))
+            .unwrap_or(Duration::from_secs(86_400 * 7));
+        let work = tokio::time::timeout(timeout, executor.run(ctx));
+        tokio::pin!(work);
+        let keepalive_period = (DISPATCH_ACK_WAIT / 3).min(self.locks.lease() / 3);
+        let mut keepalive = tokio::time::interval_at(
+            tokio::time::Instant::now() + keepalive_period,
+            keepalive_period,
+        );
+        loop {
+            tokio::select! {
+                result = &mut work => {
+                    return Ending::Finished(match result {
+                        Ok(Ok(output)) => Outcome::Completed { output },
+                        Ok(Err(TaskFailure { message, exit_code })) => Outcome::Failed { error: message, exit_code },
+                        Err(_) => Outcome::Failed { error: format!("timed out after {} s", timeout.as_secs()), exit_code: None },
+                    });
+                }
+                () = cancelled.cancelled() => return Ending::Cancelled,
+                () = hard_stop.cancelled() => {
+                    return Ending::Finished(Outcome::Released { reason: "worker shutting down".into() });
+                }
+                _ = keepalive.tick() => {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                    if !held.is_empty() {
+                        if let Err(e) = self.locks.renew(held, &owner).await {
+                            tracing::warn!(task.id = %d.task_id, error = %e, "lock lost; abandoning the attempt");
+                            return Ending::Finished(Outcome::Failed { error: format!("lock lost: {e}"), exit_code: None });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

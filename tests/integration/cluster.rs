@@ -1,0 +1,187 @@
+//! A control plane (in this process, or as a child process) plus `omoi worker` child processes.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use omoi::client::WorkflowClient;
+use omoi::db::tasks::TaskRecord;
+use omoi::domain::dag::WorkflowSpec;
+use omoi::domain::{WorkflowId, WorkflowStatus};
+use omoi::runtime::Shutdown;
+use omoi::service::workflows::{Submitted, WorkflowView};
+use tokio::process::{Child, Command};
+
+use crate::env::{TestEnv, eventually};
+
+pub struct Cluster {
+    pub env: TestEnv,
+    pub control_plane: Option<Shutdown>,
+    pub http_addr: Option<std::net::SocketAddr>,
+    pub workers: HashMap<String, Child>,
+    pub client: WorkflowClient,
+}
+
+impl Cluster {
+    /// A cluster whose control plane runs in this process.
+    pub async fn start() -> Self {
+        let env = TestEnv::new().await;
+        let shutdown = Shutdown::new();
+        let running = omoi::coordinator::start(&env.settings(), &shutdown)
+            .await
+            .unwrap();
+        let client = WorkflowClient::new(env.nats.clone(), env.names.clone());
+        let cluster = Self {
+            env,
+            control_plane: Some(shutdown),
+            http_addr: Some(running.http_addr),
+            workers: HashMap::new(),
+            client,
+        };
+        let leader = running.leader.clone();
+        eventually(Duration::from_secs(5), "leadership", || {
+            let l = *leader.borrow();
+            async move { l.then_some(()) }
+        })
+        .await;
+        cluster
+    }
+
+    /// A cluster with no control plane yet (see [`Cluster::spawn_coordinator`]).
+    pub async fn without_control_plane() -> Self {
+        let env = TestEnv::new().await;
+        let client = WorkflowClient::new(env.nats.clone(), env.names.clone());
+        Self {
+            env,
+            control_plane: None,
+            http_addr: None,
+            workers: HashMap::new(),
+            client,
+        }
+    }
+
+    /// An `omoi coordinator` child process.
+    pub fn spawn_coordinator(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_omoi"))
+            .arg("coordinator")
+            .envs(self.env.child_env())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn omoi coordinator")
+    }
+
+    /// Starts an `omoi worker` process hosting one agent and waits until it is registered.
+    pub async fn spawn_worker(&mut self, name: &str, capabilities: &str, capacity: u32) {
+        let child = Command::new(env!("CARGO_BIN_EXE_omoi"))
+            .args([
+                "worker",
+                "--agent",
+                name,
+                "--capabilities",
+                capabilities,
+                "--capacity",
+            ])
+            .arg(capacity.to_string())
+            .envs(self.env.child_env())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn omoi worker");
+        self.workers.insert(name.to_string(), child);
+        let pool = self.env.pool.clone();
+        let name = name.to_string();
+        eventually(Duration::from_secs(20), "worker registered", || {
+            let (pool, name) = (pool.clone(), name.clone());
+            async move {
+                omoi::db::agents::get_live_by_name(&pool, &name)
+                    .await
+                    .unwrap()
+                    .filter(|a| a.status.is_dispatchable())
+            }
+        })
+        .await;
+    }
+
+    pub fn signal(&self, worker: &str, sig: &str) {
+        let pid = self.workers[worker].id().expect("running").to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    pub async fn submit(&self, spec: serde_json::Value) -> Submitted {
+        let spec: WorkflowSpec = serde_json::from_value(spec).unwrap();
+        self.client.submit(&spec).await.unwrap()
+    }
+
+    pub async fn wait(&self, id: WorkflowId, timeout: Duration) -> WorkflowView {
+        let view = self.client.wait(id, timeout).await.unwrap();
+        assert!(
+            view.workflow.status.is_terminal(),
+            "workflow still {} after {timeout:?}: {:?}",
+            view.workflow.status,
+            view.counts
+        );
+        view
+    }
+
+    pub async fn run(&self, spec: serde_json::Value, timeout: Duration) -> WorkflowView {
+        let submitted = self.submit(spec).await;
+        let view = self.wait(submitted.workflow_id, timeout).await;
+        assert_eq!(
+            view.workflow.status,
+            WorkflowStatus::Completed,
+            "{:#?}",
+            view.tasks
+        );
+        view
+    }
+
+    pub async fn stop(mut self) {
+        for (_, mut child) in self.workers.drain() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+        if let Some(cp) = self.control_plane.take() {
+            cp.drain(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// The task with `key`.
+pub fn task<'a>(view: &'a WorkflowView, key: &str) -> &'a TaskRecord {
+    view.tasks
+        .iter()
+        .find(|t| t.key == key)
+        .unwrap_or_else(|| panic!("no task {key}"))
+}
+
+/// Largest number of intervals open at once.
+pub fn max_overlap(
+    intervals: &[(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)],
+) -> usize {
+    let mut points: Vec<(chrono::DateTime<chrono::Utc>, i32)> = Vec::new();
+    for (s, e) in intervals {
+        points.push((*s, 1));
+        points.push((*e, -1));
+    }
+    // Ends sort before starts at the same instant: touching is not overlapping.
+    points.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut open, mut max) = (0i32, 0i32);
+    for (_, d) in points {
+        open += d;
+        max = max.max(open);
+    }
+    max as usize
+}

@@ -1,0 +1,228 @@
+//! Failure is normal: killed workers, killed lock holders, a killed coordinator, bad reports.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use omoi::bus::names::STREAM_DEADLETTER;
+use omoi::domain::{TaskStatus, WorkflowStatus};
+use serde_json::json;
+
+use crate::cluster::{Cluster, task};
+use crate::env::eventually;
+
+async fn agent_name(c: &Cluster, id: omoi::domain::AgentId) -> String {
+    omoi::db::agents::get(&c.env.pool, id).await.unwrap().name
+}
+
+async fn wait_running_on(
+    c: &Cluster,
+    wf: omoi::domain::WorkflowId,
+    key: &str,
+) -> omoi::db::tasks::TaskRecord {
+    eventually(Duration::from_secs(15), "task running", || async {
+        let v = c.client.get(wf).await.unwrap();
+        let t = task(&v, key).clone();
+        (t.status == TaskStatus::Running).then_some(t)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_has_its_task_finished_by_another_exactly_once() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("doomed", "sleep", 1).await;
+    let wf = c
+        .submit(json!({"name": "survive", "tasks": [
+            {"key": "work", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 1500, "output": {"done": true}}}]}))
+        .await;
+    let running = wait_running_on(&c, wf.workflow_id, "work").await;
+    assert_eq!(agent_name(&c, running.agent_id.unwrap()).await, "doomed");
+    c.spawn_worker("rescuer", "sleep", 1).await;
+    c.signal("doomed", "-KILL");
+
+    let view = c.wait(wf.workflow_id, Duration::from_secs(30)).await;
+    assert_eq!(view.workflow.status, WorkflowStatus::Completed);
+    let t = task(&view, "work");
+    assert_eq!(agent_name(&c, t.agent_id.unwrap()).await, "rescuer");
+    assert_eq!(
+        t.attempt, 2,
+        "the new dispatch raised the attempt (fencing token)"
+    );
+    assert_eq!(t.output, Some(json!({"done": true})));
+    // Exactly one success was recorded.
+    let completions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
+            .fetch_one(&c.env.pool)
+            .await
+            .unwrap();
+    assert_eq!(completions, 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_lock_holder_loses_its_lock_at_expiry_and_the_waiter_proceeds() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("holder", "shell", 1).await;
+    let stamp = "s=$(date +%s%N); sleep 0.1; e=$(date +%s%N); echo \"{\\\"start\\\": $s, \\\"end\\\": $e}\"";
+    let first = c
+        .submit(json!({"name": "hold", "tasks": [
+            {"key": "a", "executor": "shell", "capabilities": ["shell"], "input": {"command": "sleep 30"},
+             "resources": [{"name": "repo:x"}]}]}))
+        .await;
+    wait_running_on(&c, first.workflow_id, "a").await;
+    // Let the holder take the lock (it reports `started` before locking).
+    eventually(Duration::from_secs(10), "lock held", || async {
+        let kv = omoi::bus::provision::open_bucket(&c.env.js, &c.env.names, "locks")
+            .await
+            .unwrap();
+        let m = omoi::bus::kv_lock::LockManager::new(kv, Duration::from_secs(2));
+        let held = m.list().await.unwrap();
+        (!held.is_empty()).then_some(())
+    })
+    .await;
+    c.spawn_worker("waiter", "shell", 1).await;
+    let second = c
+        .submit(json!({"name": "wait", "tasks": [
+            {"key": "b", "executor": "shell", "capabilities": ["shell"], "input": {"command": stamp},
+             "resources": [{"name": "repo:x"}]}]}))
+        .await;
+    wait_running_on(&c, second.workflow_id, "b").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = chrono::Utc::now();
+    c.signal("holder", "-KILL");
+
+    let b = c.wait(second.workflow_id, Duration::from_secs(30)).await;
+    assert_eq!(
+        b.workflow.status,
+        WorkflowStatus::Completed,
+        "{:?}",
+        b.tasks
+    );
+    let out = task(&b, "b").output.clone().unwrap();
+    let started = chrono::DateTime::from_timestamp_nanos(out["start"].as_i64().unwrap());
+    assert!(
+        started > killed_at,
+        "b ran only after the holder died ({started} vs {killed_at})"
+    );
+    // The killed holder's own task is re-dispatched to the surviving worker.
+    let view = crate::env::eventually(Duration::from_secs(30), "a re-dispatched", || async {
+        let v = c.client.get(first.workflow_id).await.unwrap();
+        (task(&v, "a").attempt >= 2).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        agent_name(&c, task(&view, "a").agent_id.unwrap()).await,
+        "waiter"
+    );
+    c.client.cancel(first.workflow_id).await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_coordinator_killed_mid_workflow_is_replaced_and_nothing_is_lost_or_run_twice() {
+    let mut c = Cluster::without_control_plane().await;
+    let mut coordinator = c.spawn_coordinator();
+    c.spawn_worker("w1", "shell", 3).await;
+    c.spawn_worker("w2", "shell", 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    // Each run appends "<key> <attempt>" once it has succeeded.
+    let step = |key: &str, deps: Vec<String>| {
+        json!({"key": key, "executor": "shell", "capabilities": ["shell"], "depends_on": deps,
+               "input": {"command": format!("sleep 0.1; echo \"$OMOI_TASK_KEY $OMOI_ATTEMPT\" >> {}; echo '{{}}'", log.display())}})
+    };
+    let mut tasks = Vec::new();
+    for i in 0..15 {
+        let deps = if i == 0 {
+            vec![]
+        } else {
+            vec![format!("c{}", i - 1)]
+        };
+        tasks.push(step(&format!("c{i}"), deps));
+    }
+    for i in 0..10 {
+        tasks.push(step(&format!("p{i}"), vec![]));
+    }
+    let wf = c.submit(json!({"name": "restart", "tasks": tasks})).await;
+    eventually(Duration::from_secs(30), "some progress", || async {
+        let v = c.client.get(wf.workflow_id).await.unwrap();
+        (v.counts.get("completed").copied().unwrap_or(0) >= 6).then_some(())
+    })
+    .await;
+    let pid = coordinator.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = coordinator.wait().await;
+    let _replacement = c.spawn_coordinator();
+
+    let view = c.wait(wf.workflow_id, Duration::from_secs(60)).await;
+    assert_eq!(
+        view.workflow.status,
+        WorkflowStatus::Completed,
+        "{:?}",
+        view.counts
+    );
+    assert!(view.tasks.iter().all(|t| t.status == TaskStatus::Completed));
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let mut per_key: HashMap<&str, usize> = HashMap::new();
+    for line in runs.lines() {
+        *per_key
+            .entry(line.split_whitespace().next().unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(per_key.len(), 25, "every task ran");
+    for (key, n) in per_key {
+        assert_eq!(n, 1, "{key} ran to success {n} times");
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_report_is_dead_lettered_and_the_scheduler_keeps_going() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w", "echo", 2).await;
+    let subject = format!(
+        "{}.result.{}",
+        c.env.names.namespace(),
+        uuid::Uuid::new_v4()
+    );
+    c.env
+        .js
+        .publish(subject.clone(), "{\"task_id\": 42".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    c.run(
+        json!({"name": "after", "tasks": [{"key": "a"}, {"key": "b", "depends_on": ["a"]}]}),
+        Duration::from_secs(20),
+    )
+    .await;
+    let dl = c
+        .env
+        .js
+        .get_stream(c.env.names.stream(STREAM_DEADLETTER))
+        .await
+        .unwrap();
+    let consumer = dl
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut msgs = consumer
+        .fetch()
+        .max_messages(5)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let m = msgs.next().await.expect("a dead letter").unwrap();
+    assert_eq!(m.subject.as_str(), c.env.names.deadletter(&subject));
+    assert_eq!(&m.payload[..], b"{\"task_id\": 42");
+    c.stop().await;
+}
