@@ -173,7 +173,19 @@ impl WorkflowClient {
         &self,
         workflow_id: crate::domain::WorkflowId,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
-        let body = crate::service::workflows::WorkflowRef { workflow_id };
+        self.view(workflow_id, true).await
+    }
+
+    /// The workflow with its task counts, and its tasks only if `include_tasks`.
+    pub async fn view(
+        &self,
+        workflow_id: crate::domain::WorkflowId,
+        include_tasks: bool,
+    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        let body = crate::service::workflows::WorkflowRef {
+            workflow_id,
+            include_tasks,
+        };
         request(
             &self.nats,
             self.names.workflow_endpoint("get"),
@@ -187,7 +199,10 @@ impl WorkflowClient {
         &self,
         workflow_id: crate::domain::WorkflowId,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
-        let body = crate::service::workflows::WorkflowRef { workflow_id };
+        let body = crate::service::workflows::WorkflowRef {
+            workflow_id,
+            include_tasks: true,
+        };
         request(
             &self.nats,
             self.names.workflow_endpoint("cancel"),
@@ -197,7 +212,8 @@ impl WorkflowClient {
         .await
     }
 
-    /// Polls until the workflow finishes (or `timeout` passes) and returns its final view.
+    /// Polls (without task lists) until the workflow finishes or `timeout` passes, then returns
+    /// the final view with its tasks when they fit in a reply.
     pub async fn wait(
         &self,
         workflow_id: crate::domain::WorkflowId,
@@ -205,9 +221,16 @@ impl WorkflowClient {
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.get(workflow_id).await {
-                Ok(view) if view.workflow.status.is_terminal() => return Ok(view),
-                Ok(view) if tokio::time::Instant::now() >= deadline => return Ok(view),
+            match self.view(workflow_id, false).await {
+                Ok(view)
+                    if view.workflow.status.is_terminal()
+                        || tokio::time::Instant::now() >= deadline =>
+                {
+                    return match self.get(workflow_id).await {
+                        Err(ClientError::Service(ServiceError::TooLarge { .. })) => Ok(view),
+                        other => other,
+                    };
+                }
                 Ok(_) => {}
                 // A control plane restarting (none answers for a moment) is not the end.
                 Err(ClientError::NoResponders(_) | ClientError::Transport { .. })

@@ -26,7 +26,20 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", agents::routes().merge(workflows::routes()))
+        .route("/api/v1/openapi.json", axum::routing::get(openapi))
+        // Large workflows (tens of thousands of tasks) are submitted over HTTP.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The OpenAPI document (`docs/openapi.json`, compiled in).
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([("content-type", "application/json")], OPENAPI_JSON)
 }
 
 /// Every handler error: a [`ServiceError`] rendered as JSON with its status.

@@ -12,6 +12,9 @@ use super::{BusError, Names, TypedConsumer};
 use crate::domain::event::EVENT_SCHEMA_VERSION;
 use crate::domain::{Envelope, Event};
 
+/// Publishes whose acks are awaited together; well below async-nats' in-flight ack limit.
+pub const PUBLISH_CHUNK: usize = 512;
+
 /// Publishes and subscribes to omoi events of one namespace.
 #[derive(Clone)]
 pub struct EventBus {
@@ -64,18 +67,22 @@ impl EventBus {
     /// Publishes many events with their acks pipelined: one round trip, not one per event.
     pub async fn publish_all(&self, events: Vec<Event>) -> Result<Vec<Envelope>, BusError> {
         let envelopes: Vec<Envelope> = events.into_iter().map(Envelope::new).collect();
-        let mut acks = Vec::with_capacity(envelopes.len());
-        for envelope in &envelopes {
-            let (subject, msg) = self.prepare(envelope)?;
-            let ack = self.send(&subject, msg).await?;
-            acks.push(async move {
-                ack.into_future().await.map_err(|e| BusError::Publish {
-                    subject,
-                    reason: e.to_string(),
-                })
-            });
+        // Each unawaited ack holds one of the context's in-flight permits: awaiting them per
+        // chunk keeps a huge batch from waiting for permits that only its own acks free.
+        for chunk in envelopes.chunks(PUBLISH_CHUNK) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for envelope in chunk {
+                let (subject, msg) = self.prepare(envelope)?;
+                let ack = self.send(&subject, msg).await?;
+                acks.push(async move {
+                    ack.into_future().await.map_err(|e| BusError::Publish {
+                        subject,
+                        reason: e.to_string(),
+                    })
+                });
+            }
+            try_join_all(acks).await?;
         }
-        try_join_all(acks).await?;
         Ok(envelopes)
     }
 

@@ -1,5 +1,6 @@
 //! The command line: one subcommand per file. Data goes to stdout, diagnostics to stderr.
 
+mod bench;
 mod dev;
 
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ pub enum Command {
     Submit(SubmitArgs),
     /// List resource locks and their holders, or force-release one.
     Locks(LocksArgs),
+    /// Measure omoi against the raw NATS floor (scratch namespace and database).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(settings, args).await,
         Command::Submit(args) => submit(&settings, args).await,
         Command::Locks(args) => locks(&settings, args).await,
+        Command::Bench(args) => bench::run(settings, args).await,
     }
 }
 

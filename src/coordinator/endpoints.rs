@@ -25,16 +25,26 @@ const HEARTBEAT_BATCH: usize = 512;
 /// Longest a heartbeat waits for its batch to fill.
 const HEARTBEAT_LINGER: Duration = Duration::from_millis(20);
 
+/// Largest reply body sent (nats-server's default `max_payload` is 1 MiB; headers need room).
+const MAX_REPLY_BYTES: usize = 1_000_000;
+
 /// Replies with `result` as JSON, or with an error body and the NATS service error headers.
 pub async fn respond<T: Serialize>(req: &service::Request, result: Result<T, ServiceError>) {
+    let result = result.and_then(|value| {
+        let body = serde_json::to_vec(&value).map_err(|e| ServiceError::Internal(format!("encode reply: {e}")))?;
+        // A reply over the server's payload limit would be dropped and the caller would time out.
+        if body.len() > MAX_REPLY_BYTES {
+            return Err(ServiceError::TooLarge {
+                message: format!(
+                    "reply of {} bytes exceeds the {MAX_REPLY_BYTES}-byte NATS limit; ask for less (e.g. include_tasks: false) or use the HTTP API",
+                    body.len()
+                ),
+            });
+        }
+        Ok(body)
+    });
     let outcome = match result {
-        Ok(value) => match serde_json::to_vec(&value) {
-            Ok(body) => req.respond(Ok(body.into())).await,
-            Err(e) => {
-                tracing::error!(error = %e, "encode reply");
-                return;
-            }
-        },
+        Ok(body) => req.respond(Ok(body.into())).await,
         Err(err) => {
             let body = serde_json::to_vec(&ErrorReply { error: err.body() }).unwrap_or_default();
             let mut headers = async_nats::HeaderMap::new();
@@ -199,7 +209,7 @@ pub async fn start_workflows(
                     }
                     "get" => {
                         let result = match parse::<WorkflowRef>(&req) {
-                            Ok(r) => wf.get(r.workflow_id).await,
+                            Ok(r) => wf.view(r.workflow_id, r.include_tasks).await,
                             Err(e) => Err(e),
                         };
                         respond(&req, result).await;

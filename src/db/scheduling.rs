@@ -50,6 +50,9 @@ pub async fn assign(
     pool: &PgPool,
     pairs: &[(TaskId, AgentId)],
 ) -> Result<Vec<TaskRecord>, DbError> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
     let tasks: Vec<TaskId> = pairs.iter().map(|p| p.0).collect();
     let agents: Vec<AgentId> = pairs.iter().map(|p| p.1).collect();
     let mut tx = pool.begin().await?;
@@ -96,6 +99,9 @@ pub async fn dependency_outputs(
 
 /// Puts tasks whose dispatch could not be published back to ready (still at their attempt).
 pub async fn unassign(pool: &PgPool, tasks: &[(TaskId, i32)]) -> Result<Vec<TaskRecord>, DbError> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
     let ids: Vec<TaskId> = tasks.iter().map(|t| t.0).collect();
     let attempts: Vec<i32> = tasks.iter().map(|t| t.1).collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
@@ -115,6 +121,9 @@ pub async fn mark_started(
     pool: &PgPool,
     reports: &[(TaskId, i32)],
 ) -> Result<Vec<TaskRecord>, DbError> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
     let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
     let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
@@ -134,6 +143,9 @@ pub async fn mark_completed(
     pool: &PgPool,
     reports: &[(TaskId, i32, serde_json::Value)],
 ) -> Result<Vec<TaskRecord>, DbError> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
     let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
     let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
     let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.2).collect();
@@ -159,6 +171,9 @@ pub async fn requeue(
     delay_ms: i64,
     reason: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
+    if reports.is_empty() {
+        return Ok(Vec::new());
+    }
     let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
     let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
@@ -184,6 +199,9 @@ pub async fn promote_unblocked(
     pool: &PgPool,
     workflows: &[WorkflowId],
 ) -> Result<Vec<TaskRecord>, DbError> {
+    if workflows.is_empty() {
+        return Ok(Vec::new());
+    }
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()
          WHERE t.workflow_id = ANY($1) AND t.status = 'pending'

@@ -13,6 +13,9 @@ pub struct WorkflowRecord {
     pub name: String,
     pub status: WorkflowStatus,
     pub failure_policy: String,
+    /// The submission as received; kept in the database, not sent in replies (it can be
+    /// megabytes for a large workflow, and every task is in the reply anyway).
+    #[serde(skip, default)]
     pub spec: serde_json::Value,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,

@@ -11,7 +11,7 @@
 //! Fairness: ready tasks are taken round-robin across workflows (every workflow's first ready
 //! task, then every workflow's second, …); within a workflow by priority, then readiness time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,6 +286,7 @@ impl Scheduler {
             .map_err(db)?;
         let mut acks = Vec::with_capacity(assigned.len());
         let mut failed = Vec::new();
+        let mut undeliverable = Vec::new();
         for t in assigned {
             let Some(agent_id) = t.agent_id else { continue };
             let dependencies = outputs.get(&t.id).cloned().unwrap_or_default();
@@ -305,6 +306,10 @@ impl Scheduler {
             };
             let payload =
                 serde_json::to_vec(&dispatch).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            if let Err(reason) = check_dispatch(&payload) {
+                undeliverable.push((t, reason));
+                continue;
+            }
             let msg = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(format!("dispatch:{}:{}", t.id, t.attempt));
@@ -319,6 +324,15 @@ impl Scheduler {
                     failed.push((t.id, t.attempt));
                 }
             }
+            // Await acks per chunk: each pending ack holds an in-flight permit of the context.
+            if acks.len() >= crate::bus::events::PUBLISH_CHUNK {
+                for (id, attempt, ack) in acks.drain(..) {
+                    if let Err(e) = ack.await {
+                        tracing::warn!(task.id = %id, error = %e, "dispatch not stored");
+                        failed.push((id, attempt));
+                    }
+                }
+            }
         }
         for (id, attempt, ack) in acks {
             if let Err(e) = ack.await {
@@ -331,6 +345,34 @@ impl Scheduler {
                 .await
                 .map_err(db)?;
             self.bus.publish_all(task_events(&back)).await?;
+        }
+        // A dispatch no worker could read fails its task for good (retrying cannot help).
+        let mut gave_up = Vec::new();
+        for (t, reason) in undeliverable {
+            tracing::warn!(task.id = %t.id, %reason, "task cannot be dispatched");
+            let change = tasks::TaskChange {
+                error: Some(Some(reason)),
+                expected_attempt: Some(t.attempt),
+                ..tasks::TaskChange::default()
+            };
+            match tasks::transition(
+                &self.pool,
+                t.id,
+                TaskStatus::Assigned,
+                TaskStatus::Failed,
+                change,
+            )
+            .await
+            {
+                Ok(after) => gave_up.push(after),
+                Err(DbError::Conflict { .. }) => {}
+                Err(e) => return Err(db(e)),
+            }
+        }
+        if !gave_up.is_empty() {
+            let mut events = task_events(&gave_up);
+            events.extend(self.settle(&[], &gave_up).await?);
+            self.bus.publish_all(events).await?;
         }
         Ok(())
     }
@@ -370,7 +412,8 @@ impl Scheduler {
                     }
                 }
                 while batch.len() < REPORT_BATCH {
-                    match tokio::time::timeout(Duration::from_millis(2), reports.next()).await {
+                    // Whatever has already arrived joins the batch; nothing waits for more.
+                    match tokio::time::timeout(Duration::ZERO, reports.next()).await {
                         Ok(Some(Ok(d))) => batch.push(d),
                         _ => break,
                     }
@@ -579,5 +622,19 @@ impl Scheduler {
     }
 }
 
-/// Dependency outputs of a set of tasks (re-exported for tests).
-pub type Outputs = BTreeMap<String, serde_json::Value>;
+/// Largest dispatch published (nats-server's default `max_payload` is 1 MiB).
+pub const MAX_DISPATCH_BYTES: usize = 1_000_000;
+
+/// A dispatch must fit in a NATS message and parse back (serde_json refuses nesting deeper than
+/// 128 levels, which resolved outputs can reach).
+fn check_dispatch(payload: &[u8]) -> Result<(), String> {
+    if payload.len() > MAX_DISPATCH_BYTES {
+        return Err(format!(
+            "dispatch of {} bytes exceeds the {MAX_DISPATCH_BYTES}-byte limit (input plus dependency outputs)",
+            payload.len()
+        ));
+    }
+    serde_json::from_slice::<Dispatch>(payload)
+        .map(|_| ())
+        .map_err(|e| format!("dispatch cannot be read back: {e}"))
+}

@@ -43,10 +43,17 @@ pub struct WorkflowView {
     pub unschedulable: Vec<Unschedulable>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// `<ns>.workflow.get` / `.cancel` request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowRef {
     pub workflow_id: WorkflowId,
+    /// Include every task (default). Without them the reply stays small for huge workflows.
+    #[serde(default = "yes")]
+    pub include_tasks: bool,
 }
 
 #[derive(Clone)]
@@ -186,12 +193,32 @@ impl Workflows {
     }
 
     pub async fn get(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
+        self.view(id, true).await
+    }
+
+    /// The workflow, its task counts by status, and (if `with_tasks`) every task.
+    pub async fn view(
+        &self,
+        id: WorkflowId,
+        with_tasks: bool,
+    ) -> Result<WorkflowView, ServiceError> {
         let workflow = workflows::get(&self.pool, id).await?;
-        let tasks = tasks::list_for_workflow(&self.pool, id).await?;
-        let mut counts = BTreeMap::new();
-        for t in &tasks {
-            *counts.entry(t.status.to_string()).or_default() += 1;
-        }
+        let counted: Vec<(TaskStatus, i64)> = sqlx::query_as(
+            "SELECT status, count(*) FROM tasks WHERE workflow_id = $1 GROUP BY status",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(DbError::from)?;
+        let counts = counted
+            .into_iter()
+            .map(|(st, n)| (st.to_string(), n as usize))
+            .collect();
+        let tasks = if with_tasks {
+            tasks::list_for_workflow(&self.pool, id).await?
+        } else {
+            vec![]
+        };
         let unschedulable = if workflow.status.is_terminal() {
             vec![]
         } else {

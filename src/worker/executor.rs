@@ -2,7 +2,7 @@
 //!
 //! | executor | input | output |
 //! |---|---|---|
-//! | `echo` | anything | `{"input": …, "dependencies": {…}, "agent": "<name>"}` |
+//! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …}` | `output` if given, else `{"slept_ms": 250}` |
 //! | `shell` | `{"command": "…"}` run by `sh -c`; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
@@ -85,9 +85,13 @@ struct Echo;
 impl Executor for Echo {
     fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
         Box::pin(async move {
-            Ok(
-                json!({"input": ctx.input, "dependencies": ctx.dependencies, "agent": ctx.agent_name}),
-            )
+            // Dependencies are echoed only on request: echoing them always would nest every
+            // ancestor's output along a chain.
+            let mut out = json!({"input": ctx.input, "agent": ctx.agent_name});
+            if ctx.input.get("echo_dependencies").and_then(Value::as_bool) == Some(true) {
+                out["dependencies"] = json!(ctx.dependencies);
+            }
+            Ok(out)
         })
     }
 }

@@ -27,6 +27,9 @@ use crate::domain::dag::ResourceMode;
 use crate::domain::{AgentId, Envelope, Event, TaskId};
 use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
 
+/// Largest report published (nats-server's default `max_payload` is 1 MiB).
+const MAX_REPORT_BYTES: usize = 1_000_000;
+
 /// Ack deadline of a dispatch; extended every third of it while the task runs.
 const DISPATCH_ACK_WAIT: Duration = Duration::from_secs(30);
 
@@ -213,10 +216,27 @@ impl AgentRunner {
             outcome,
         };
         let subject = self.names.result(task_id);
-        let payload = serde_json::to_vec(&report).map_err(|source| BusError::Encode {
-            what: "report",
-            source,
-        })?;
+        let encode = |r: &TaskReport| {
+            serde_json::to_vec(r).map_err(|source| BusError::Encode {
+                what: "report",
+                source,
+            })
+        };
+        let mut payload = encode(&report)?;
+        if payload.len() > MAX_REPORT_BYTES {
+            // An output that cannot travel fails the attempt instead of wedging the dispatch.
+            let failed = TaskReport {
+                outcome: Outcome::Failed {
+                    error: format!(
+                        "report of {} bytes exceeds the {MAX_REPORT_BYTES}-byte limit",
+                        payload.len()
+                    ),
+                    exit_code: None,
+                },
+                ..report.clone()
+            };
+            payload = encode(&failed)?;
+        }
         let msg = async_nats::jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .message_id(format!(

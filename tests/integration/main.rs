@@ -18,3 +18,4 @@ mod registry;
 mod repo;
 mod scheduling;
 mod tasks;
+mod workflow_api;

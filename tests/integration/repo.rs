@@ -37,3 +37,28 @@ fn docker_compose_parses_and_names_the_services() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
     assert!(dockerfile.contains("--bin omoi") && dockerfile.contains("ENTRYPOINT [\"omoi\"]"));
 }
+
+#[test]
+fn the_openapi_document_lists_every_route_of_the_router() {
+    let doc: serde_json::Value = serde_json::from_str(omoi::api::OPENAPI_JSON).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    let mut routes = 0;
+    for file in ["agents.rs", "workflows.rs"] {
+        let src = std::fs::read_to_string(format!("{}/src/api/{file}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+        // Every `.route("<path>", …)`, however rustfmt wrapped it.
+        for call in src.split(".route(").skip(1) {
+            let path = call.split('"').nth(1).unwrap();
+            routes += 1;
+            assert!(
+                paths.contains_key(&format!("/api/v1{path}")),
+                "{path} is not in docs/openapi.json"
+            );
+        }
+    }
+    assert_eq!(
+        routes,
+        paths.len(),
+        "docs/openapi.json lists a path the router does not serve"
+    );
+}

@@ -116,7 +116,7 @@ async fn chains_diamonds_fan_out_and_fan_in_respect_every_dependency_and_pass_ou
     tasks.push(timed("fan-in", 10, &fan_refs));
     // context passing
     tasks.push(json!({"key": "report", "capabilities": ["echo"], "depends_on": ["diamond", "c3"],
-                      "input": {"diamond_end": "${deps.diamond.output.end}", "chain": "${deps.c3.output}"}}));
+                      "input": {"diamond_end": "${deps.diamond.output.end}", "chain": "${deps.c3.output}", "echo_dependencies": true}}));
     let view = c
         .run(
             json!({"name": "shapes", "tasks": tasks}),

@@ -1,0 +1,378 @@
+//! `omoi bench`: measures omoi against the raw NATS floor on the running NATS and PostgreSQL,
+//! in one run, in a scratch namespace and database that are removed afterwards.
+//!
+//! 1. floor: a JetStream publish → pull → ack → reply round trip, no omoi code;
+//! 2. throughput: no-op (`echo`) tasks of a wide DAG, run by N `omoi worker` processes;
+//! 3. hop latency: a chain, from a dependency's completion to its dependant's start;
+//! 4. lock acquire + release vs a raw KV create.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer, stream};
+use clap::Args;
+use futures::StreamExt;
+
+use crate::bus::kv_lock::{Acquire, LockManager, LockMode};
+use crate::bus::{Names, provision};
+use crate::config::Settings;
+use crate::domain::WorkflowStatus;
+use crate::domain::dag::{TaskSpec, WorkflowSpec};
+use crate::runtime::Shutdown;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Tasks in the wide DAG.
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// Tasks in the chain.
+    #[arg(long, default_value_t = 1_000)]
+    pub chain: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Capacity of each worker's agent.
+    #[arg(long, default_value_t = 16)]
+    pub capacity: i32,
+    /// Round trips for the floor and lock measurements.
+    #[arg(long, default_value_t = 2_000)]
+    pub samples: usize,
+}
+
+struct Stats {
+    median: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let n = v.len().max(1);
+    let total: Duration = v.iter().sum();
+    Stats {
+        median: v.get(n / 2).copied().unwrap_or_default(),
+        p99: v
+            .get((n * 99 / 100).min(n - 1))
+            .copied()
+            .unwrap_or_default(),
+        mean: total / n as u32,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let ns = format!("bench{}", &suffix[..8]);
+    let names = Names::new(&ns).map_err(anyhow::Error::msg)?;
+    let mut db_url = url::Url::parse(&settings.database_url).context("database_url")?;
+    db_url.set_path(&format!("/omoi_{ns}"));
+    let bench_settings = Settings {
+        namespace: ns.clone(),
+        database_url: db_url.to_string(),
+        http_addr: "127.0.0.1:0".into(),
+        log_level: "warn".into(),
+        ..settings.clone()
+    };
+    crate::db::ensure_database(&bench_settings.database_url).await?;
+    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-bench").await?;
+    let js = jetstream::new(nats.clone());
+    provision::ensure_all(&js, &names).await?;
+    println!(
+        "omoi bench — namespace {ns}, {} worker process(es)",
+        args.workers
+    );
+
+    let result = measure(&bench_settings, &args, &nats, &js, &names).await;
+
+    // Clean up whatever happened.
+    let _ = provision::delete_all(&js, &names).await;
+    let _ = js.delete_stream(format!("{ns}_floor")).await;
+    drop_database(&settings.database_url, &format!("omoi_{ns}")).await;
+    result
+}
+
+async fn measure(
+    settings: &Settings,
+    args: &BenchArgs,
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    names: &Names,
+) -> anyhow::Result<()> {
+    // 1. The floor.
+    let floor = floor_round_trip(nats, js, names, args.samples).await?;
+    println!(
+        "floor   jetstream publish→pull→ack→reply   median {}  p99 {}  ({} samples)",
+        ms(floor.median),
+        ms(floor.p99),
+        args.samples
+    );
+
+    // Control plane in this process, workers as processes.
+    let shutdown = Shutdown::new();
+    crate::coordinator::start(settings, &shutdown).await?;
+    let exe = std::env::current_exe().context("own executable")?;
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let child = tokio::process::Command::new(&exe)
+            .args([
+                "worker",
+                "--agent",
+                &format!("bench-{i}"),
+                "--capabilities",
+                "echo",
+            ])
+            .args(["--capacity", &args.capacity.to_string()])
+            .env("OMOI_NAMESPACE", &settings.namespace)
+            .env("OMOI_NATS_URL", &settings.nats_url)
+            .env("OMOI_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start a worker process")?;
+        workers.push(child);
+    }
+    let pool = crate::db::connect(&settings.database_url, 2).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM agents WHERE status = 'idle'")
+            .fetch_one(&pool)
+            .await?;
+        if live as usize >= args.workers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("workers did not register within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = crate::client::WorkflowClient::new(nats.clone(), names.clone());
+    // Submissions go straight to the workflow service: a 20,000-task submission is larger than
+    // a NATS message (HTTP takes it too); the leader wakes on its `workflow.created` event.
+    let bus = crate::bus::EventBus::new(js.clone(), names.clone());
+    let workflows = crate::service::workflows::Workflows::new(
+        pool.clone(),
+        bus,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    );
+    let echo = |key: String, deps: Vec<String>| TaskSpec {
+        key,
+        capabilities: vec!["echo".into()],
+        executor: "echo".into(),
+        input: serde_json::json!({}),
+        depends_on: deps,
+        resources: vec![],
+        priority: Default::default(),
+        max_attempts: 3,
+        timeout_seconds: None,
+    };
+
+    // 2. Throughput of a wide DAG.
+    let wide = WorkflowSpec {
+        name: "bench-wide".into(),
+        failure_policy: Default::default(),
+        tasks: (0..args.tasks)
+            .map(|i| echo(format!("t{i}"), vec![]))
+            .collect(),
+    };
+    let started = Instant::now();
+    let submitted = workflows.submit(wide).await?;
+    let submit_time = started.elapsed();
+    let view = client
+        .wait(submitted.workflow_id, Duration::from_secs(1_800))
+        .await?;
+    let wide_time = started.elapsed();
+    if view.workflow.status != WorkflowStatus::Completed {
+        bail!("wide workflow ended {}", view.workflow.status);
+    }
+    let per_task = wide_time / args.tasks.max(1) as u32;
+    println!(
+        "omoi    {}-task wide DAG, no-op tasks        {:.0} tasks/s  ({:.2} s total, submit {})",
+        args.tasks,
+        args.tasks as f64 / wide_time.as_secs_f64(),
+        wide_time.as_secs_f64(),
+        ms(submit_time)
+    );
+    println!(
+        "        per task {} vs floor {}  → ratio {:.2}",
+        ms(per_task),
+        ms(floor.median),
+        per_task.as_secs_f64() / floor.median.as_secs_f64().max(1e-9)
+    );
+
+    // 3. Hop latency along a chain.
+    let chain = WorkflowSpec {
+        name: "bench-chain".into(),
+        failure_policy: Default::default(),
+        tasks: (0..args.chain)
+            .map(|i| {
+                let deps = if i == 0 {
+                    vec![]
+                } else {
+                    vec![format!("c{}", i - 1)]
+                };
+                echo(format!("c{i}"), deps)
+            })
+            .collect(),
+    };
+    let started = Instant::now();
+    let submitted = workflows.submit(chain).await?;
+    let view = client
+        .wait(submitted.workflow_id, Duration::from_secs(1_800))
+        .await?;
+    let chain_time = started.elapsed();
+    if view.workflow.status != WorkflowStatus::Completed {
+        bail!("chain ended {}", view.workflow.status);
+    }
+    let hops: Vec<Duration> = sqlx::query_scalar::<_, f64>(
+        "SELECT EXTRACT(EPOCH FROM (t.started_at - d.finished_at))::float8
+         FROM tasks t JOIN tasks d ON d.workflow_id = t.workflow_id AND d.key = t.depends_on[1]
+         WHERE t.workflow_id = $1",
+    )
+    .bind(submitted.workflow_id)
+    .fetch_all(&pool)
+    .await?
+    .into_iter()
+    .map(|s| Duration::from_secs_f64(s.max(0.0)))
+    .collect();
+    let hop = stats(hops);
+    println!(
+        "omoi    {}-task chain: dependency done → dependant started   median {}  p99 {}  mean {}",
+        args.chain,
+        ms(hop.median),
+        ms(hop.p99),
+        ms(hop.mean)
+    );
+    println!(
+        "        whole chain {:.2} s = {} per task end to end  → ratio to floor {:.2}",
+        chain_time.as_secs_f64(),
+        ms(chain_time / args.chain.max(1) as u32),
+        (chain_time / args.chain.max(1) as u32).as_secs_f64()
+            / floor.median.as_secs_f64().max(1e-9)
+    );
+
+    for mut w in workers {
+        if let Some(pid) = w.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), w.wait()).await;
+    }
+    shutdown.drain(Duration::from_secs(5)).await;
+    pool.close().await;
+
+    // 4. Locks vs raw KV.
+    let kv = provision::open_bucket(js, names, crate::bus::names::BUCKET_LOCKS).await?;
+    let mut raw = Vec::with_capacity(args.samples);
+    for i in 0..args.samples {
+        let t = Instant::now();
+        kv.create(format!("raw.{i}"), "x".into()).await?;
+        raw.push(t.elapsed());
+    }
+    let manager = LockManager::new(kv, Duration::from_secs(15));
+    let mut acquire = Vec::with_capacity(args.samples);
+    let mut cycle = Vec::with_capacity(args.samples);
+    for i in 0..args.samples {
+        let name = format!("bench:{}", i % 64);
+        let owner = format!("o{i}");
+        let t = Instant::now();
+        let got = manager
+            .try_acquire(&name, LockMode::Exclusive, &owner, None)
+            .await?;
+        acquire.push(t.elapsed());
+        let Acquire::Acquired { .. } = got else {
+            bail!("lock {name} unexpectedly busy");
+        };
+        manager.withdraw(&name, &owner).await?;
+        cycle.push(t.elapsed());
+    }
+    let (raw, acquire, cycle) = (stats(raw), stats(acquire), stats(cycle));
+    println!(
+        "floor   raw KV create                      median {}  p99 {}",
+        ms(raw.median),
+        ms(raw.p99)
+    );
+    println!(
+        "omoi    lock acquire (existing key)         median {}  p99 {}  → ratio {:.2}",
+        ms(acquire.median),
+        ms(acquire.p99),
+        acquire.median.as_secs_f64() / raw.median.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "omoi    lock acquire + release             median {}  p99 {}",
+        ms(cycle.median),
+        ms(cycle.p99)
+    );
+    Ok(())
+}
+
+/// Publish (await the ack) → a responder pulls, acks and replies on a core subject.
+async fn floor_round_trip(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    names: &Names,
+    samples: usize,
+) -> anyhow::Result<Stats> {
+    let stream_name = format!("{}_floor", names.namespace());
+    let subject = format!("{}.floor.task", names.namespace());
+    let reply_subject = format!("{}.floor.reply", names.namespace());
+    let stream = js
+        .create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("floor".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut replies = nats.subscribe(reply_subject.clone()).await?;
+    let responder_nats = nats.clone();
+    let responder = tokio::spawn(async move {
+        let Ok(mut messages) = consumer.messages().await else {
+            return;
+        };
+        while let Some(Ok(msg)) = messages.next().await {
+            let _ = msg.ack().await;
+            let _ = responder_nats
+                .publish(reply_subject.clone(), msg.payload.clone())
+                .await;
+        }
+    });
+    let mut samples_out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t = Instant::now();
+        js.publish(subject.clone(), i.to_string().into())
+            .await?
+            .await?;
+        tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .context("floor reply")?;
+        samples_out.push(t.elapsed());
+    }
+    responder.abort();
+    Ok(stats(samples_out))
+}
+
+async fn drop_database(admin_url: &str, name: &str) {
+    let Ok(mut url) = url::Url::parse(admin_url) else {
+        return;
+    };
+    url.set_path("/postgres");
+    if let Ok(pool) = crate::db::connect(url.as_str(), 1).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await;
+    }
+}

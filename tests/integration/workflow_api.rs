@@ -1,0 +1,144 @@
+//! The workflow, task and lock endpoints over HTTP, and the `omoi submit` / `omoi locks` CLI.
+
+use std::time::Duration;
+
+use omoi::domain::{TaskStatus, WorkflowStatus};
+use serde_json::json;
+
+use crate::cluster::{Cluster, task};
+use crate::http::Http;
+
+#[tokio::test]
+async fn submit_read_list_retry_and_inspect_locks_over_http() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w", "sleep,echo", 2).await;
+    let http = Http::new(c.http_addr.unwrap());
+    let (status, v) = http
+        .post(
+            "/api/v1/workflows",
+            &json!({"name": "api", "failure_policy": "continue", "tasks": [
+                {"key": "flaky", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 5, "fail": true}, "max_attempts": 1},
+                {"key": "after", "depends_on": ["flaky"]},
+                {"key": "hold", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 1500},
+                 "resources": [{"name": "repo:api"}]}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let wf = v["workflow_id"].as_str().unwrap().to_string();
+    let flaky = v["tasks"]["flaky"].as_str().unwrap().to_string();
+
+    // While `hold` runs, its lock is listed.
+    let locks = crate::env::eventually(Duration::from_secs(10), "lock listed", || async {
+        let (_, l) = http.get("/api/v1/locks").await;
+        (l.as_array().is_some_and(|a| !a.is_empty())).then_some(l)
+    })
+    .await;
+    assert_eq!(locks[0]["name"], "repo:api");
+    assert_eq!(locks[0]["lock"]["holders"].as_array().unwrap().len(), 1);
+
+    let view = c.wait(wf.parse().unwrap(), Duration::from_secs(20)).await;
+    assert_eq!(view.workflow.status, WorkflowStatus::Failed);
+    let (status, t) = http.get(&format!("/api/v1/tasks/{flaky}")).await;
+    assert_eq!((status, t["status"].as_str()), (200, Some("failed")));
+    let (status, list) = http.get("/api/v1/workflows?limit=5").await;
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["id"], json!(wf));
+
+    // Retry: the task and its failed dependant run again; it fails again (fail=true) but the
+    // retry was real: a new attempt.
+    let (status, r) = http
+        .post(&format!("/api/v1/tasks/{flaky}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["status"], "ready");
+    let view = crate::env::eventually(Duration::from_secs(20), "retried attempt", || async {
+        let v = c.client.get(wf.parse().unwrap()).await.unwrap();
+        (task(&v, "flaky").attempt == 2 && v.workflow.status.is_terminal()).then_some(v)
+    })
+    .await;
+    assert_eq!(task(&view, "flaky").status, TaskStatus::Failed);
+    let (status, _) = http
+        .post(
+            &format!("/api/v1/tasks/{}/retry", task(&view, "hold").id),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 409, "only failed tasks can be retried");
+    let (status, _) = http
+        .get("/api/v1/workflows/00000000-0000-0000-0000-000000000000")
+        .await;
+    assert_eq!(status, 404);
+    let (status, doc) = http.get("/api/v1/openapi.json").await;
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")));
+    let (status, _) = http.delete("/api/v1/locks/nothing-held").await;
+    assert_eq!(status, 404);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_submits_a_yaml_workflow_waits_for_it_and_lists_locks() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w", "shell,echo", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hello.yaml");
+    std::fs::write(
+        &file,
+        "name: hello\ntasks:\n  - {key: greet, executor: shell, capabilities: [shell], input: {command: \"echo '{\\\"msg\\\": \\\"hi\\\"}'\"}}\n  - {key: shout, depends_on: [greet], input: {said: \"${deps.greet.output.msg}\"}}\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args(["submit", "--wait"])
+        .arg(&file)
+        .envs(c.env.child_env())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["status"], "completed");
+    let shout = view["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["key"] == "shout")
+        .unwrap();
+    assert_eq!(shout["output"]["input"]["said"], "hi");
+
+    let bad = dir.path().join("cycle.json");
+    std::fs::write(
+        &bad,
+        r#"{"name": "c", "tasks": [{"key": "a", "depends_on": ["a"]}]}"#,
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .arg("submit")
+        .arg(&bad)
+        .envs(c.env.child_env())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a → a"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .arg("locks")
+        .envs(c.env.child_env())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop().await;
+}
