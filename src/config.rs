@@ -64,6 +64,11 @@ pub struct Settings {
     /// Most tasks one worker process runs at once, over all its agents (0 = the sum of their
     /// capacities).
     pub worker_max_concurrency: u32,
+    /// A handoff not decided within this time expires (a request may ask for another).
+    pub handoff_ttl_ms: u64,
+    /// Where a worker appends each inbox item it receives, one JSON line per item, in
+    /// `<dir>/<agent name>.jsonl` (empty: items are only logged).
+    pub worker_inbox_dir: String,
 }
 
 impl Default for Settings {
@@ -87,6 +92,8 @@ impl Default for Settings {
             lock_wait_ms: 10_000,
             task_start_timeout_ms: 30_000,
             worker_max_concurrency: 0,
+            handoff_ttl_ms: 300_000,
+            worker_inbox_dir: String::new(),
         }
     }
 }
@@ -209,6 +216,7 @@ impl Settings {
             ("leader_lease_ms", self.leader_lease_ms),
             ("lock_lease_ms", self.lock_lease_ms),
             ("task_start_timeout_ms", self.task_start_timeout_ms),
+            ("handoff_ttl_ms", self.handoff_ttl_ms),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -2,7 +2,9 @@
 //! field?}}`), routes per resource.
 
 pub mod agents;
+pub mod collaboration;
 pub mod workflows;
+pub mod ws;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -20,12 +22,22 @@ pub struct AppState {
     pub registry: Registry,
     pub workflows: crate::service::workflows::Workflows,
     pub locks: crate::bus::kv_lock::LockManager,
+    pub collaboration: crate::service::collaboration::Collaboration,
+    /// For the WebSocket streams.
+    pub nats: async_nats::Client,
+    pub names: crate::bus::Names,
 }
 
 /// The `/api/v1` router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .nest("/api/v1", agents::routes().merge(workflows::routes()))
+        .nest(
+            "/api/v1",
+            agents::routes()
+                .merge(workflows::routes())
+                .merge(collaboration::routes())
+                .merge(ws::routes()),
+        )
         .route("/api/v1/openapi.json", axum::routing::get(openapi))
         // Large workflows (tens of thousands of tasks) are submitted over HTTP.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -21,6 +21,7 @@ pub const STREAM_EVENTS: &str = "events";
 pub const STREAM_DEADLETTER: &str = "deadletter";
 pub const STREAM_DISPATCH: &str = "dispatch";
 pub const STREAM_RESULTS: &str = "results";
+pub const STREAM_INBOX: &str = "inbox";
 /// Durable consumer of `<ns>_results` used by the scheduler leader.
 pub const CONSUMER_SCHEDULER: &str = "scheduler";
 /// Bucket keys; the bucket is named `<ns>_<key>`.
@@ -97,6 +98,21 @@ impl Names {
         format!("{}.workflow.{verb}", self.ns)
     }
 
+    /// `<ns>.agent.inbox.<agent_id>`: messages for one agent, kept until it reads them.
+    pub fn inbox(&self, agent: AgentId) -> String {
+        format!("{}.agent.inbox.{agent}", self.ns)
+    }
+
+    /// `inbox-<agent_id>`: the durable consumer of an agent's inbox.
+    pub fn inbox_consumer(&self, agent: AgentId) -> String {
+        format!("inbox-{agent}")
+    }
+
+    /// `<ns>.collab.<verb>`: collaboration request/reply endpoints (`send`).
+    pub fn collab_endpoint(&self, verb: &str) -> String {
+        format!("{}.collab.{verb}", self.ns)
+    }
+
     /// `<ns>.registry`: prefix of the registry service's endpoints.
     pub fn registry_prefix(&self) -> String {
         format!("{}.registry", self.ns)
@@ -118,6 +134,7 @@ impl Names {
             format!("{}.workflow.submit", self.ns),
             format!("{}.workflow.get", self.ns),
             format!("{}.workflow.cancel", self.ns),
+            format!("{}.collab.>", self.ns),
         ]
     }
 }

@@ -15,6 +15,7 @@ use crate::domain::dag::WorkflowSpec;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
+use crate::service::collaboration::{Collaboration, SendMessage};
 use crate::service::registry::{RegisterRequest, Registry, SearchQuery, UpdateRequest};
 use crate::service::workflows::{WorkflowRef, Workflows};
 
@@ -225,6 +226,54 @@ pub async fn start_workflows(
             }
         }));
     }
+    shutdown.spawn(async move {
+        token.cancelled().await;
+        let _ = service.stop().await;
+    });
+    Ok(())
+}
+
+/// Name shown by `nats micro ls` for the collaboration endpoints.
+pub const COLLAB_SERVICE_NAME: &str = "omoi-collaboration";
+
+/// Starts `omoi-collaboration`: `<ns>.collab.send` (send a message without the HTTP API).
+pub async fn start_collaboration(
+    nats: async_nats::Client,
+    names: Names,
+    collaboration: Collaboration,
+    shutdown: &Shutdown,
+) -> Result<(), crate::bus::BusError> {
+    let err = |e: async_nats::Error| crate::bus::BusError::Provision {
+        what: format!("service {COLLAB_SERVICE_NAME}"),
+        reason: e.to_string(),
+    };
+    let service = nats
+        .service_builder()
+        .description(format!(
+            "omoi collaboration for namespace `{}`",
+            names.namespace()
+        ))
+        .queue_group(format!("{}-collaboration", names.namespace()))
+        .start(COLLAB_SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(err)?;
+    let send = service
+        .endpoint_builder()
+        .name("send")
+        .add(names.collab_endpoint("send"))
+        .await
+        .map_err(err)?;
+    let token = shutdown.token.clone();
+    shutdown.spawn(serve(send, token.clone(), move |req| {
+        let c = collaboration.clone();
+        async move {
+            let result = match parse::<SendMessage>(&req) {
+                Ok(m) => c.send_message(m).await,
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
     shutdown.spawn(async move {
         token.cancelled().await;
         let _ = service.stop().await;

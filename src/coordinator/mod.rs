@@ -22,6 +22,7 @@ use crate::config::Settings;
 use crate::db::DbError;
 use crate::runtime::Shutdown;
 use crate::runtime::health::{self, HealthState};
+use crate::service::collaboration::Collaboration;
 use crate::service::registry::Registry;
 use crate::service::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::workflows::Workflows;
@@ -89,6 +90,14 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     let wake = Arc::new(Notify::new());
     let workflows = Workflows::new(pool.clone(), bus.clone(), wake.clone());
     endpoints::start_workflows(nats.clone(), names.clone(), workflows.clone(), shutdown).await?;
+    let collaboration = Collaboration::new(
+        pool.clone(),
+        bus.clone(),
+        std::time::Duration::from_millis(settings.handoff_ttl_ms),
+        wake.clone(),
+    );
+    endpoints::start_collaboration(nats.clone(), names.clone(), collaboration.clone(), shutdown)
+        .await?;
     let locks_kv = provision::open_bucket(&js, &names, BUCKET_LOCKS).await?;
     let locks = LockManager::new(
         locks_kv,
@@ -107,6 +116,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     shutdown.spawn(lease.run(leader_tx, shutdown.token.clone()));
     shutdown.spawn(sweep_loop(
         registry.clone(),
+        collaboration.clone(),
         settings.clone(),
         leader_rx.clone(),
         shutdown.clone(),
@@ -144,6 +154,9 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         registry: registry.clone(),
         workflows,
         locks,
+        collaboration: collaboration.clone(),
+        nats: nats.clone(),
+        names: names.clone(),
     }))
     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
         axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -180,6 +193,7 @@ pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), Coordina
 /// Leader-only: marks silent agents stale, then offline, a few times per heartbeat interval.
 async fn sweep_loop(
     registry: Registry,
+    collaboration: Collaboration,
     settings: Settings,
     mut leader: watch::Receiver<bool>,
     shutdown: Shutdown,
@@ -204,6 +218,9 @@ async fn sweep_loop(
             .await
         {
             tracing::warn!(error = %e, "liveness sweep failed; will retry");
+        }
+        if let Err(e) = collaboration.expire_due().await {
+            tracing::warn!(error = %e, "handoff expiry failed; will retry");
         }
     }
 }

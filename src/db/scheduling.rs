@@ -58,7 +58,7 @@ pub async fn assign(
     let mut tx = pool.begin().await?;
     let assigned = sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
-             error = NULL, started_at = NULL, updated_at = now()
+             error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
          FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
          WHERE t.id = u.id AND t.status = 'ready'
          RETURNING t.*",

@@ -33,6 +33,8 @@ pub struct TaskRecord {
     pub ready_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Set by an accepted handoff: the next dispatch goes to this agent only.
+    pub pinned_agent_id: Option<AgentId>,
 }
 
 /// What a transition changes besides the status. `None` leaves a field as it is.

@@ -71,6 +71,22 @@ pub enum Event {
     WorkflowFailed(WorkflowEvent),
     #[serde(rename = "workflow.cancelled")]
     WorkflowCancelled(WorkflowEvent),
+    #[serde(rename = "agent.collab.started")]
+    CollabStarted(CollabStarted),
+    #[serde(rename = "agent.collab.ended")]
+    CollabEnded(CollabEnded),
+    #[serde(rename = "agent.message.sent")]
+    MessageSent(MessageSent),
+    #[serde(rename = "agent.handoff.requested")]
+    HandoffRequested(HandoffEvent),
+    #[serde(rename = "agent.handoff.accepted")]
+    HandoffAccepted(HandoffEvent),
+    #[serde(rename = "agent.handoff.declined")]
+    HandoffDeclined(HandoffEvent),
+    #[serde(rename = "agent.handoff.expired")]
+    HandoffExpired(HandoffEvent),
+    #[serde(rename = "agent.handoff.cancelled")]
+    HandoffCancelled(HandoffEvent),
 }
 
 impl Event {
@@ -91,6 +107,14 @@ impl Event {
         "workflow.completed",
         "workflow.failed",
         "workflow.cancelled",
+        "agent.collab.started",
+        "agent.collab.ended",
+        "agent.message.sent",
+        "agent.handoff.requested",
+        "agent.handoff.accepted",
+        "agent.handoff.declined",
+        "agent.handoff.expired",
+        "agent.handoff.cancelled",
     ];
 
     /// The wire type, e.g. `task.completed`.
@@ -111,6 +135,14 @@ impl Event {
             Self::WorkflowCompleted(_) => "workflow.completed",
             Self::WorkflowFailed(_) => "workflow.failed",
             Self::WorkflowCancelled(_) => "workflow.cancelled",
+            Self::CollabStarted(_) => "agent.collab.started",
+            Self::CollabEnded(_) => "agent.collab.ended",
+            Self::MessageSent(_) => "agent.message.sent",
+            Self::HandoffRequested(_) => "agent.handoff.requested",
+            Self::HandoffAccepted(_) => "agent.handoff.accepted",
+            Self::HandoffDeclined(_) => "agent.handoff.declined",
+            Self::HandoffExpired(_) => "agent.handoff.expired",
+            Self::HandoffCancelled(_) => "agent.handoff.cancelled",
         }
     }
 
@@ -177,6 +209,60 @@ pub struct TaskEvent {
     /// For `task.retrying`: when the next attempt becomes ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// A collaboration thread was opened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollabStarted {
+    pub thread_id: Uuid,
+    pub thread_type: String,
+    pub participants: Vec<AgentId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<WorkflowId>,
+}
+
+/// A collaboration thread was closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollabEnded {
+    pub thread_id: Uuid,
+    pub status: String,
+    pub participants: Vec<AgentId>,
+}
+
+/// A message between agents (also delivered to each recipient's inbox).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageSent {
+    pub message_id: Uuid,
+    pub thread_id: Uuid,
+    pub sender_id: AgentId,
+    /// `None`: to every participant but the sender.
+    #[serde(default)]
+    pub recipient_id: Option<AgentId>,
+    pub recipients: Vec<AgentId>,
+    pub message_type: String,
+    pub content: String,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Data of every `agent.handoff.*` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandoffEvent {
+    pub handoff_id: Uuid,
+    pub task_id: TaskId,
+    pub from_agent_id: AgentId,
+    #[serde(default)]
+    pub to_agent_id: Option<AgentId>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    pub status: String,
+    #[serde(default)]
+    pub decided_by: Option<AgentId>,
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Data of every `workflow.*` event.
@@ -259,6 +345,48 @@ mod tests {
             Event::WorkflowFailed(wf.clone()),
             Event::WorkflowCancelled(wf),
         ];
+        let mut all = all;
+        let thread = Uuid::now_v7();
+        let handoff = HandoffEvent {
+            handoff_id: Uuid::now_v7(),
+            task_id: TaskId::new(),
+            from_agent_id: agent,
+            to_agent_id: None,
+            capabilities: vec!["x".into()],
+            status: "requested".into(),
+            decided_by: None,
+            reason: String::new(),
+        };
+        all.extend([
+            Event::CollabStarted(CollabStarted {
+                thread_id: thread,
+                thread_type: "review".into(),
+                participants: vec![agent],
+                task_id: None,
+                workflow_id: None,
+            }),
+            Event::CollabEnded(CollabEnded {
+                thread_id: thread,
+                status: "resolved".into(),
+                participants: vec![agent],
+            }),
+            Event::MessageSent(MessageSent {
+                message_id: Uuid::now_v7(),
+                thread_id: thread,
+                sender_id: agent,
+                recipient_id: None,
+                recipients: vec![],
+                message_type: "text".into(),
+                content: "hi".into(),
+                metadata: serde_json::json!({}),
+                created_at: Utc::now(),
+            }),
+            Event::HandoffRequested(handoff.clone()),
+            Event::HandoffAccepted(handoff.clone()),
+            Event::HandoffDeclined(handoff.clone()),
+            Event::HandoffExpired(handoff.clone()),
+            Event::HandoffCancelled(handoff),
+        ]);
         assert_eq!(all.len(), Event::TYPES.len());
         for (ev, ty) in all.iter().zip(Event::TYPES) {
             assert_eq!(ev.kind(), *ty);

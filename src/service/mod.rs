@@ -1,6 +1,7 @@
 //! Use-cases over the database and the bus: the registry now; the scheduler, collaboration
 //! and patterns later. Nothing here knows about HTTP.
 
+pub mod collaboration;
 pub mod registry;
 pub mod scheduler;
 pub mod workflows;

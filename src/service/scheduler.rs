@@ -255,8 +255,17 @@ impl Scheduler {
                 capabilities: task.capabilities.clone(),
                 ..Requirements::default()
             };
-            if let Some(best) = rank(&snapshots, &req, now, self.config.stale_after_ms).first() {
-                let chosen = &mut snapshots[best.index];
+            // A task handed off to an agent waits for that agent only.
+            let choice = match task.pinned_agent_id {
+                Some(pin) => snapshots
+                    .iter()
+                    .position(|s| s.id == pin && s.is_available()),
+                None => rank(&snapshots, &req, now, self.config.stale_after_ms)
+                    .first()
+                    .map(|r| r.index),
+            };
+            if let Some(index) = choice {
+                let chosen = &mut snapshots[index];
                 chosen.load += 1;
                 chosen.last_assigned_at =
                     Some(now + chrono::Duration::microseconds(pairs.len() as i64));

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …}` | `output` if given, else `{"slept_ms": 250}` |
-//! | `shell` | `{"command": "…"}` run by `sh -c`; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
+//! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
 
 use std::collections::BTreeMap;
@@ -141,6 +141,7 @@ impl Executor for Shell {
                 .env("OMOI_TASK_ID", ctx.task_id.to_string())
                 .env("OMOI_TASK_KEY", &ctx.key)
                 .env("OMOI_ATTEMPT", ctx.attempt.to_string())
+                .env("OMOI_AGENT", &ctx.agent_name)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

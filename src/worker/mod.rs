@@ -7,6 +7,7 @@
 //! locks; keep heartbeating until all that is done; then mark the agents offline and exit.
 
 pub mod executor;
+pub mod inbox;
 pub mod runner;
 
 use std::sync::Arc;
@@ -137,6 +138,18 @@ pub async fn run_with(
             load,
             running: Default::default(),
         };
+        let inbox_dir = (!settings.worker_inbox_dir.is_empty())
+            .then(|| std::path::PathBuf::from(&settings.worker_inbox_dir));
+        heartbeats.spawn({
+            let (js, names, name) = (js.clone(), names.clone(), record.name.clone());
+            let stop = stop_heartbeats.clone();
+            let id = record.id;
+            async move {
+                if let Err(e) = inbox::run(js, names, id, name, inbox_dir, stop).await {
+                    tracing::error!(error = %e, "inbox consumer failed");
+                }
+            }
+        });
         let (stop, hard) = (stop_taking.clone(), hard_stop.clone());
         runners.spawn(async move {
             if let Err(e) = runner.run(stop, hard).await {

@@ -48,8 +48,8 @@ pub struct AgentRunner {
     pub lock_wait: Duration,
     /// Tasks running now (reported as load in heartbeats).
     pub load: Arc<AtomicI32>,
-    /// Cancellation handles of running tasks, for `task.cancelled` events.
-    pub running: Arc<Mutex<HashMap<TaskId, CancellationToken>>>,
+    /// Attempt and cancellation handle of each running task.
+    pub running: Arc<Mutex<HashMap<TaskId, (i32, CancellationToken)>>>,
 }
 
 enum Ending {
@@ -170,33 +170,43 @@ impl AgentRunner {
         Ok(())
     }
 
-    /// Cancels running tasks whose workflow was cancelled (`<ns>.task.cancelled` events).
+    /// Stops running tasks that were taken away: cancelled (`task.cancelled`), or put back to
+    /// ready at or after this attempt (`task.ready` — handed off, or reclaimed from an agent
+    /// presumed lost). A `task.ready` of an earlier attempt is stale and ignored.
     async fn listen_for_cancellations(self, stop: CancellationToken, hard: CancellationToken) {
-        let Ok(mut sub) = self
-            .js
-            .client()
-            .subscribe(self.names.event("task.cancelled"))
-            .await
-        else {
-            return;
-        };
+        let nats = self.js.client();
+        let mut subs = Vec::new();
+        for kind in ["task.cancelled", "task.ready"] {
+            match nats.subscribe(self.names.event(kind)).await {
+                Ok(s) => subs.push(s),
+                Err(e) => tracing::warn!(error = %e, "cannot watch for cancellations"),
+            }
+        }
+        let mut events = futures::stream::select_all(subs);
         loop {
             let msg = tokio::select! {
                 () = hard.cancelled() => break,
                 () = stop.cancelled(), if self.load.load(Ordering::SeqCst) == 0 => break,
-                m = sub.next() => match m { Some(m) => m, None => break },
+                m = events.next() => match m { Some(m) => m, None => break },
             };
-            if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload) {
-                if let Event::TaskCancelled(t) = env.event {
-                    if let Some(token) = self
-                        .running
-                        .lock()
-                        .ok()
-                        .and_then(|r| r.get(&t.task_id).cloned())
-                    {
-                        tracing::info!(task.id = %t.task_id, "task cancelled by its workflow");
-                        token.cancel();
-                    }
+            let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload) else {
+                continue;
+            };
+            let (t, why, ready) = match env.event {
+                Event::TaskCancelled(t) => (t, "cancelled by its workflow", false),
+                Event::TaskReady(t) => (t, "taken back by the scheduler", true),
+                _ => continue,
+            };
+            let running = self
+                .running
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&t.task_id).cloned());
+            if let Some((attempt, token)) = running {
+                let stale = ready && t.attempt < attempt;
+                if !stale {
+                    tracing::info!(task.id = %t.task_id, attempt, reason = why, "stopping task");
+                    token.cancel();
                 }
             }
         }
@@ -302,7 +312,7 @@ impl AgentRunner {
                 // A redelivery of what is already running here: the running copy will ack it.
                 return;
             }
-            running.insert(task_id, token.clone());
+            running.insert(task_id, (attempt, token.clone()));
         }
         self.load.fetch_add(1, Ordering::SeqCst);
         let outcome = self

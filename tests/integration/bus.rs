@@ -29,6 +29,16 @@ fn one_of_each() -> Vec<Event> {
         status: WorkflowStatus::Completed,
     };
     let agent = AgentId::new();
+    let handoff = HandoffEvent {
+        handoff_id: uuid::Uuid::now_v7(),
+        task_id: TaskId::new(),
+        from_agent_id: agent,
+        to_agent_id: Some(AgentId::new()),
+        capabilities: vec![],
+        status: "requested".into(),
+        decided_by: None,
+        reason: "needs review".into(),
+    };
     vec![
         Event::AgentRegistered(AgentRegistered {
             agent_id: agent,
@@ -68,6 +78,34 @@ fn one_of_each() -> Vec<Event> {
         Event::WorkflowCompleted(wf.clone()),
         Event::WorkflowFailed(wf.clone()),
         Event::WorkflowCancelled(wf),
+        Event::CollabStarted(CollabStarted {
+            thread_id: uuid::Uuid::now_v7(),
+            thread_type: "review".into(),
+            participants: vec![agent],
+            task_id: None,
+            workflow_id: None,
+        }),
+        Event::CollabEnded(CollabEnded {
+            thread_id: uuid::Uuid::now_v7(),
+            status: "resolved".into(),
+            participants: vec![agent],
+        }),
+        Event::MessageSent(MessageSent {
+            message_id: uuid::Uuid::now_v7(),
+            thread_id: uuid::Uuid::now_v7(),
+            sender_id: agent,
+            recipient_id: None,
+            recipients: vec![agent],
+            message_type: "text".into(),
+            content: "hello".into(),
+            metadata: serde_json::json!({}),
+            created_at: chrono::Utc::now(),
+        }),
+        Event::HandoffRequested(handoff.clone()),
+        Event::HandoffAccepted(handoff.clone()),
+        Event::HandoffDeclined(handoff.clone()),
+        Event::HandoffExpired(handoff.clone()),
+        Event::HandoffCancelled(handoff),
     ]
 }
 

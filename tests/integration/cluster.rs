@@ -74,6 +74,18 @@ impl Cluster {
 
     /// Starts an `omoi worker` process hosting one agent and waits until it is registered.
     pub async fn spawn_worker(&mut self, name: &str, capabilities: &str, capacity: u32) {
+        self.spawn_worker_with(name, capabilities, capacity, &[])
+            .await;
+    }
+
+    /// [`Cluster::spawn_worker`] with extra environment variables.
+    pub async fn spawn_worker_with(
+        &mut self,
+        name: &str,
+        capabilities: &str,
+        capacity: u32,
+        env: &[(&str, &str)],
+    ) {
         let child = Command::new(env!("CARGO_BIN_EXE_omoi"))
             .args([
                 "worker",
@@ -85,6 +97,7 @@ impl Cluster {
             ])
             .arg(capacity.to_string())
             .envs(self.env.child_env())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -142,6 +155,21 @@ impl Cluster {
             view.tasks
         );
         view
+    }
+
+    /// SIGTERM one worker and wait for it to exit.
+    pub async fn stop_worker(&mut self, name: &str) {
+        let mut child = self.workers.remove(name).expect("worker");
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        assert!(
+            matches!(status, Ok(Ok(s)) if s.success()),
+            "{name} did not stop cleanly: {status:?}"
+        );
     }
 
     pub async fn stop(mut self) {

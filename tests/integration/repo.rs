@@ -43,7 +43,7 @@ fn the_openapi_document_lists_every_route_of_the_router() {
     let doc: serde_json::Value = serde_json::from_str(omoi::api::OPENAPI_JSON).unwrap();
     let paths = doc["paths"].as_object().unwrap();
     let mut routes = 0;
-    for file in ["agents.rs", "workflows.rs"] {
+    for file in ["agents.rs", "workflows.rs", "collaboration.rs", "ws.rs"] {
         let src = std::fs::read_to_string(format!("{}/src/api/{file}", env!("CARGO_MANIFEST_DIR")))
             .unwrap();
         // Every `.route("<path>", …)`, however rustfmt wrapped it.

@@ -1,0 +1,826 @@
+//! Collaboration between agents: threads, messages delivered durably to each recipient's
+//! inbox (`<ns>.agent.inbox.<agent_id>`, stream `<ns>_inbox`), and handoffs — a persisted state
+//! machine `requested → accepted | declined | expired | cancelled` whose every transition is a
+//! compare-and-set, and whose acceptance really moves the task to the acceptor.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::message::PublishMessage;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::ServiceError;
+use super::registry::normalize;
+use super::workflows::task_events;
+use crate::bus::EventBus;
+use crate::db::DbError;
+use crate::db::agents::AgentRecord;
+use crate::db::tasks::TaskRecord;
+use crate::domain::event::{CollabEnded, CollabStarted, HandoffEvent, MessageSent};
+use crate::domain::{AgentId, AgentStatus, Event, TaskId, WorkflowId};
+
+/// Largest message content accepted.
+pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThreadType {
+    Handoff,
+    Review,
+    Consultation,
+    Discussion,
+    Notification,
+}
+
+impl ThreadType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Handoff => "handoff",
+            Self::Review => "review",
+            Self::Consultation => "consultation",
+            Self::Discussion => "discussion",
+            Self::Notification => "notification",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Thread {
+    pub id: Uuid,
+    pub thread_type: String,
+    pub participants: Vec<AgentId>,
+    pub task_id: Option<TaskId>,
+    pub workflow_id: Option<WorkflowId>,
+    pub title: Option<String>,
+    pub status: String,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Message {
+    pub id: Uuid,
+    pub thread_id: Uuid,
+    pub sender_id: AgentId,
+    pub recipient_id: Option<AgentId>,
+    pub message_type: String,
+    pub content: String,
+    pub metadata: serde_json::Value,
+    pub read_by: Vec<AgentId>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Handoff {
+    pub id: Uuid,
+    pub task_id: TaskId,
+    pub thread_id: Option<Uuid>,
+    pub from_agent_id: AgentId,
+    pub to_agent_id: Option<AgentId>,
+    pub capabilities: Vec<String>,
+    pub reason: String,
+    pub context: serde_json::Value,
+    pub on_decline: String,
+    pub status: String,
+    pub decided_by: Option<AgentId>,
+    pub decision_reason: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /api/v1/collaboration/threads`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateThread {
+    pub thread_type: ThreadType,
+    pub participants: Vec<AgentId>,
+    #[serde(default)]
+    pub task_id: Option<TaskId>,
+    #[serde(default)]
+    pub workflow_id: Option<WorkflowId>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `POST /api/v1/collaboration/messages` and `<ns>.collab.send`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    pub thread_id: Uuid,
+    pub sender_id: AgentId,
+    #[serde(default)]
+    pub recipient_id: Option<AgentId>,
+    #[serde(default = "text")]
+    pub message_type: String,
+    pub content: String,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn text() -> String {
+    "text".into()
+}
+
+fn reschedule() -> String {
+    "reschedule".into()
+}
+
+/// `POST /api/v1/collaboration/handoff/request`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffRequest {
+    pub task_id: TaskId,
+    pub from_agent_id: AgentId,
+    /// A named target; or leave it out and give `capabilities` for an open handoff.
+    #[serde(default)]
+    pub to_agent_id: Option<AgentId>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub reason: String,
+    /// Passed into the task's input (as `input.handoff.context`) when accepted.
+    #[serde(default)]
+    pub context: Option<serde_json::Value>,
+    /// On decline or expiry: `reschedule` (next best fit) or `requester` (leave it be).
+    #[serde(default = "reschedule")]
+    pub on_decline: String,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub thread_id: Option<Uuid>,
+}
+
+/// One page of messages, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    /// Pass as `before` for the next (older) page; `None` at the end.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// What lands in an agent's inbox (`<ns>.agent.inbox.<agent_id>`), tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InboxItem {
+    Message(MessageSent),
+    HandoffOffer(HandoffEvent),
+}
+
+#[derive(Clone)]
+pub struct Collaboration {
+    pool: PgPool,
+    bus: EventBus,
+    default_ttl: std::time::Duration,
+    wake: Arc<Notify>,
+}
+
+fn db(e: sqlx::Error) -> ServiceError {
+    ServiceError::from(DbError::from(e))
+}
+
+impl Handoff {
+    fn event(&self) -> HandoffEvent {
+        HandoffEvent {
+            handoff_id: self.id,
+            task_id: self.task_id,
+            from_agent_id: self.from_agent_id,
+            to_agent_id: self.to_agent_id,
+            capabilities: self.capabilities.clone(),
+            status: self.status.clone(),
+            decided_by: self.decided_by,
+            reason: self
+                .decision_reason
+                .clone()
+                .unwrap_or_else(|| self.reason.clone()),
+        }
+    }
+
+    fn status_event(&self) -> Event {
+        let e = self.event();
+        match self.status.as_str() {
+            "accepted" => Event::HandoffAccepted(e),
+            "declined" => Event::HandoffDeclined(e),
+            "expired" => Event::HandoffExpired(e),
+            "cancelled" => Event::HandoffCancelled(e),
+            _ => Event::HandoffRequested(e),
+        }
+    }
+}
+
+impl Collaboration {
+    pub fn new(
+        pool: PgPool,
+        bus: EventBus,
+        default_ttl: std::time::Duration,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            pool,
+            bus,
+            default_ttl,
+            wake,
+        }
+    }
+
+    async fn live_agent(&self, id: AgentId, role: &str) -> Result<AgentRecord, ServiceError> {
+        crate::db::agents::get(&self.pool, id)
+            .await
+            .ok()
+            .filter(|a| a.status != AgentStatus::Terminated)
+            .ok_or_else(|| ServiceError::NotFound(format!("{role} agent {id} not found")))
+    }
+
+    pub async fn create_thread(&self, req: CreateThread) -> Result<Thread, ServiceError> {
+        let mut participants = req.participants.clone();
+        participants.sort();
+        participants.dedup();
+        if participants.is_empty() {
+            return Err(ServiceError::validation(
+                "participants",
+                "must name at least one agent",
+            ));
+        }
+        for p in &participants {
+            self.live_agent(*p, "participant").await?;
+        }
+        if let Some(t) = req.task_id {
+            crate::db::tasks::get(&self.pool, t).await?;
+        }
+        let metadata = req
+            .metadata
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let thread = sqlx::query_as::<_, Thread>(
+            "INSERT INTO threads (id, thread_type, participants, task_id, workflow_id, title, metadata)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        )
+        .bind(Uuid::now_v7())
+        .bind(req.thread_type.as_str())
+        .bind(&participants)
+        .bind(req.task_id)
+        .bind(req.workflow_id)
+        .bind(&req.title)
+        .bind(&metadata)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        self.bus
+            .publish(Event::CollabStarted(CollabStarted {
+                thread_id: thread.id,
+                thread_type: thread.thread_type.clone(),
+                participants: thread.participants.clone(),
+                task_id: thread.task_id,
+                workflow_id: thread.workflow_id,
+            }))
+            .await?;
+        Ok(thread)
+    }
+
+    pub async fn get_thread(&self, id: Uuid) -> Result<Thread, ServiceError> {
+        sqlx::query_as::<_, Thread>("SELECT * FROM threads WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| ServiceError::NotFound(format!("thread {id} not found")))
+    }
+
+    /// Threads by participant, task and status (any combination), newest first.
+    pub async fn list_threads(
+        &self,
+        agent: Option<AgentId>,
+        task: Option<TaskId>,
+        status: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<Thread>, ServiceError> {
+        sqlx::query_as::<_, Thread>(
+            "SELECT * FROM threads
+             WHERE ($1::uuid IS NULL OR $1 = ANY(participants))
+               AND ($2::uuid IS NULL OR task_id = $2)
+               AND ($3::text IS NULL OR status = $3)
+             ORDER BY created_at DESC LIMIT $4",
+        )
+        .bind(agent)
+        .bind(task)
+        .bind(status)
+        .bind(limit.clamp(1, 1_000))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    /// Closes a thread: `resolved` (default) or `abandoned`.
+    pub async fn close_thread(
+        &self,
+        id: Uuid,
+        status: Option<String>,
+    ) -> Result<Thread, ServiceError> {
+        let status = status.unwrap_or_else(|| "resolved".into());
+        if !matches!(status.as_str(), "resolved" | "abandoned") {
+            return Err(ServiceError::validation(
+                "status",
+                "must be resolved or abandoned",
+            ));
+        }
+        let thread = sqlx::query_as::<_, Thread>(
+            "UPDATE threads SET status = $2, closed_at = now(), updated_at = now()
+             WHERE id = $1 AND status = 'active' RETURNING *",
+        )
+        .bind(id)
+        .bind(&status)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(thread) = thread else {
+            let current = self.get_thread(id).await?;
+            return Err(ServiceError::Conflict(format!(
+                "thread {id} is already {}",
+                current.status
+            )));
+        };
+        self.bus
+            .publish(Event::CollabEnded(CollabEnded {
+                thread_id: id,
+                status: thread.status.clone(),
+                participants: thread.participants.clone(),
+            }))
+            .await?;
+        Ok(thread)
+    }
+
+    /// Stores a message, then delivers it to each recipient's inbox and announces it.
+    pub async fn send_message(&self, req: SendMessage) -> Result<Message, ServiceError> {
+        if req.content.len() > MAX_CONTENT_BYTES {
+            return Err(ServiceError::TooLarge {
+                message: format!(
+                    "content is {} bytes; the limit is {MAX_CONTENT_BYTES}",
+                    req.content.len()
+                ),
+            });
+        }
+        let thread = self.get_thread(req.thread_id).await?;
+        if thread.status != "active" {
+            return Err(ServiceError::Conflict(format!(
+                "thread {} is {}",
+                thread.id, thread.status
+            )));
+        }
+        if !thread.participants.contains(&req.sender_id) {
+            return Err(ServiceError::Forbidden(format!(
+                "agent {} is not a participant of thread {}",
+                req.sender_id, thread.id
+            )));
+        }
+        if let Some(r) = req.recipient_id {
+            if !thread.participants.contains(&r) {
+                return Err(ServiceError::Forbidden(format!(
+                    "recipient {r} is not a participant of thread {}",
+                    thread.id
+                )));
+            }
+        }
+        let metadata = req
+            .metadata
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let message = sqlx::query_as::<_, Message>(
+            "INSERT INTO messages (id, thread_id, sender_id, recipient_id, message_type, content, metadata)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        )
+        .bind(Uuid::now_v7())
+        .bind(thread.id)
+        .bind(req.sender_id)
+        .bind(req.recipient_id)
+        .bind(&req.message_type)
+        .bind(&req.content)
+        .bind(&metadata)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let recipients: Vec<AgentId> = match req.recipient_id {
+            Some(r) => vec![r],
+            None => thread
+                .participants
+                .iter()
+                .copied()
+                .filter(|p| *p != req.sender_id)
+                .collect(),
+        };
+        let sent = MessageSent {
+            message_id: message.id,
+            thread_id: thread.id,
+            sender_id: message.sender_id,
+            recipient_id: message.recipient_id,
+            recipients: recipients.clone(),
+            message_type: message.message_type.clone(),
+            content: message.content.clone(),
+            metadata: message.metadata.clone(),
+            created_at: message.created_at,
+        };
+        for r in &recipients {
+            self.deliver(
+                *r,
+                &format!("msg:{}:{r}", message.id),
+                &InboxItem::Message(sent.clone()),
+            )
+            .await?;
+        }
+        self.bus.publish(Event::MessageSent(sent)).await?;
+        Ok(message)
+    }
+
+    /// Publishes to `<ns>.agent.inbox.<agent>` (stored until the agent's worker reads it).
+    async fn deliver(
+        &self,
+        agent: AgentId,
+        msg_id: &str,
+        item: &InboxItem,
+    ) -> Result<(), ServiceError> {
+        let names = self.bus.names();
+        let payload =
+            serde_json::to_vec(item).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let subject = names.inbox(agent);
+        let ack = self
+            .bus
+            .jetstream()
+            .send_publish(
+                subject,
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(msg_id),
+            )
+            .await
+            .map_err(|e| ServiceError::Internal(format!("inbox of {agent}: {e}")))?;
+        ack.await
+            .map_err(|e| ServiceError::Internal(format!("inbox of {agent}: {e}")))?;
+        Ok(())
+    }
+
+    /// Messages of a thread, newest first; `before` is the cursor; `unread_for` keeps only what
+    /// that agent has not read (and did not send).
+    pub async fn list_messages(
+        &self,
+        thread: Uuid,
+        before: Option<Uuid>,
+        unread_for: Option<AgentId>,
+        limit: i64,
+    ) -> Result<MessagePage, ServiceError> {
+        self.get_thread(thread).await?;
+        let limit = limit.clamp(1, 500);
+        let messages = sqlx::query_as::<_, Message>(
+            "SELECT * FROM messages
+             WHERE thread_id = $1 AND ($2::uuid IS NULL OR id < $2)
+               AND ($3::uuid IS NULL OR (sender_id <> $3 AND NOT ($3 = ANY(read_by))
+                                         AND (recipient_id IS NULL OR recipient_id = $3)))
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(thread)
+        .bind(before)
+        .bind(unread_for)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let next_cursor = (messages.len() as i64 == limit)
+            .then(|| messages.last().map(|m| m.id))
+            .flatten();
+        Ok(MessagePage {
+            messages,
+            next_cursor,
+        })
+    }
+
+    /// Records that `agent` read the message.
+    pub async fn mark_read(&self, message: Uuid, agent: AgentId) -> Result<Message, ServiceError> {
+        let m = sqlx::query_as::<_, Message>("SELECT * FROM messages WHERE id = $1")
+            .bind(message)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| ServiceError::NotFound(format!("message {message} not found")))?;
+        let thread = self.get_thread(m.thread_id).await?;
+        if !thread.participants.contains(&agent) {
+            return Err(ServiceError::Forbidden(format!(
+                "agent {agent} is not a participant"
+            )));
+        }
+        sqlx::query_as::<_, Message>(
+            "UPDATE messages SET read_by = CASE WHEN $2 = ANY(read_by) THEN read_by
+                                               ELSE array_append(read_by, $2) END
+             WHERE id = $1 RETURNING *",
+        )
+        .bind(message)
+        .bind(agent)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    pub async fn get_handoff(&self, id: Uuid) -> Result<Handoff, ServiceError> {
+        sqlx::query_as::<_, Handoff>("SELECT * FROM handoffs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| ServiceError::NotFound(format!("handoff {id} not found")))
+    }
+
+    /// Records a handoff request and offers it: to the named target, or (open handoff) to the
+    /// best-fit live agents that have every capability.
+    pub async fn request_handoff(&self, req: HandoffRequest) -> Result<Handoff, ServiceError> {
+        let task = crate::db::tasks::get(&self.pool, req.task_id).await?;
+        if task.status.is_terminal() {
+            return Err(ServiceError::Conflict(format!(
+                "task {} is {}",
+                task.id, task.status
+            )));
+        }
+        self.live_agent(req.from_agent_id, "requesting").await?;
+        let capabilities = normalize("capabilities", &req.capabilities)?;
+        match req.to_agent_id {
+            Some(to) => {
+                self.live_agent(to, "target").await?;
+                if to == req.from_agent_id {
+                    return Err(ServiceError::validation(
+                        "to_agent_id",
+                        "cannot hand off to oneself",
+                    ));
+                }
+            }
+            None if capabilities.is_empty() => {
+                return Err(ServiceError::validation(
+                    "to_agent_id",
+                    "name a target agent or the capabilities an open handoff needs",
+                ));
+            }
+            None => {}
+        }
+        if !matches!(req.on_decline.as_str(), "reschedule" | "requester") {
+            return Err(ServiceError::validation(
+                "on_decline",
+                "must be reschedule or requester",
+            ));
+        }
+        let ttl = req
+            .ttl_seconds
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(self.default_ttl);
+        let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let handoff = sqlx::query_as::<_, Handoff>(
+            "INSERT INTO handoffs (id, task_id, thread_id, from_agent_id, to_agent_id, capabilities,
+                                   reason, context, on_decline, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+        )
+        .bind(Uuid::now_v7())
+        .bind(req.task_id)
+        .bind(req.thread_id)
+        .bind(req.from_agent_id)
+        .bind(req.to_agent_id)
+        .bind(&capabilities)
+        .bind(&req.reason)
+        .bind(req.context.clone().unwrap_or_else(|| serde_json::json!({})))
+        .bind(&req.on_decline)
+        .bind(expires_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let offer = InboxItem::HandoffOffer(handoff.event());
+        let offered: Vec<AgentId> = match handoff.to_agent_id {
+            Some(to) => vec![to],
+            None => self
+                .eligible(&handoff)
+                .await?
+                .into_iter()
+                .take(5)
+                .map(|a| a.id)
+                .collect(),
+        };
+        for agent in offered {
+            self.deliver(agent, &format!("handoff:{}:{agent}", handoff.id), &offer)
+                .await?;
+        }
+        self.bus.publish(handoff.status_event()).await?;
+        Ok(handoff)
+    }
+
+    /// Live agents (other than the requester) that may accept an open handoff, best fit first.
+    async fn eligible(&self, h: &Handoff) -> Result<Vec<AgentRecord>, ServiceError> {
+        let agents = sqlx::query_as::<_, AgentRecord>(
+            "SELECT * FROM agents WHERE capabilities @> $1 AND id <> $2
+               AND status IN ('idle', 'running', 'degraded') ORDER BY current_load, name",
+        )
+        .bind(&h.capabilities)
+        .bind(h.from_agent_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(agents)
+    }
+
+    async fn check_eligible(&self, h: &Handoff, agent: AgentId) -> Result<(), ServiceError> {
+        let ok = match h.to_agent_id {
+            Some(to) => to == agent,
+            None => self.eligible(h).await?.iter().any(|a| a.id == agent),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ServiceError::Forbidden(format!(
+                "agent {agent} is not eligible for handoff {}",
+                h.id
+            )))
+        }
+    }
+
+    /// Decides a requested handoff with a compare-and-set; a second decision is a conflict.
+    async fn decide(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        id: Uuid,
+        status: &str,
+        by: Option<AgentId>,
+        reason: Option<&str>,
+    ) -> Result<Handoff, ServiceError> {
+        let decided = sqlx::query_as::<_, Handoff>(
+            "UPDATE handoffs SET status = $2, decided_by = $3, decision_reason = $4, decided_at = now()
+             WHERE id = $1 AND status = 'requested' RETURNING *",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(by)
+        .bind(reason)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        match decided {
+            Some(h) => Ok(h),
+            None => {
+                let current = self.get_handoff(id).await?;
+                Err(ServiceError::Conflict(format!(
+                    "handoff {id} is already {}",
+                    current.status
+                )))
+            }
+        }
+    }
+
+    /// Accepts: the task moves to the acceptor as a new attempt (the old holder's is fenced
+    /// off and its worker stops it), with the handoff's context in `input.handoff`.
+    pub async fn accept(&self, id: Uuid, agent: AgentId) -> Result<Handoff, ServiceError> {
+        let h = self.get_handoff(id).await?;
+        if h.status != "requested" {
+            return Err(ServiceError::Conflict(format!(
+                "handoff {id} is already {}",
+                h.status
+            )));
+        }
+        if h.expires_at < Utc::now() {
+            self.expire_due().await?;
+            return Err(ServiceError::Conflict(format!("handoff {id} has expired")));
+        }
+        self.check_eligible(&h, agent).await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let accepted = self
+            .decide(&mut tx, id, "accepted", Some(agent), None)
+            .await?;
+        let handoff_input = serde_json::json!({
+            "handoff": {"id": id, "from_agent_id": h.from_agent_id, "reason": h.reason, "context": h.context}
+        });
+        let moved = sqlx::query_as::<_, TaskRecord>(
+            "UPDATE tasks SET
+                 status = CASE WHEN status IN ('assigned', 'running', 'retry_wait') THEN 'ready' ELSE status END,
+                 agent_id = CASE WHEN status IN ('assigned', 'running') THEN NULL ELSE agent_id END,
+                 ready_at = CASE WHEN status IN ('assigned', 'running', 'retry_wait') THEN now() ELSE ready_at END,
+                 retry_at = NULL, pinned_agent_id = $2,
+                 input = CASE WHEN jsonb_typeof(input) = 'object' THEN input || $3 ELSE input END,
+                 updated_at = now()
+             WHERE id = $1 AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING *",
+        )
+        .bind(h.task_id)
+        .bind(agent)
+        .bind(&handoff_input)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(task) = moved else {
+            return Err(ServiceError::Conflict(format!(
+                "task {} has already finished",
+                h.task_id
+            )));
+        };
+        tx.commit().await.map_err(db)?;
+        tracing::info!(handoff.id = %id, task.id = %task.id, to = %agent, "handoff accepted; task moves");
+        let mut events = vec![accepted.status_event()];
+        events.extend(task_events([&task]));
+        self.bus.publish_all(events).await?;
+        self.wake.notify_one();
+        Ok(accepted)
+    }
+
+    /// Declines; the task goes back to the scheduler (`reschedule`) or stays with the requester.
+    pub async fn decline(
+        &self,
+        id: Uuid,
+        agent: AgentId,
+        reason: Option<String>,
+    ) -> Result<Handoff, ServiceError> {
+        let h = self.get_handoff(id).await?;
+        if h.status != "requested" {
+            return Err(ServiceError::Conflict(format!(
+                "handoff {id} is already {}",
+                h.status
+            )));
+        }
+        self.check_eligible(&h, agent).await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let declined = self
+            .decide(&mut tx, id, "declined", Some(agent), reason.as_deref())
+            .await?;
+        let task = self.return_to_scheduler(&mut tx, &declined).await?;
+        tx.commit().await.map_err(db)?;
+        let mut events = vec![declined.status_event()];
+        events.extend(task_events(task.iter()));
+        self.bus.publish_all(events).await?;
+        self.wake.notify_one();
+        Ok(declined)
+    }
+
+    /// The requester withdraws its request.
+    pub async fn cancel(&self, id: Uuid, agent: AgentId) -> Result<Handoff, ServiceError> {
+        let h = self.get_handoff(id).await?;
+        if h.from_agent_id != agent {
+            return Err(ServiceError::Forbidden(
+                "only the requester can cancel a handoff".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let cancelled = self
+            .decide(&mut tx, id, "cancelled", Some(agent), None)
+            .await?;
+        tx.commit().await.map_err(db)?;
+        self.bus.publish(cancelled.status_event()).await?;
+        Ok(cancelled)
+    }
+
+    /// Expires requested handoffs past their time (run by the leader); each then behaves as a
+    /// decline.
+    pub async fn expire_due(&self) -> Result<Vec<Handoff>, ServiceError> {
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM handoffs WHERE status = 'requested' AND expires_at < now()",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut expired = Vec::new();
+        for id in due {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let h = match self
+                .decide(&mut tx, id, "expired", None, Some("expired"))
+                .await
+            {
+                Ok(h) => h,
+                Err(ServiceError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let task = self.return_to_scheduler(&mut tx, &h).await?;
+            tx.commit().await.map_err(db)?;
+            let mut events = vec![h.status_event()];
+            events.extend(task_events(task.iter()));
+            self.bus.publish_all(events).await?;
+            expired.push(h);
+        }
+        if !expired.is_empty() {
+            self.wake.notify_one();
+        }
+        Ok(expired)
+    }
+
+    /// `reschedule`: a task still held by the requester goes back to ready for the next best
+    /// fit; `requester`: it stays where it is.
+    async fn return_to_scheduler(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        h: &Handoff,
+    ) -> Result<Option<TaskRecord>, ServiceError> {
+        if h.on_decline != "reschedule" {
+            return Ok(None);
+        }
+        sqlx::query_as::<_, TaskRecord>(
+            "UPDATE tasks SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now()
+             WHERE id = $1 AND status IN ('assigned', 'running') AND agent_id = $2 RETURNING *",
+        )
+        .bind(h.task_id)
+        .bind(h.from_agent_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)
+    }
+}
