@@ -15,7 +15,7 @@ use crate::domain::dag::WorkflowSpec;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
-use crate::service::collaboration::{Collaboration, SendMessage};
+use crate::service::collaboration::{Collaboration, HandoffRequest, SendMessage};
 use crate::service::registry::{RegisterRequest, Registry, SearchQuery, UpdateRequest};
 use crate::service::workflows::{WorkflowRef, Workflows};
 
@@ -236,7 +236,8 @@ pub async fn start_workflows(
 /// Name shown by `nats micro ls` for the collaboration endpoints.
 pub const COLLAB_SERVICE_NAME: &str = "omoi-collaboration";
 
-/// Starts `omoi-collaboration`: `<ns>.collab.send` (send a message without the HTTP API).
+/// Starts `omoi-collaboration`: `<ns>.collab.send` (send a message without the HTTP API) and
+/// `<ns>.collab.handoff` (request a handoff, e.g. from a worker whose executor asked for one).
 pub async fn start_collaboration(
     nats: async_nats::Client,
     names: Names,
@@ -263,7 +264,24 @@ pub async fn start_collaboration(
         .add(names.collab_endpoint("send"))
         .await
         .map_err(err)?;
+    let handoff = service
+        .endpoint_builder()
+        .name("handoff")
+        .add(names.collab_endpoint("handoff"))
+        .await
+        .map_err(err)?;
     let token = shutdown.token.clone();
+    let c = collaboration.clone();
+    shutdown.spawn(serve(handoff, token.clone(), move |req| {
+        let c = c.clone();
+        async move {
+            let result = match parse::<HandoffRequest>(&req) {
+                Ok(h) => c.request_handoff(h).await,
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
     shutdown.spawn(serve(send, token.clone(), move |req| {
         let c = collaboration.clone();
         async move {

@@ -156,6 +156,12 @@ pub struct HandoffRequest {
     pub ttl_seconds: Option<u64>,
     #[serde(default)]
     pub thread_id: Option<Uuid>,
+    /// The requester gives the task up now (it must hold the task, at `attempt` when given): the
+    /// task waits for the decision instead of running anywhere.
+    #[serde(default)]
+    pub release: bool,
+    #[serde(default)]
+    pub attempt: Option<i32>,
 }
 
 /// One page of messages, newest first.
@@ -574,6 +580,31 @@ impl Collaboration {
             .map(std::time::Duration::from_secs)
             .unwrap_or(self.default_ttl);
         let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut released = None;
+        if req.release {
+            // Parked in retry_wait until the decision; expiry makes it ready again on its own.
+            released = sqlx::query_as::<_, TaskRecord>(
+                "UPDATE tasks SET status = 'retry_wait', retry_at = $4, agent_id = NULL,
+                     error = 'waiting for a handoff', updated_at = now()
+                 WHERE id = $1 AND agent_id = $2 AND status IN ('assigned', 'running')
+                   AND ($3::integer IS NULL OR attempt = $3)
+                 RETURNING *",
+            )
+            .bind(req.task_id)
+            .bind(req.from_agent_id)
+            .bind(req.attempt)
+            .bind(expires_at)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            if released.is_none() {
+                return Err(ServiceError::Conflict(format!(
+                    "task {} is not held by agent {} at that attempt",
+                    req.task_id, req.from_agent_id
+                )));
+            }
+        }
         let handoff = sqlx::query_as::<_, Handoff>(
             "INSERT INTO handoffs (id, task_id, thread_id, from_agent_id, to_agent_id, capabilities,
                                    reason, context, on_decline, expires_at)
@@ -589,9 +620,10 @@ impl Collaboration {
         .bind(req.context.clone().unwrap_or_else(|| serde_json::json!({})))
         .bind(&req.on_decline)
         .bind(expires_at)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
+        tx.commit().await.map_err(db)?;
         let offer = InboxItem::HandoffOffer(handoff.event());
         let offered: Vec<AgentId> = match handoff.to_agent_id {
             Some(to) => vec![to],
@@ -607,7 +639,9 @@ impl Collaboration {
             self.deliver(agent, &format!("handoff:{}:{agent}", handoff.id), &offer)
                 .await?;
         }
-        self.bus.publish(handoff.status_event()).await?;
+        let mut events = vec![handoff.status_event()];
+        events.extend(task_events(released.iter()));
+        self.bus.publish_all(events).await?;
         Ok(handoff)
     }
 
@@ -813,9 +847,13 @@ impl Collaboration {
         if h.on_decline != "reschedule" {
             return Ok(None);
         }
+        // Held by the requester, or parked by it while waiting for this decision.
         sqlx::query_as::<_, TaskRecord>(
-            "UPDATE tasks SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now()
-             WHERE id = $1 AND status IN ('assigned', 'running') AND agent_id = $2 RETURNING *",
+            "UPDATE tasks SET status = 'ready', agent_id = NULL, retry_at = NULL, ready_at = now(),
+                 updated_at = now()
+             WHERE id = $1 AND ((status IN ('assigned', 'running') AND agent_id = $2)
+                                OR (status = 'retry_wait' AND error = 'waiting for a handoff'))
+             RETURNING *",
         )
         .bind(h.task_id)
         .bind(h.from_agent_id)

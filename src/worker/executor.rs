@@ -3,9 +3,13 @@
 //! | executor | input | output |
 //! |---|---|---|
 //! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
-//! | `sleep` | `{"ms": 250, "fail": false, "output": …}` | `output` if given, else `{"slept_ms": 250}` |
+//! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
 //! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
+//!
+//! A task asks to be handed to another agent by returning [`TaskFailure::handoff`]: a `shell`
+//! command by exiting with [`SHELL_HANDOFF_EXIT`] and printing `{"handoff": {…}}`; the worker then
+//! requests the handoff and gives the task up.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -29,12 +33,29 @@ pub struct TaskContext {
     pub lock_tokens: BTreeMap<String, u64>,
 }
 
-/// Why an attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an attempt did not complete.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct TaskFailure {
     pub message: String,
     pub exit_code: Option<i32>,
+    /// The executor asks to hand the task to another agent instead of failing it.
+    pub handoff: Option<HandoffAsk>,
+}
+
+/// An executor's request to hand its task over (e.g. "needs capability X I don't have").
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HandoffAsk {
+    /// Offer it to agents with every one of these (an open handoff)…
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// …or to this agent.
+    #[serde(default)]
+    pub to_agent_id: Option<crate::domain::AgentId>,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub context: Option<Value>,
 }
 
 impl TaskFailure {
@@ -42,9 +63,23 @@ impl TaskFailure {
         Self {
             message: message.into(),
             exit_code: None,
+            handoff: None,
+        }
+    }
+
+    /// Asks for a handoff instead of failing.
+    pub fn handoff(ask: HandoffAsk) -> Self {
+        Self {
+            message: format!("asks for a handoff: {}", ask.reason),
+            exit_code: None,
+            handoff: Some(ask),
         }
     }
 }
+
+/// Exit code with which a `shell` task asks for a handoff (`EX_TEMPFAIL`); its stdout must be
+/// `{"handoff": {"capabilities"?, "to_agent_id"?, "reason", "context"?}}`.
+pub const SHELL_HANDOFF_EXIT: i32 = 75;
 
 /// Runs tasks of one kind.
 pub trait Executor: Send + Sync {
@@ -167,6 +202,15 @@ impl Executor for Shell {
                 .await
                 .map_err(|e| TaskFailure::new(format!("waiting for `{command}`: {e}")))?;
             let text = String::from_utf8_lossy(&stdout).trim().to_string();
+            if status.code() == Some(SHELL_HANDOFF_EXIT) {
+                #[derive(serde::Deserialize)]
+                struct Asked {
+                    handoff: HandoffAsk,
+                }
+                if let Ok(asked) = serde_json::from_str::<Asked>(&text) {
+                    return Err(TaskFailure::handoff(asked.handoff));
+                }
+            }
             if !status.success() {
                 let err = String::from_utf8_lossy(&stderr);
                 return Err(TaskFailure {
@@ -175,6 +219,7 @@ impl Executor for Shell {
                         err.trim().chars().take(2_000).collect::<String>()
                     ),
                     exit_code: status.code(),
+                    handoff: None,
                 });
             }
             Ok(serde_json::from_str(&text).unwrap_or_else(|_| json!({"stdout": text})))
@@ -233,6 +278,7 @@ impl Executor for Http {
                         body.chars().take(500).collect::<String>()
                     ),
                     exit_code: None,
+                    handoff: None,
                 });
             }
             Ok(serde_json::from_str(body.trim()).unwrap_or_else(|_| json!({"body": body})))

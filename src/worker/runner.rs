@@ -54,8 +54,10 @@ pub struct AgentRunner {
 
 enum Ending {
     Finished(Outcome),
-    /// The workflow cancelled it: nothing to report.
+    /// Taken away (cancelled, or back to ready for another attempt): nothing to report.
     Cancelled,
+    /// The executor asked to hand the task to another agent.
+    HandOff(super::executor::HandoffAsk),
 }
 
 impl AgentRunner {
@@ -210,6 +212,34 @@ impl AgentRunner {
                 }
             }
         }
+    }
+
+    /// Requests a handoff of the running task and releases it to wait for the decision.
+    async fn ask_handoff(
+        &self,
+        d: &Dispatch,
+        ask: super::executor::HandoffAsk,
+    ) -> Result<crate::service::collaboration::Handoff, crate::client::ClientError> {
+        let request = crate::service::collaboration::HandoffRequest {
+            task_id: d.task_id,
+            from_agent_id: self.agent_id,
+            to_agent_id: ask.to_agent_id,
+            capabilities: ask.capabilities,
+            reason: ask.reason,
+            context: ask.context,
+            on_decline: "reschedule".into(),
+            ttl_seconds: None,
+            thread_id: None,
+            release: true,
+            attempt: Some(d.attempt),
+        };
+        crate::client::request(
+            &self.js.client(),
+            self.names.collab_endpoint("handoff"),
+            &request,
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     async fn report(
@@ -401,6 +431,25 @@ impl AgentRunner {
         let result = match ending {
             Ending::Finished(outcome) => self.report(task_id, attempt, outcome).await,
             Ending::Cancelled => Ok(()),
+            Ending::HandOff(ask) => match self.ask_handoff(&d, ask).await {
+                // The task now waits for the handoff's decision; nothing more to report.
+                Ok(handoff) => {
+                    tracing::info!(task.id = %task_id, handoff.id = %handoff.id, "task handed off");
+                    Ok(())
+                }
+                Err(e) => {
+                    let error = format!("asked for a handoff, which failed: {e}");
+                    self.report(
+                        task_id,
+                        attempt,
+                        Outcome::Failed {
+                            error,
+                            exit_code: None,
+                        },
+                    )
+                    .await
+                }
+            },
         };
         if !held.is_empty() {
             if let Err(e) = self.locks.release_all(&held, &owner).await {
@@ -442,7 +491,8 @@ impl AgentRunner {
                 result = &mut work => {
                     return Ending::Finished(match result {
                         Ok(Ok(output)) => Outcome::Completed { output },
-                        Ok(Err(TaskFailure { message, exit_code })) => Outcome::Failed { error: message, exit_code },
+                        Ok(Err(TaskFailure { handoff: Some(ask), .. })) => return Ending::HandOff(ask),
+                        Ok(Err(TaskFailure { message, exit_code, .. })) => Outcome::Failed { error: message, exit_code },
                         Err(_) => Outcome::Failed { error: format!("timed out after {} s", timeout.as_secs()), exit_code: None },
                     });
                 }

@@ -546,3 +546,52 @@ async fn next_event(ws: &mut Socket) -> Value {
         }
     }
 }
+
+#[tokio::test]
+async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_acceptor() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("generalist", "x", 1).await;
+    let script = format!(
+        "if [ \"$OMOI_AGENT\" = generalist ]; then echo '{{\"handoff\": {{\"capabilities\": [\"y\"], \"reason\": \"needs y\", \"context\": {{\"tried\": 1}}}}}}'; exit {}; fi; echo \"{{\\\"by\\\": \\\"$OMOI_AGENT\\\"}}\"",
+        omoi::worker::executor::SHELL_HANDOFF_EXIT
+    );
+    let wf = c
+        .submit(json!({"name": "ask", "tasks": [{"key": "job", "executor": "shell", "capabilities": ["x"], "input": {"command": script}}]}))
+        .await;
+    let http = Http::new(c.http_addr.unwrap());
+    // The worker asked: the task waits for the decision instead of running anywhere.
+    let handoff = eventually(Duration::from_secs(15), "handoff requested", || async {
+        let rows: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM handoffs")
+            .fetch_all(&c.env.pool)
+            .await
+            .unwrap();
+        rows.first().map(|r| r.0)
+    })
+    .await;
+    let parked = omoi::db::tasks::get(&c.env.pool, wf.tasks["job"])
+        .await
+        .unwrap();
+    assert_eq!(parked.status, TaskStatus::RetryWait);
+    let (_, h) = http
+        .get(&format!("/api/v1/collaboration/handoffs/{handoff}"))
+        .await;
+    assert_eq!(
+        (h["reason"].as_str(), h["capabilities"].clone()),
+        (Some("needs y"), json!(["y"]))
+    );
+    c.spawn_worker("specialist", "x,y", 1).await;
+    let specialist = agent_id(&c, "specialist").await;
+    let (status, v) = http
+        .post(
+            &format!("/api/v1/collaboration/handoff/{handoff}/accept"),
+            &json!({"agent_id": specialist}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let view = c.wait(wf.workflow_id, Duration::from_secs(20)).await;
+    let job = task(&view, "job");
+    assert_eq!(job.status, TaskStatus::Completed);
+    assert_eq!(job.output.as_ref().unwrap()["by"], "specialist");
+    assert_eq!(job.input["handoff"]["context"]["tried"], 1);
+    c.stop().await;
+}

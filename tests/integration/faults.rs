@@ -226,3 +226,32 @@ async fn a_malformed_report_is_dead_lettered_and_the_scheduler_keeps_going() {
     assert_eq!(&m.payload[..], b"{\"task_id\": 42");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_stopped_mid_task_hands_it_back_and_another_finishes_it() {
+    let mut c = Cluster::start().await;
+    // Grace is 3 s (TestEnv): a 20 s task is handed back, not waited for.
+    c.spawn_worker("leaving", "sleep", 1).await;
+    let wf = c
+        .submit(json!({"name": "handback", "tasks": [
+            {"key": "long", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 20000}},
+            {"key": "after", "depends_on": ["long"]}]}))
+        .await;
+    let first = wait_running_on(&c, wf.workflow_id, "long").await;
+    c.spawn_worker("staying", "sleep,echo", 1).await;
+    let stopped = std::time::Instant::now();
+    c.stop_worker("leaving").await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "stopped within the grace period"
+    );
+    let again = eventually(Duration::from_secs(10), "running elsewhere", || async {
+        let v = c.client.get(wf.workflow_id).await.unwrap();
+        let t = task(&v, "long").clone();
+        (t.status == TaskStatus::Running && t.attempt > first.attempt).then_some(t)
+    })
+    .await;
+    assert_eq!(agent_name(&c, again.agent_id.unwrap()).await, "staying");
+    c.client.cancel(wf.workflow_id).await.unwrap();
+    c.stop().await;
+}

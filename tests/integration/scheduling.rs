@@ -403,3 +403,28 @@ async fn tasks_on_one_exclusive_resource_never_overlap_and_shared_readers_do() {
     assert!(left.is_empty(), "{left:?}");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_http_executor_posts_the_input_and_returns_the_reply() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w", "http", 1).await;
+    // A tiny endpoint that answers with what it got.
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|axum::Json(body): axum::Json<Value>| async move {
+            axum::Json(json!({"got": body["input"]["n"]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let view = c
+        .run(
+            json!({"name": "hook", "tasks": [{"key": "call", "executor": "http", "capabilities": ["http"],
+                   "input": {"url": format!("http://{addr}/hook"), "n": 42}}]}),
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(task(&view, "call").output, Some(json!({"got": 42})));
+    c.stop().await;
+}
