@@ -1,6 +1,8 @@
-//! The registry as a NATS service (`nats micro ls` lists it as `omoi-registry`): request/reply
-//! endpoints under `<ns>.registry.*`, plus heartbeats on `<ns>.agent.heartbeat.<agent_id>`,
-//! which are answered in batches so a fleet's heartbeats cost one database statement per batch.
+//! The control plane's NATS micro services (`nats micro ls` lists them): `omoi-registry`
+//! (`<ns>.registry.*`, and heartbeats on `<ns>.agent.heartbeat.<agent_id>`, answered in batches
+//! so a fleet's heartbeats cost one database statement per batch), `omoi-workflows`
+//! (`<ns>.workflow.*`) and `omoi-collaboration` (`<ns>.collab.*`). Replies follow
+//! docs/protocol.md: the result as JSON, or an error body with the service error headers.
 
 use std::time::Duration;
 
@@ -72,95 +74,154 @@ pub fn parse<T: DeserializeOwned>(req: &service::Request) -> Result<T, ServiceEr
     })
 }
 
-/// Starts the service; its endpoints run until `shutdown` is cancelled.
+/// Starts a NATS micro service whose endpoints run until `shutdown` is cancelled (then it is
+/// stopped, so `nats micro ls` no longer lists it).
+async fn start_service(
+    nats: &async_nats::Client,
+    name: &'static str,
+    what: &str,
+    names: &Names,
+) -> Result<service::Service, crate::bus::BusError> {
+    let service = nats
+        .service_builder()
+        .description(format!("omoi {what} for namespace `{}`", names.namespace()))
+        .queue_group(format!("{}-{name}", names.namespace()))
+        .start(name, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| service_error(name, e))?;
+    Ok(service)
+}
+
+fn service_error(name: &str, e: async_nats::Error) -> crate::bus::BusError {
+    crate::bus::BusError::Provision {
+        what: format!("service {name}"),
+        reason: e.to_string(),
+    }
+}
+
+/// Adds an endpoint on `subject` whose JSON request `Req` is answered by `handle`.
+async fn json_endpoint<Req, Resp, F, Fut>(
+    service: &service::Service,
+    service_name: &str,
+    endpoint: &str,
+    subject: String,
+    shutdown: &Shutdown,
+    handle: F,
+) -> Result<(), crate::bus::BusError>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+{
+    let endpoint = service
+        .endpoint_builder()
+        .name(endpoint)
+        .add(subject)
+        .await
+        .map_err(|e| service_error(service_name, e))?;
+    let handle = std::sync::Arc::new(handle);
+    shutdown.spawn(serve(endpoint, shutdown.token.clone(), move |req| {
+        let handle = handle.clone();
+        async move {
+            let result = match parse::<Req>(&req) {
+                Ok(body) => handle(body).await,
+                Err(e) => Err(e),
+            };
+            respond(&req, result).await;
+        }
+    }));
+    Ok(())
+}
+
+fn stop_on_shutdown(service: service::Service, shutdown: &Shutdown) {
+    let token = shutdown.token.clone();
+    shutdown.spawn(async move {
+        token.cancelled().await;
+        let _ = service.stop().await;
+    });
+}
+
+/// Starts `omoi-registry`: `<ns>.registry.register|update|search|best_fit`, and heartbeats on
+/// `<ns>.agent.heartbeat.<agent_id>`.
 pub async fn start(
     nats: async_nats::Client,
     names: Names,
     registry: Registry,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let err = |e: async_nats::Error| crate::bus::BusError::Provision {
-        what: format!("service {SERVICE_NAME}"),
-        reason: e.to_string(),
-    };
-    let service = nats
-        .service_builder()
-        .description(format!(
-            "omoi agent registry for namespace `{}`",
-            names.namespace()
-        ))
-        .queue_group(format!("{}-registry", names.namespace()))
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(err)?;
-    let group = service.group(names.registry_prefix());
-    let register = group.endpoint("register").await.map_err(err)?;
-    let update = group.endpoint("update").await.map_err(err)?;
-    let search = group.endpoint("search").await.map_err(err)?;
-    let best_fit = group.endpoint("best_fit").await.map_err(err)?;
+    let service = start_service(&nats, SERVICE_NAME, "agent registry", &names).await?;
+    let subject = |e: &str| format!("{}.{e}", names.registry_prefix());
+    let reg = registry.clone();
+    json_endpoint(
+        &service,
+        SERVICE_NAME,
+        "register",
+        subject("register"),
+        shutdown,
+        move |body: RegisterRequest| {
+            let reg = reg.clone();
+            async move { reg.register(body).await.map(|(agent, _)| agent) }
+        },
+    )
+    .await?;
+    let reg = registry.clone();
+    json_endpoint(
+        &service,
+        SERVICE_NAME,
+        "update",
+        subject("update"),
+        shutdown,
+        move |body: UpdateRequest| {
+            let reg = reg.clone();
+            async move { reg.update(body.agent_id, body.update).await }
+        },
+    )
+    .await?;
+    let reg = registry.clone();
+    json_endpoint(
+        &service,
+        SERVICE_NAME,
+        "search",
+        subject("search"),
+        shutdown,
+        move |q: SearchQuery| {
+            let reg = reg.clone();
+            async move { reg.search(&q).await }
+        },
+    )
+    .await?;
+    let reg = registry.clone();
+    json_endpoint(
+        &service,
+        SERVICE_NAME,
+        "best_fit",
+        subject("best_fit"),
+        shutdown,
+        move |q: SearchQuery| {
+            let reg = reg.clone();
+            async move {
+                reg.best_fit(&q).await?.ok_or_else(|| {
+                    ServiceError::NotFound(
+                        "no available agent has every required capability".into(),
+                    )
+                })
+            }
+        },
+    )
+    .await?;
     let heartbeat = service
         .endpoint_builder()
         .name("heartbeat")
         .add(names.heartbeats())
         .await
-        .map_err(err)?;
-
-    let token = shutdown.token.clone();
-    let reg = registry.clone();
-    shutdown.spawn(serve(register, token.clone(), move |req| {
-        let reg = reg.clone();
-        async move {
-            let result = match parse::<RegisterRequest>(&req) {
-                Ok(body) => reg.register(body).await.map(|(agent, _)| agent),
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    let reg = registry.clone();
-    shutdown.spawn(serve(update, token.clone(), move |req| {
-        let reg = reg.clone();
-        async move {
-            let result = match parse::<UpdateRequest>(&req) {
-                Ok(body) => reg.update(body.agent_id, body.update).await,
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    let reg = registry.clone();
-    shutdown.spawn(serve(search, token.clone(), move |req| {
-        let reg = reg.clone();
-        async move {
-            let result = match parse::<SearchQuery>(&req) {
-                Ok(q) => reg.search(&q).await,
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    let reg = registry.clone();
-    shutdown.spawn(serve(best_fit, token.clone(), move |req| {
-        let reg = reg.clone();
-        async move {
-            let result = match parse::<SearchQuery>(&req) {
-                Ok(q) => reg.best_fit(&q).await.and_then(|m| {
-                    m.ok_or_else(|| {
-                        ServiceError::NotFound(
-                            "no available agent has every required capability".into(),
-                        )
-                    })
-                }),
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    shutdown.spawn(serve_heartbeats(heartbeat, registry, token.clone()));
-    shutdown.spawn(async move {
-        token.cancelled().await;
-        let _ = service.stop().await;
-    });
+        .map_err(|e| service_error(SERVICE_NAME, e))?;
+    shutdown.spawn(serve_heartbeats(
+        heartbeat,
+        registry,
+        shutdown.token.clone(),
+    ));
+    stop_on_shutdown(service, shutdown);
     Ok(())
 }
 
@@ -174,62 +235,46 @@ pub async fn start_workflows(
     workflows: Workflows,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let err = |e: async_nats::Error| crate::bus::BusError::Provision {
-        what: format!("service {WORKFLOW_SERVICE_NAME}"),
-        reason: e.to_string(),
-    };
-    let service = nats
-        .service_builder()
-        .description(format!(
-            "omoi workflows for namespace `{}`",
-            names.namespace()
-        ))
-        .queue_group(format!("{}-workflows", names.namespace()))
-        .start(WORKFLOW_SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(err)?;
-    let token = shutdown.token.clone();
-    for verb in ["submit", "get", "cancel"] {
-        let endpoint = service
-            .endpoint_builder()
-            .name(verb)
-            .add(names.workflow_endpoint(verb))
-            .await
-            .map_err(err)?;
-        let wf = workflows.clone();
-        shutdown.spawn(serve(endpoint, token.clone(), move |req| {
+    let service = start_service(&nats, WORKFLOW_SERVICE_NAME, "workflows", &names).await?;
+    let wf = workflows.clone();
+    json_endpoint(
+        &service,
+        WORKFLOW_SERVICE_NAME,
+        "submit",
+        names.workflow_endpoint("submit"),
+        shutdown,
+        move |spec: WorkflowSpec| {
             let wf = wf.clone();
-            async move {
-                match verb {
-                    "submit" => {
-                        let result = match parse::<WorkflowSpec>(&req) {
-                            Ok(spec) => wf.submit(spec).await,
-                            Err(e) => Err(e),
-                        };
-                        respond(&req, result).await;
-                    }
-                    "get" => {
-                        let result = match parse::<WorkflowRef>(&req) {
-                            Ok(r) => wf.view(r.workflow_id, r.include_tasks).await,
-                            Err(e) => Err(e),
-                        };
-                        respond(&req, result).await;
-                    }
-                    _ => {
-                        let result = match parse::<WorkflowRef>(&req) {
-                            Ok(r) => wf.cancel(r.workflow_id).await,
-                            Err(e) => Err(e),
-                        };
-                        respond(&req, result).await;
-                    }
-                }
-            }
-        }));
-    }
-    shutdown.spawn(async move {
-        token.cancelled().await;
-        let _ = service.stop().await;
-    });
+            async move { wf.submit(spec).await }
+        },
+    )
+    .await?;
+    let wf = workflows.clone();
+    json_endpoint(
+        &service,
+        WORKFLOW_SERVICE_NAME,
+        "get",
+        names.workflow_endpoint("get"),
+        shutdown,
+        move |r: WorkflowRef| {
+            let wf = wf.clone();
+            async move { wf.view(r.workflow_id, r.include_tasks).await }
+        },
+    )
+    .await?;
+    json_endpoint(
+        &service,
+        WORKFLOW_SERVICE_NAME,
+        "cancel",
+        names.workflow_endpoint("cancel"),
+        shutdown,
+        move |r: WorkflowRef| {
+            let wf = workflows.clone();
+            async move { wf.cancel(r.workflow_id).await }
+        },
+    )
+    .await?;
+    stop_on_shutdown(service, shutdown);
     Ok(())
 }
 
@@ -244,58 +289,33 @@ pub async fn start_collaboration(
     collaboration: Collaboration,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let err = |e: async_nats::Error| crate::bus::BusError::Provision {
-        what: format!("service {COLLAB_SERVICE_NAME}"),
-        reason: e.to_string(),
-    };
-    let service = nats
-        .service_builder()
-        .description(format!(
-            "omoi collaboration for namespace `{}`",
-            names.namespace()
-        ))
-        .queue_group(format!("{}-collaboration", names.namespace()))
-        .start(COLLAB_SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(err)?;
-    let send = service
-        .endpoint_builder()
-        .name("send")
-        .add(names.collab_endpoint("send"))
-        .await
-        .map_err(err)?;
-    let handoff = service
-        .endpoint_builder()
-        .name("handoff")
-        .add(names.collab_endpoint("handoff"))
-        .await
-        .map_err(err)?;
-    let token = shutdown.token.clone();
+    let service = start_service(&nats, COLLAB_SERVICE_NAME, "collaboration", &names).await?;
     let c = collaboration.clone();
-    shutdown.spawn(serve(handoff, token.clone(), move |req| {
-        let c = c.clone();
-        async move {
-            let result = match parse::<HandoffRequest>(&req) {
-                Ok(h) => c.request_handoff(h).await,
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    shutdown.spawn(serve(send, token.clone(), move |req| {
-        let c = collaboration.clone();
-        async move {
-            let result = match parse::<SendMessage>(&req) {
-                Ok(m) => c.send_message(m).await,
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    shutdown.spawn(async move {
-        token.cancelled().await;
-        let _ = service.stop().await;
-    });
+    json_endpoint(
+        &service,
+        COLLAB_SERVICE_NAME,
+        "send",
+        names.collab_endpoint("send"),
+        shutdown,
+        move |m: SendMessage| {
+            let c = c.clone();
+            async move { c.send_message(m).await }
+        },
+    )
+    .await?;
+    json_endpoint(
+        &service,
+        COLLAB_SERVICE_NAME,
+        "handoff",
+        names.collab_endpoint("handoff"),
+        shutdown,
+        move |h: HandoffRequest| {
+            let c = collaboration.clone();
+            async move { c.request_handoff(h).await }
+        },
+    )
+    .await?;
+    stop_on_shutdown(service, shutdown);
     Ok(())
 }
 

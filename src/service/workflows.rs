@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::ServiceError;
 use crate::bus::EventBus;
-use crate::db::tasks::{self, TaskChange, TaskRecord};
+use crate::db::tasks::{self, TaskRecord};
 use crate::db::workflows::{self, NewTask, WorkflowRecord};
 use crate::db::{DbError, scheduling};
 use crate::domain::dag::{DagError, WorkflowSpec, validate};
@@ -285,13 +285,13 @@ impl Workflows {
         .await
         .map_err(DbError::from)?
         .ok_or_else(|| ServiceError::Conflict(format!("task {id} changed concurrently")))?;
-        let reopened = sqlx::query_as::<_, TaskRecord>(
+        // Dependants failed because of it wait for it again (pending has no event).
+        sqlx::query(
             "UPDATE tasks SET status = 'pending', error = NULL, finished_at = NULL, updated_at = now()
-             WHERE workflow_id = $1 AND status = 'failed' AND error LIKE 'dependency % failed'
-             RETURNING *",
+             WHERE workflow_id = $1 AND status = 'failed' AND error LIKE 'dependency % failed'",
         )
         .bind(task.workflow_id)
-        .fetch_all(&mut *tx)
+        .execute(&mut *tx)
         .await
         .map_err(DbError::from)?;
         sqlx::query("UPDATE workflows SET status = 'running', finished_at = NULL, updated_at = now() WHERE id = $1")
@@ -300,19 +300,8 @@ impl Workflows {
             .await
             .map_err(DbError::from)?;
         tx.commit().await.map_err(DbError::from)?;
-        let _ = reopened;
         self.bus.publish_all(task_events([&retried])).await?;
         self.wake.notify_one();
         Ok(retried)
     }
-}
-
-/// Applies a change with the usual CAS (used by tests and tools).
-pub async fn transition(
-    pool: &PgPool,
-    id: TaskId,
-    from: TaskStatus,
-    to: TaskStatus,
-) -> Result<TaskRecord, ServiceError> {
-    Ok(tasks::transition(pool, id, from, to, TaskChange::default()).await?)
 }

@@ -595,3 +595,73 @@ async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_
     assert_eq!(job.input["handoff"]["context"]["tried"], 1);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtered_stream_works() {
+    let c = Cluster::start().await;
+    let http = Http::new(c.http_addr.unwrap());
+    let b = register(&http, "b", &["x"]).await;
+    let addr = c.http_addr.unwrap();
+
+    // A general event stream filtered to one workflow's events.
+    let wf = c
+        .submit(json!({"name": "watched", "tasks": [{"key": "t", "capabilities": ["nobody"]}]}))
+        .await;
+    let (mut events, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/api/v1/ws/events?types=workflow.*&workflow_id={}",
+        wf.workflow_id
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.submit(json!({"name": "other", "tasks": [{"key": "t"}]}))
+        .await;
+    c.client.cancel(wf.workflow_id).await.unwrap();
+    let got = next_event(&mut events).await;
+    assert_eq!(
+        (got["type"].as_str(), got["data"]["workflow_id"].clone()),
+        (Some("workflow.cancelled"), json!(wf.workflow_id))
+    );
+
+    // A client that never reads while a flood of 10 KiB messages arrives.
+    let (mut slow, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/api/v1/collaboration/ws?agent_id={b}"
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let agent: omoi::domain::AgentId = b.parse().unwrap();
+    let flood: Vec<omoi::domain::Event> = (0..4_000)
+        .map(|i| {
+            omoi::domain::Event::MessageSent(omoi::domain::event::MessageSent {
+                message_id: uuid::Uuid::now_v7(),
+                thread_id: uuid::Uuid::now_v7(),
+                sender_id: omoi::domain::AgentId::new(),
+                recipient_id: Some(agent),
+                recipients: vec![agent],
+                message_type: "text".into(),
+                content: format!("{i}:{}", "x".repeat(10_000)),
+                metadata: json!({}),
+                created_at: chrono::Utc::now(),
+            })
+        })
+        .collect();
+    c.env.bus.publish_all(flood).await.unwrap();
+    // Reading now drains what the network buffered, then the close frame.
+    let mut frames = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
+            Ok(Some(Ok(Ws::Close(Some(frame))))) => break Some(u16::from(frame.code)),
+            Ok(Some(Ok(_))) => frames += 1,
+            Ok(Some(Err(_))) | Ok(None) => break None,
+            Err(_) => panic!("no close after {frames} frames"),
+        }
+    };
+    assert_eq!(
+        code,
+        Some(omoi::api::ws::CLOSE_TOO_SLOW),
+        "after {frames} frames"
+    );
+    assert!(frames < 4_000, "the client was not sent everything");
+    c.stop().await;
+}
