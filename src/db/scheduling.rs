@@ -216,6 +216,51 @@ pub async fn promote_unblocked(
     .await?)
 }
 
+/// The fast path of [`promote_unblocked`]: only the given pending tasks (the dependants of what
+/// just completed, from the scheduler's in-memory graph) are checked.
+pub async fn promote_candidates(
+    pool: &PgPool,
+    tasks: &[TaskId],
+) -> Result<Vec<TaskRecord>, DbError> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()
+         WHERE t.id = ANY($1) AND t.status = 'pending'
+           AND NOT EXISTS (
+               SELECT 1 FROM tasks d
+               WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+                 AND d.status <> 'completed')
+         RETURNING t.*",
+    )
+    .bind(tasks)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Ids of the running workflows.
+pub async fn running_workflows(pool: &PgPool) -> Result<Vec<WorkflowId>, DbError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM workflows WHERE status = 'running'")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Dependency edges of workflows: (workflow, task id, key, depends_on).
+pub async fn graph_edges(
+    pool: &PgPool,
+    workflows: &[WorkflowId],
+) -> Result<Vec<(WorkflowId, TaskId, String, Vec<String>)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT workflow_id, id, key, depends_on FROM tasks WHERE workflow_id = ANY($1)",
+    )
+    .bind(workflows)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// `retry_wait → ready` for tasks whose backoff has passed.
 pub async fn promote_due_retries(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(

@@ -20,6 +20,8 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use sqlx::PgPool;
+use std::sync::Mutex;
+
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +42,8 @@ use crate::service::registry::snapshot;
 const DISPATCH_BATCH: i64 = 2_000;
 /// Reports applied per batch.
 const REPORT_BATCH: usize = 1_000;
+/// How often the leader repairs state an interrupted step may have left.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// How long a lock-blocked task waits before it is dispatched again.
 const BLOCKED_REQUEUE_MS: i64 = 1_000;
 
@@ -63,6 +67,50 @@ pub struct Scheduler {
     names: Names,
     config: SchedulerConfig,
     wake: Arc<Notify>,
+    /// Each running workflow's dependency graph (key → dependants), built from PostgreSQL
+    /// when first needed after this instance became leader; dropped when the workflow ends.
+    graphs: Arc<Mutex<HashMap<WorkflowId, Arc<Dependants>>>>,
+}
+
+/// One workflow's graph: task ids by key and the keys that depend on each key.
+#[derive(Debug, Default)]
+pub struct Dependants {
+    /// Node of each key.
+    index: HashMap<String, usize>,
+    /// Task id of each node.
+    ids: Vec<crate::domain::TaskId>,
+    /// Edges dependency → dependant.
+    graph: petgraph::graphmap::DiGraphMap<usize, ()>,
+}
+
+impl Dependants {
+    fn build(
+        tasks: impl IntoIterator<Item = (crate::domain::TaskId, String, Vec<String>)>,
+    ) -> Self {
+        let mut d = Dependants::default();
+        let tasks: Vec<_> = tasks.into_iter().collect();
+        for (i, (id, key, _)) in tasks.iter().enumerate() {
+            d.ids.push(*id);
+            d.index.insert(key.clone(), i);
+            d.graph.add_node(i);
+        }
+        for (i, (_, _, deps)) in tasks.iter().enumerate() {
+            for dep in deps {
+                if let Some(&j) = d.index.get(dep) {
+                    d.graph.add_edge(j, i, ());
+                }
+            }
+        }
+        d
+    }
+
+    /// Ids of the tasks that depend directly on `key`.
+    fn of(&self, key: &str) -> Vec<crate::domain::TaskId> {
+        let Some(&node) = self.index.get(key) else {
+            return Vec::new();
+        };
+        self.graph.neighbors(node).map(|n| self.ids[n]).collect()
+    }
 }
 
 fn db(e: DbError) -> ServiceError {
@@ -80,7 +128,59 @@ impl Scheduler {
             names,
             config,
             wake,
+            graphs: Default::default(),
         }
+    }
+
+    /// The dependants index of a workflow, loaded once per leadership.
+    async fn dependants(&self, workflow: WorkflowId) -> Result<Arc<Dependants>, ServiceError> {
+        if let Some(g) = self
+            .graphs
+            .lock()
+            .ok()
+            .and_then(|g| g.get(&workflow).cloned())
+        {
+            return Ok(g);
+        }
+        let edges = scheduling::graph_edges(&self.pool, &[workflow])
+            .await
+            .map_err(db)?;
+        let graph = Arc::new(Dependants::build(
+            edges.into_iter().map(|(_, id, key, deps)| (id, key, deps)),
+        ));
+        if let Ok(mut g) = self.graphs.lock() {
+            g.insert(workflow, graph.clone());
+        }
+        Ok(graph)
+    }
+
+    /// Repairs what a crash between two statements could leave behind: pending tasks whose
+    /// dependencies all completed, and running workflows with nothing left to run. Run when
+    /// leadership is gained and every few seconds after.
+    async fn reconcile(&self) -> Result<(), ServiceError> {
+        let running = scheduling::running_workflows(&self.pool)
+            .await
+            .map_err(db)?;
+        if running.is_empty() {
+            return Ok(());
+        }
+        let promoted = scheduling::promote_unblocked(&self.pool, &running)
+            .await
+            .map_err(db)?;
+        let finished = scheduling::finish_workflows(&self.pool, &running)
+            .await
+            .map_err(db)?;
+        if !promoted.is_empty() || !finished.is_empty() {
+            tracing::warn!(
+                promoted = promoted.len(),
+                finished = finished.len(),
+                "reconciled state left by an interrupted step"
+            );
+            let mut events = task_events(&promoted);
+            events.extend(finished.iter().map(workflow_event));
+            self.bus.publish_all(events).await?;
+        }
+        Ok(())
     }
 
     /// Runs both loops while `leader` is true, until `cancel`.
@@ -123,15 +223,29 @@ impl Scheduler {
     async fn dispatch_loop(self, mut leader: watch::Receiver<bool>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile: Option<tokio::time::Instant> = None;
         loop {
             let maintenance = tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = leader.changed() => true,
+                _ = leader.changed() => {
+                    // A new term: graphs are rebuilt from PostgreSQL, state reconciled at once.
+                    if let Ok(mut g) = self.graphs.lock() {
+                        g.clear();
+                    }
+                    last_reconcile = None;
+                    true
+                }
                 _ = tick.tick() => true,
                 () = self.wake.notified() => false,
             };
             if !*leader.borrow() {
                 continue;
+            }
+            if last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY) {
+                match self.reconcile().await {
+                    Ok(()) => last_reconcile = Some(tokio::time::Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "reconciliation failed; will retry"),
+                }
             }
             if maintenance {
                 if let Err(e) = self.maintain().await {
@@ -583,13 +697,15 @@ impl Scheduler {
     ) -> Result<Vec<crate::domain::Event>, ServiceError> {
         let mut events = Vec::new();
         let mut touched: BTreeSet<WorkflowId> = done.iter().map(|t| t.workflow_id).collect();
-        let completed_in: Vec<WorkflowId> = touched.iter().copied().collect();
-        if !completed_in.is_empty() {
-            let promoted = scheduling::promote_unblocked(&self.pool, &completed_in)
-                .await
-                .map_err(db)?;
-            events.extend(task_events(&promoted));
+        // Only the direct dependants of what completed can have become ready.
+        let mut candidates = Vec::new();
+        for t in done {
+            candidates.extend(self.dependants(t.workflow_id).await?.of(&t.key));
         }
+        let promoted = scheduling::promote_candidates(&self.pool, &candidates)
+            .await
+            .map_err(db)?;
+        events.extend(task_events(&promoted));
         let mut policies: HashMap<WorkflowId, String> = HashMap::new();
         for t in failed.iter().filter(|t| t.status == TaskStatus::Failed) {
             touched.insert(t.workflow_id);
@@ -624,6 +740,9 @@ impl Scheduler {
                 .map_err(db)?;
             for w in &finished {
                 tracing::info!(workflow.id = %w.id, status = %w.status, "workflow finished");
+                if let Ok(mut g) = self.graphs.lock() {
+                    g.remove(&w.id);
+                }
             }
             events.extend(finished.iter().map(workflow_event));
         }
@@ -646,4 +765,34 @@ fn check_dispatch(payload: &[u8]) -> Result<(), String> {
     serde_json::from_slice::<Dispatch>(payload)
         .map(|_| ())
         .map_err(|e| format!("dispatch cannot be read back: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TaskId;
+
+    #[test]
+    fn the_in_memory_graph_names_the_direct_dependants() {
+        let (root, left, right, join) =
+            (TaskId::new(), TaskId::new(), TaskId::new(), TaskId::new());
+        let g = Dependants::build([
+            (
+                join,
+                "join".to_string(),
+                vec!["left".to_string(), "right".to_string()],
+            ),
+            (root, "root".to_string(), vec![]),
+            (left, "left".to_string(), vec!["root".to_string()]),
+            (right, "right".to_string(), vec!["root".to_string()]),
+        ]);
+        let mut of_root = g.of("root");
+        of_root.sort();
+        let mut expected = vec![left, right];
+        expected.sort();
+        assert_eq!(of_root, expected);
+        assert_eq!(g.of("left"), vec![join]);
+        assert!(g.of("join").is_empty());
+        assert!(g.of("ghost").is_empty());
+    }
 }
