@@ -194,6 +194,15 @@ pub async fn requeue(
     .await?)
 }
 
+/// `pending → ready`, for the rows chosen by a `WHERE` placed between the two halves.
+const PROMOTE: &str = "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()";
+/// …only pending tasks whose every dependency has completed.
+const UNBLOCKED: &str = "AND t.status = 'pending'
+    AND NOT EXISTS (SELECT 1 FROM tasks d
+                    WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+                      AND d.status <> 'completed')
+    RETURNING t.*";
+
 /// Pending tasks of `workflows` whose every dependency has completed become ready.
 pub async fn promote_unblocked(
     pool: &PgPool,
@@ -202,15 +211,9 @@ pub async fn promote_unblocked(
     if workflows.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()
-         WHERE t.workflow_id = ANY($1) AND t.status = 'pending'
-           AND NOT EXISTS (
-               SELECT 1 FROM tasks d
-               WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-                 AND d.status <> 'completed')
-         RETURNING t.*",
-    )
+    Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(format!(
+        "{PROMOTE} WHERE t.workflow_id = ANY($1) {UNBLOCKED}"
+    )))
     .bind(workflows)
     .fetch_all(pool)
     .await?)
@@ -225,15 +228,9 @@ pub async fn promote_candidates(
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()
-         WHERE t.id = ANY($1) AND t.status = 'pending'
-           AND NOT EXISTS (
-               SELECT 1 FROM tasks d
-               WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-                 AND d.status <> 'completed')
-         RETURNING t.*",
-    )
+    Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(format!(
+        "{PROMOTE} WHERE t.id = ANY($1) {UNBLOCKED}"
+    )))
     .bind(tasks)
     .fetch_all(pool)
     .await?)

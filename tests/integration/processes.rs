@@ -110,3 +110,68 @@ async fn a_killed_worker_goes_stale_then_offline_and_its_restart_reclaims_the_ag
     let _ = tokio::time::timeout(Duration::from_secs(10), restarted.wait()).await;
     shutdown.drain(Duration::from_secs(5)).await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn omoi_dev_starts_a_private_nats_when_none_answers_and_runs_workers() {
+    let env = TestEnv::new().await;
+    let dead_nats = format!("nats://127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args(["dev", "--workers", "2"])
+        .envs(env.child_env())
+        .env("OMOI_NATS_URL", &dead_nats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Both dev workers register (through the private server) in this test's database.
+    eventually(
+        Duration::from_secs(30),
+        "dev workers registered",
+        || async {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM agents WHERE name LIKE 'dev-worker-%' AND status = 'idle'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+            (live == 2).then_some(())
+        },
+    )
+    .await;
+    signal(&child, "-INT");
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("omoi dev stops on SIGINT")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("started a private nats-server"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
+}
+
+#[tokio::test]
+async fn omoi_dev_without_postgres_names_the_url_it_tried_and_how_to_start_one() {
+    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/omoi", free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .arg("dev")
+        .env("OMOI_DATABASE_URL", &dead_pg)
+        .env("OMOI_NAMESPACE", "tdevnopg")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&dead_pg), "{stderr}");
+    assert!(
+        stderr.contains("pg_ctlcluster") && stderr.contains("docker compose up -d postgres"),
+        "{stderr}"
+    );
+}
