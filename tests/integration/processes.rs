@@ -175,3 +175,45 @@ async fn omoi_dev_without_postgres_names_the_url_it_tried_and_how_to_start_one()
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_hosts_several_agents_from_an_agents_file() {
+    let env = TestEnv::new().await;
+    let shutdown = Shutdown::new();
+    omoi::coordinator::start(&env.settings(), &shutdown)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agents.toml");
+    std::fs::write(
+        &file,
+        "[[agents]]\nname = \"coder\"\ncapabilities = [\"rust\", \"shell\"]\ncapacity = 2\n\n\
+         [[agents]]\nname = \"reviewer\"\ncapabilities = [\"review\"]\nagent_type = \"reviewer\"\ntags = [\"senior\"]\n",
+    )
+    .unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args(["worker", "--agents-file"])
+        .arg(&file)
+        .envs(env.child_env())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let coder = registered(&env, "coder").await;
+    let reviewer = registered(&env, "reviewer").await;
+    assert_eq!(
+        (coder.capabilities.clone(), coder.capacity),
+        (vec!["rust".to_string(), "shell".to_string()], 2)
+    );
+    assert_eq!(
+        (reviewer.agent_type.as_str(), reviewer.tags.clone()),
+        ("reviewer", vec!["senior".to_string()])
+    );
+    signal(&worker, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    shutdown.drain(Duration::from_secs(5)).await;
+}
