@@ -615,8 +615,8 @@ impl Registry {
         Ok(agent)
     }
 
-    /// Deregisters an agent: it is terminated (kept for history), its name freed and its
-    /// mirror entry deleted.
+    /// Deregisters an agent: it is terminated (kept for history), its name freed, its mirror
+    /// entry and its dispatch and inbox consumers deleted.
     pub async fn deregister(&self, id: AgentId) -> Result<AgentRecord, ServiceError> {
         let agent = sqlx::query_as::<_, AgentRecord>(
             "UPDATE agents SET status = 'terminated', health_status = 'unknown', updated_at = now()
@@ -631,6 +631,22 @@ impl Registry {
             .delete(id.to_string())
             .await
             .map_err(|e| ServiceError::Internal(format!("mirror delete: {e}")))?;
+        // Its durable consumers would otherwise stay on the server for good.
+        let names = self.bus.names();
+        for (stream, consumer) in [
+            (
+                names.stream(crate::bus::names::STREAM_DISPATCH),
+                names.dispatch_consumer(id),
+            ),
+            (
+                names.stream(crate::bus::names::STREAM_INBOX),
+                names.inbox_consumer(id),
+            ),
+        ] {
+            if let Ok(s) = self.bus.jetstream().get_stream(&stream).await {
+                let _ = s.delete_consumer(&consumer).await;
+            }
+        }
         self.bus
             .publish(Event::AgentDeregistered(AgentDeregistered {
                 agent_id: id,
