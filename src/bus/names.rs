@@ -11,7 +11,9 @@
 //! | task for an agent | `<ns>.dispatch.<agent_id>` |
 //! | a worker's report on a task | `<ns>.result.<task_id>` |
 //! | workflow endpoints (request/reply) | `<ns>.workflow.submit`, `.get`, `.cancel` |
-//! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_deadletter` |
+//! | an agent's inbox | `<ns>.agent.inbox.<agent_id>` |
+//! | collaboration endpoints (request/reply) | `<ns>.collab.send`, `<ns>.collab.handoff` |
+//! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_inbox`, `<ns>_deadletter` |
 //! | KV buckets | `<ns>_agents`, `<ns>_locks`, `<ns>_leases` |
 
 use crate::domain::AgentId;
