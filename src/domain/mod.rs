@@ -6,6 +6,7 @@ pub mod dag;
 pub mod event;
 pub mod ids;
 pub mod matching;
+pub mod merge;
 pub mod retry;
 pub mod task;
 pub mod workflow;
