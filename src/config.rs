@@ -274,13 +274,6 @@ impl Settings {
         out
     }
 
-    pub fn socket_addr(&self) -> SocketAddr {
-        // validate() proved it parses; the fallback only guards direct construction.
-        self.http_addr
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
-    }
-
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
     }

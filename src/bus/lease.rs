@@ -46,10 +46,6 @@ impl Lease {
         }
     }
 
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
     fn value(&self, expires_at_ms: i64) -> Result<bytes::Bytes, BusError> {
         serde_json::to_vec(&LeaseValue {
             holder: self.holder.clone(),

@@ -137,17 +137,16 @@ pub async fn transition(
     }
 }
 
-/// Records the failure of the current attempt (fenced by `attempt`): the task goes to
-/// `retry_wait` with a jittered backoff, or to `failed` once `max_attempts` failures are reached.
+/// Records the failure of `task`'s current attempt: it goes to `retry_wait` with a jittered
+/// backoff, or to `failed` once `max_attempts` failures are reached. The write is fenced by the
+/// status and attempt the caller read, so the record's `failures` count is current whenever the
+/// write succeeds.
 pub async fn record_failure(
     pool: &PgPool,
-    id: TaskId,
-    from: TaskStatus,
-    attempt: i32,
+    task: &TaskRecord,
     error: &str,
     policy: &crate::domain::RetryPolicy,
 ) -> Result<TaskRecord, DbError> {
-    let task = get(pool, id).await?;
     let failures = (task.failures + 1).max(1) as u32;
     let decision =
         policy.after_failure(failures, task.max_attempts.max(1) as u32, &mut rand::rng());
@@ -160,15 +159,15 @@ pub async fn record_failure(
     };
     transition(
         pool,
-        id,
-        from,
+        task.id,
+        task.status,
         to,
         TaskChange {
             add_failure: true,
             error: Some(Some(error.to_string())),
             retry_at,
             agent_id: Some(None),
-            expected_attempt: Some(attempt),
+            expected_attempt: Some(task.attempt),
             ..TaskChange::default()
         },
     )

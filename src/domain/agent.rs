@@ -93,14 +93,6 @@ impl AgentStatus {
         self == to || self.successors().contains(&to)
     }
 
-    /// Heartbeats are expected from it (so silence makes it stale).
-    pub fn expects_heartbeats(self) -> bool {
-        matches!(
-            self,
-            Self::Idle | Self::Running | Self::Degraded | Self::Maintenance
-        )
-    }
-
     /// May be given new work.
     pub fn is_dispatchable(self) -> bool {
         matches!(self, Self::Idle | Self::Running | Self::Degraded)

@@ -201,10 +201,6 @@ impl Registry {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Registers an agent. A name held by a live agent is a conflict; a name held by a stale or
     /// offline agent is taken over — same id, new capabilities — which is how a restarted
     /// worker gets its agents (and their inboxes) back. Returns the record and whether it is new.

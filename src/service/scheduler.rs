@@ -298,16 +298,7 @@ impl Scheduler {
                 "timed out after {} s",
                 t.timeout_seconds.unwrap_or_default()
             );
-            match tasks::record_failure(
-                &self.pool,
-                t.id,
-                t.status,
-                t.attempt,
-                &error,
-                &self.config.retry,
-            )
-            .await
-            {
+            match tasks::record_failure(&self.pool, &t, &error, &self.config.retry).await {
                 Ok(after) => {
                     tracing::warn!(task.id = %t.id, attempt = t.attempt, "task timed out");
                     events.extend(task_events([&after]));
@@ -653,16 +644,7 @@ impl Scheduler {
             if current.attempt != attempt || !current.status.occupies_agent() {
                 continue;
             }
-            match tasks::record_failure(
-                &self.pool,
-                id,
-                current.status,
-                attempt,
-                &error,
-                &self.config.retry,
-            )
-            .await
-            {
+            match tasks::record_failure(&self.pool, &current, &error, &self.config.retry).await {
                 Ok(after) => {
                     applied += 1;
                     events.extend(task_events([&after]));

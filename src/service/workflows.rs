@@ -152,11 +152,25 @@ impl Workflows {
         if !unschedulable.is_empty() {
             tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
         }
-        let stored = tasks::list_for_workflow(&self.pool, id).await?;
+        // The ready events come from what was just inserted: no need to read it back.
         let mut events = vec![workflow_event(&workflow)];
-        events.extend(task_events(
-            stored.iter().filter(|t| t.status == TaskStatus::Ready),
-        ));
+        events.extend(
+            new_tasks
+                .iter()
+                .filter(|t| t.status == TaskStatus::Ready)
+                .map(|t| {
+                    Event::TaskReady(crate::domain::event::TaskEvent {
+                        task_id: t.id,
+                        workflow_id: id,
+                        key: t.key.clone(),
+                        status: TaskStatus::Ready,
+                        attempt: 0,
+                        agent_id: None,
+                        error: None,
+                        retry_at: None,
+                    })
+                }),
+        );
         self.bus.publish_all(events).await?;
         self.wake.notify_one();
         tracing::info!(workflow.id = %id, "workflow submitted");

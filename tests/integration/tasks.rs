@@ -190,7 +190,7 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
     };
     let mut waits = Vec::new();
     for n in 1..=3 {
-        let t = tasks::transition(
+        tasks::transition(
             &env.pool,
             id,
             TaskStatus::Ready,
@@ -199,7 +199,7 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
         )
         .await
         .unwrap();
-        tasks::transition(
+        let running = tasks::transition(
             &env.pool,
             id,
             TaskStatus::Assigned,
@@ -208,16 +208,9 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
         )
         .await
         .unwrap();
-        let after = tasks::record_failure(
-            &env.pool,
-            id,
-            TaskStatus::Running,
-            t.attempt,
-            &format!("boom {n}"),
-            &policy,
-        )
-        .await
-        .unwrap();
+        let after = tasks::record_failure(&env.pool, &running, &format!("boom {n}"), &policy)
+            .await
+            .unwrap();
         assert_eq!(after.failures, n);
         assert_eq!(after.error.as_deref(), Some(format!("boom {n}").as_str()));
         if n < 3 {
