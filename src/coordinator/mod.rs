@@ -60,10 +60,19 @@ pub struct Running {
 pub async fn migrate(
     settings: &Settings,
 ) -> Result<(PgPool, async_nats::Client), CoordinatorError> {
+    prepare(settings, "omoi-migrate").await
+}
+
+/// Connects, applies migrations and provisions JetStream; `client_name` names the NATS
+/// connection (shown by `nats server report connections`).
+async fn prepare(
+    settings: &Settings,
+    client_name: &str,
+) -> Result<(PgPool, async_nats::Client), CoordinatorError> {
+    let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
     let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
     crate::db::migrate(&pool).await?;
-    let nats = crate::bus::connect(&settings.nats_url, "omoi-migrate").await?;
-    let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
+    let nats = crate::bus::connect(&settings.nats_url, client_name).await?;
     provision::ensure_all(&jetstream::new(nats.clone()), &names).await?;
     Ok((pool, nats))
 }
@@ -71,12 +80,9 @@ pub async fn migrate(
 /// Starts every component on `shutdown`'s tracker and returns once they are up.
 pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, CoordinatorError> {
     let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
-    let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
-    crate::db::migrate(&pool).await?;
     let instance_id = format!("coordinator-{}", uuid::Uuid::now_v7().simple());
-    let nats = crate::bus::connect(&settings.nats_url, &instance_id).await?;
+    let (pool, nats) = prepare(settings, &instance_id).await?;
     let js = jetstream::new(nats.clone());
-    provision::ensure_all(&js, &names).await?;
 
     let bus = EventBus::new(js.clone(), names.clone());
     let mirror = provision::open_bucket(&js, &names, BUCKET_AGENTS).await?;
@@ -95,6 +101,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         bus.clone(),
         std::time::Duration::from_millis(settings.handoff_ttl_ms),
         wake.clone(),
+        settings.agent_stale_after_ms as i64,
     );
     endpoints::start_collaboration(nats.clone(), names.clone(), collaboration.clone(), shutdown)
         .await?;

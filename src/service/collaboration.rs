@@ -22,6 +22,9 @@ use crate::db::tasks::TaskRecord;
 use crate::domain::event::{CollabEnded, CollabStarted, HandoffEvent, MessageSent};
 use crate::domain::{AgentId, AgentStatus, Event, TaskId, WorkflowId};
 
+/// How many best-fit agents an open handoff is offered to.
+pub const OPEN_HANDOFF_OFFERS: usize = 5;
+
 /// Largest message content accepted.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 
@@ -186,6 +189,8 @@ pub struct Collaboration {
     bus: EventBus,
     default_ttl: std::time::Duration,
     wake: Arc<Notify>,
+    /// Heartbeat freshness window, for ranking whom to offer an open handoff.
+    stale_after_ms: i64,
 }
 
 fn db(e: sqlx::Error) -> ServiceError {
@@ -227,12 +232,14 @@ impl Collaboration {
         bus: EventBus,
         default_ttl: std::time::Duration,
         wake: Arc<Notify>,
+        stale_after_ms: i64,
     ) -> Self {
         Self {
             pool,
             bus,
             default_ttl,
             wake,
+            stale_after_ms,
         }
     }
 
@@ -627,13 +634,20 @@ impl Collaboration {
         let offer = InboxItem::HandoffOffer(handoff.event());
         let offered: Vec<AgentId> = match handoff.to_agent_id {
             Some(to) => vec![to],
-            None => self
-                .eligible(&handoff)
-                .await?
-                .into_iter()
-                .take(5)
-                .map(|a| a.id)
-                .collect(),
+            None => {
+                // The registry's best-fit ranking picks whom to offer it to.
+                let eligible = self.eligible(&handoff).await?;
+                let snapshots: Vec<_> = eligible.iter().map(super::registry::snapshot).collect();
+                let req = crate::domain::matching::Requirements {
+                    capabilities: handoff.capabilities.clone(),
+                    ..Default::default()
+                };
+                crate::domain::matching::rank(&snapshots, &req, Utc::now(), self.stale_after_ms)
+                    .into_iter()
+                    .take(OPEN_HANDOFF_OFFERS)
+                    .map(|r| eligible[r.index].id)
+                    .collect()
+            }
         };
         for agent in offered {
             self.deliver(agent, &format!("handoff:{}:{agent}", handoff.id), &offer)
