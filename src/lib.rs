@@ -14,4 +14,5 @@ pub mod domain;
 pub mod protocol;
 pub mod runtime;
 pub mod service;
+pub mod sim;
 pub mod worker;

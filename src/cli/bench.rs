@@ -159,15 +159,9 @@ async fn measure(
         std::sync::Arc::new(tokio::sync::Notify::new()),
     );
     let echo = |key: String, deps: Vec<String>| TaskSpec {
-        key,
         capabilities: vec!["echo".into()],
-        executor: "echo".into(),
-        input: serde_json::json!({}),
         depends_on: deps,
-        resources: vec![],
-        priority: Default::default(),
-        max_attempts: 3,
-        timeout_seconds: None,
+        ..TaskSpec::new(key)
     };
 
     // 2. Throughput of a wide DAG.

@@ -2,6 +2,7 @@
 //! aggregate. State changes are compare-and-set updates (`… WHERE status = $expected`).
 
 pub mod agents;
+pub mod coordination;
 pub mod scheduling;
 pub mod tasks;
 pub mod workflows;

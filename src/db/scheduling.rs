@@ -22,7 +22,7 @@ pub async fn ready_fair(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, Db
              SELECT t.*, {PRIORITY_RANK} AS prio,
                     row_number() OVER (PARTITION BY t.workflow_id
                                        ORDER BY {PRIORITY_RANK} DESC, t.ready_at, t.id) AS rn
-             FROM tasks t WHERE t.status = 'ready'
+             FROM tasks t WHERE t.status = 'ready' AND t.kind = 'task'
          ) s
          ORDER BY s.rn, s.prio DESC, s.ready_at, s.id
          LIMIT $1"
@@ -196,11 +196,17 @@ pub async fn requeue(
 
 /// `pending → ready`, for the rows chosen by a `WHERE` placed between the two halves.
 const PROMOTE: &str = "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()";
-/// …only pending tasks whose every dependency has completed.
+/// …only pending tasks whose join is satisfied: every dependency completed, or (a quorum join)
+/// at least `join_quorum` of them. The common case stops at the first unfinished dependency.
 const UNBLOCKED: &str = "AND t.status = 'pending'
-    AND NOT EXISTS (SELECT 1 FROM tasks d
-                    WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-                      AND d.status <> 'completed')
+    AND CASE WHEN t.join_quorum IS NULL THEN
+            NOT EXISTS (SELECT 1 FROM tasks d
+                        WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+                          AND d.status <> 'completed')
+        ELSE (SELECT count(*) FROM tasks d
+              WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+                AND d.status = 'completed') >= t.join_quorum
+        END
     RETURNING t.*";
 
 /// Pending tasks of `workflows` whose every dependency has completed become ready.
@@ -336,32 +342,64 @@ pub async fn cancel_unfinished(
     .await?)
 }
 
-/// Continue policy: the pending tasks that depend, directly or transitively, on `failed_key` fail.
+/// …pending direct dependants of `keys` whose join can no longer be satisfied: fewer
+/// dependencies than required are left that have not failed or been cancelled.
+const UNSATISFIABLE: &str = "t.workflow_id = $1 AND t.status = 'pending' AND t.depends_on && $2
+    AND cardinality(t.depends_on)
+        - (SELECT count(*) FROM tasks d
+           WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
+             AND d.status IN ('failed', 'cancelled'))
+        < COALESCE(t.join_quorum, cardinality(t.depends_on))";
+
+/// Whether a failure of `key` leaves a dependant unable to run — or there is no dependant to
+/// absorb it. A quorum join that can still be met tolerates the failure.
+pub async fn failure_is_fatal(
+    pool: &PgPool,
+    workflow: WorkflowId,
+    key: &str,
+) -> Result<bool, DbError> {
+    let keys = vec![key.to_string()];
+    let (dependants, stuck): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM tasks t WHERE t.workflow_id = $1 AND t.depends_on && $2),
+                (SELECT count(*) FROM tasks t WHERE {UNSATISFIABLE})"
+    )))
+    .bind(workflow)
+    .bind(&keys)
+    .fetch_one(pool)
+    .await?;
+    Ok(dependants == 0 || stuck > 0)
+}
+
+/// Continue policy: pending tasks that can no longer run because `failed_key` failed fail too,
+/// transitively; a quorum join that can still be met keeps waiting.
 pub async fn fail_dependants(
     pool: &PgPool,
     workflow: WorkflowId,
     failed_key: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
-    Ok(sqlx::query_as::<_, TaskRecord>(
-        "WITH RECURSIVE downstream(key) AS (
-             SELECT $2::text
-             UNION
-             SELECT t.key FROM tasks t JOIN downstream d ON d.key = ANY(t.depends_on)
-             WHERE t.workflow_id = $1
-         )
-         UPDATE tasks SET status = 'failed', finished_at = now(), updated_at = now(),
-             error = 'dependency ' || $2 || ' failed'
-         WHERE workflow_id = $1 AND status = 'pending' AND key IN (SELECT key FROM downstream)
-         RETURNING *",
-    )
-    .bind(workflow)
-    .bind(failed_key)
-    .fetch_all(pool)
-    .await?)
+    let mut failed = Vec::new();
+    let mut frontier = vec![failed_key.to_string()];
+    while !frontier.is_empty() {
+        let newly = sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(format!(
+            "UPDATE tasks t SET status = 'failed', finished_at = now(), updated_at = now(),
+                 error = 'dependency ' || $3 || ' failed'
+             WHERE {UNSATISFIABLE}
+             RETURNING t.*"
+        )))
+        .bind(workflow)
+        .bind(&frontier)
+        .bind(failed_key)
+        .fetch_all(pool)
+        .await?;
+        frontier = newly.iter().map(|t| t.key.clone()).collect();
+        failed.extend(newly);
+    }
+    Ok(failed)
 }
 
 /// Workflows among `ids` whose tasks are all finished get their final status: failed if any task
-/// failed, else cancelled if any was cancelled, else completed.
+/// failed that no dependant absorbed (a quorum join that completed without it), else cancelled
+/// if any was cancelled, else completed.
 pub async fn finish_workflows(
     pool: &PgPool,
     ids: &[WorkflowId],
@@ -369,7 +407,11 @@ pub async fn finish_workflows(
     Ok(sqlx::query_as::<_, WorkflowRecord>(
         "UPDATE workflows w SET
              status = CASE
-                 WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'failed') THEN 'failed'
+                 WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'failed'
+                     AND NOT (EXISTS (SELECT 1 FROM tasks c WHERE c.workflow_id = w.id AND t.key = ANY(c.depends_on))
+                              AND NOT EXISTS (SELECT 1 FROM tasks c WHERE c.workflow_id = w.id
+                                              AND t.key = ANY(c.depends_on) AND c.status <> 'completed')))
+                     THEN 'failed'
                  WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'cancelled') THEN 'cancelled'
                  ELSE 'completed' END,
              finished_at = now(), updated_at = now()

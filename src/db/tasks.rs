@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
 use super::DbError;
+use crate::domain::coordination::NodeKind;
 use crate::domain::{AgentId, Priority, TaskId, TaskStatus, WorkflowId};
 
 /// A task as stored.
@@ -35,6 +36,17 @@ pub struct TaskRecord {
     pub finished_at: Option<DateTime<Utc>>,
     /// Set by an accepted handoff: the next dispatch goes to this agent only.
     pub pinned_agent_id: Option<AgentId>,
+    /// `task` (run by an agent) or the coordination node it is.
+    pub kind: NodeKind,
+    /// Completed dependencies it waits for; `None`: all.
+    pub join_quorum: Option<i32>,
+    /// A coordination node's spec.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordination: Option<serde_json::Value>,
+    /// Expansions done (a split's children, a loop's iterations).
+    pub expansion: i32,
+    /// A sync point released by its timeout.
+    pub timed_out: bool,
 }
 
 /// What a transition changes besides the status. `None` leaves a field as it is.

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
 use super::DbError;
+use crate::domain::coordination::NodeKind;
+use crate::domain::dag::TaskSpec;
 use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
@@ -37,6 +39,48 @@ pub struct NewTask {
     pub status: TaskStatus,
     pub max_attempts: i32,
     pub timeout_seconds: Option<i32>,
+    pub kind: NodeKind,
+    pub join_quorum: Option<i32>,
+    /// The coordination node's spec, for kinds other than `task`.
+    pub coordination: Option<serde_json::Value>,
+}
+
+impl NewTask {
+    /// The row for a validated task spec; it starts ready when it has no dependencies.
+    pub fn from_spec(id: TaskId, t: &TaskSpec) -> Self {
+        let kind = t.kind();
+        let coordination = match kind {
+            NodeKind::Task => None,
+            NodeKind::Sync => serde_json::to_value(&t.sync).ok(),
+            NodeKind::Merge => serde_json::to_value(&t.merge).ok(),
+            NodeKind::Split => serde_json::to_value(&t.split).ok(),
+            NodeKind::Loop => serde_json::to_value(&t.repeat).ok(),
+        };
+        Self {
+            id,
+            key: t.key.clone(),
+            executor: if kind == NodeKind::Task {
+                t.executor.clone()
+            } else {
+                format!("omoi.{}", kind.as_str())
+            },
+            capabilities: t.capabilities.clone(),
+            input: t.input.clone(),
+            depends_on: t.depends_on.clone(),
+            resources: serde_json::to_value(&t.resources).unwrap_or_default(),
+            priority: t.priority,
+            status: if t.depends_on.is_empty() {
+                TaskStatus::Ready
+            } else {
+                TaskStatus::Pending
+            },
+            max_attempts: t.max_attempts,
+            timeout_seconds: t.timeout_seconds,
+            kind,
+            join_quorum: t.join.and_then(|j| j.quorum()).map(|k| k as i32),
+            coordination,
+        }
+    }
 }
 
 /// Inserts a workflow and its tasks atomically: all of it is stored, or none.
@@ -58,7 +102,17 @@ pub async fn create(
     .bind(spec)
     .fetch_one(&mut *tx)
     .await?;
-    // One statement for every task: a wide DAG costs one round trip, not one per task.
+    insert_tasks(&mut *tx, id, tasks).await?;
+    tx.commit().await?;
+    Ok(workflow)
+}
+
+/// Inserts tasks of a workflow in one statement: a wide DAG costs one round trip, not one per task.
+pub async fn insert_tasks(
+    db: impl PgExecutor<'_>,
+    id: WorkflowId,
+    tasks: &[NewTask],
+) -> Result<(), DbError> {
     let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
     let keys: Vec<&str> = tasks.iter().map(|t| t.key.as_str()).collect();
     let executors: Vec<&str> = tasks.iter().map(|t| t.executor.as_str()).collect();
@@ -76,18 +130,25 @@ pub async fn create(
     let statuses: Vec<&str> = tasks.iter().map(|t| t.status.as_str()).collect();
     let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
     let timeouts: Vec<Option<i32>> = tasks.iter().map(|t| t.timeout_seconds).collect();
+    let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
+    let quorums: Vec<Option<i32>> = tasks.iter().map(|t| t.join_quorum).collect();
+    let nodes: Vec<Option<&serde_json::Value>> =
+        tasks.iter().map(|t| t.coordination.as_ref()).collect();
     sqlx::query(
         "INSERT INTO tasks (id, workflow_id, key, executor, capabilities, input, depends_on,
-                            resources, priority, status, max_attempts, timeout_seconds, ready_at)
+                            resources, priority, status, max_attempts, timeout_seconds, ready_at,
+                            kind, join_quorum, coordination)
          SELECT t.id, $1, t.key, t.executor,
                 ARRAY(SELECT jsonb_array_elements_text(t.caps)), t.input,
                 ARRAY(SELECT jsonb_array_elements_text(t.deps)), t.resources, t.priority,
                 t.status, t.max_attempts, t.timeout_seconds,
-                CASE WHEN t.status = 'ready' THEN now() END
+                CASE WHEN t.status = 'ready' THEN now() END,
+                t.kind, t.join_quorum, t.node
          FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[],
-                     $8::jsonb[], $9::text[], $10::text[], $11::int[], $12::int[])
+                     $8::jsonb[], $9::text[], $10::text[], $11::int[], $12::int[], $13::text[],
+                     $14::int[], $15::jsonb[])
               AS t(id, key, executor, caps, input, deps, resources, priority, status,
-                   max_attempts, timeout_seconds)",
+                   max_attempts, timeout_seconds, kind, join_quorum, node)",
     )
     .bind(id)
     .bind(&ids)
@@ -101,10 +162,12 @@ pub async fn create(
     .bind(&statuses)
     .bind(&max_attempts)
     .bind(&timeouts)
-    .execute(&mut *tx)
+    .bind(&kinds)
+    .bind(&quorums)
+    .bind(&nodes)
+    .execute(db)
     .await?;
-    tx.commit().await?;
-    Ok(workflow)
+    Ok(())
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<WorkflowRecord, DbError> {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Priority;
 use super::agent::normalize_capabilities;
+use super::coordination::{Join, LoopSpec, MergeSpec, NodeKind, SplitSpec, SyncSpec, check_node};
 
 /// Most tasks in one workflow.
 pub const MAX_TASKS: usize = 50_000;
@@ -55,13 +56,13 @@ pub struct ResourceSpec {
     pub mode: ResourceMode,
 }
 
-fn default_executor() -> String {
+pub(crate) fn default_executor() -> String {
     "echo".into()
 }
-fn default_max_attempts() -> i32 {
+pub(crate) fn default_max_attempts() -> i32 {
     3
 }
-fn empty_object() -> serde_json::Value {
+pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::json!({})
 }
 
@@ -86,6 +87,48 @@ pub struct TaskSpec {
     pub max_attempts: i32,
     #[serde(default)]
     pub timeout_seconds: Option<i32>,
+    /// How many dependencies must complete first (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<Join>,
+    /// Makes this a sync point (run by the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncSpec>,
+    /// Makes this a merge of its dependencies' outputs (run by the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeSpec>,
+    /// Makes this a split: one child task per item (run by the coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitSpec>,
+    /// Makes this a bounded loop over a sub-graph (run by the coordinator).
+    #[serde(default, rename = "loop", skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<LoopSpec>,
+}
+
+impl TaskSpec {
+    /// A task with this key and every other field at its default.
+    pub fn new(key: String) -> Self {
+        Self {
+            key,
+            capabilities: Vec::new(),
+            executor: default_executor(),
+            input: empty_object(),
+            depends_on: Vec::new(),
+            resources: Vec::new(),
+            priority: Priority::default(),
+            max_attempts: default_max_attempts(),
+            timeout_seconds: None,
+            join: None,
+            sync: None,
+            merge: None,
+            split: None,
+            repeat: None,
+        }
+    }
+
+    /// Whether an agent runs it, or which coordination node it is.
+    pub fn kind(&self) -> NodeKind {
+        check_node(self).unwrap_or(NodeKind::Task)
+    }
 }
 
 /// A workflow submission (`POST /api/v1/workflows`, `<ns>.workflow.submit`, `omoi submit`).
@@ -215,6 +258,24 @@ pub fn validate(mut spec: WorkflowSpec) -> Result<ValidWorkflow, DagError> {
                 return Err(bad("depends_on", format!("`{d}` listed twice")));
             }
         }
+        check_node(t).map_err(|(field, message)| bad(field, message))?;
+    }
+    // Splits and loops key what they insert `<key>/…`: no submitted key may take that space.
+    for t in &spec.tasks {
+        if t.split.is_none() && t.repeat.is_none() {
+            continue;
+        }
+        let prefix = format!("{}/", t.key);
+        if let Some(clash) = spec.tasks.iter().find(|o| o.key.starts_with(&prefix)) {
+            return Err(DagError::InvalidTask {
+                task: clash.key.clone(),
+                field: "key",
+                message: format!(
+                    "keys under `{prefix}` are reserved for what `{}` inserts",
+                    t.key
+                ),
+            });
+        }
     }
     let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(spec.tasks.len(), spec.tasks.len());
     let nodes: Vec<NodeIndex> = (0..spec.tasks.len()).map(|i| graph.add_node(i)).collect();
@@ -304,6 +365,11 @@ fn walk(value: &serde_json::Value, f: &mut impl FnMut(&str)) {
         serde_json::Value::Object(map) => map.values().for_each(|v| walk(v, f)),
         _ => {}
     }
+}
+
+/// The dependency key a `${deps.KEY.output…}` string reads, if it is one.
+pub fn reference_key(s: &str) -> Option<&str> {
+    parse_reference(s).map(|(k, _)| k)
 }
 
 /// `${deps.KEY.output[.a.b]}` → (KEY, [a, b]).

@@ -87,6 +87,18 @@ pub enum Event {
     HandoffExpired(HandoffEvent),
     #[serde(rename = "agent.handoff.cancelled")]
     HandoffCancelled(HandoffEvent),
+    #[serde(rename = "coordination.sync.created")]
+    SyncCreated(CoordinationEvent),
+    #[serde(rename = "coordination.sync.ready")]
+    SyncReady(CoordinationEvent),
+    #[serde(rename = "coordination.split.created")]
+    SplitCreated(CoordinationEvent),
+    #[serde(rename = "coordination.merge.completed")]
+    MergeCompleted(CoordinationEvent),
+    #[serde(rename = "coordination.loop.iteration")]
+    LoopIteration(CoordinationEvent),
+    #[serde(rename = "coordination.loop.completed")]
+    LoopCompleted(CoordinationEvent),
 }
 
 impl Event {
@@ -115,6 +127,12 @@ impl Event {
         "agent.handoff.declined",
         "agent.handoff.expired",
         "agent.handoff.cancelled",
+        "coordination.sync.created",
+        "coordination.sync.ready",
+        "coordination.split.created",
+        "coordination.merge.completed",
+        "coordination.loop.iteration",
+        "coordination.loop.completed",
     ];
 
     /// The wire type, e.g. `task.completed`.
@@ -143,6 +161,12 @@ impl Event {
             Self::HandoffDeclined(_) => "agent.handoff.declined",
             Self::HandoffExpired(_) => "agent.handoff.expired",
             Self::HandoffCancelled(_) => "agent.handoff.cancelled",
+            Self::SyncCreated(_) => "coordination.sync.created",
+            Self::SyncReady(_) => "coordination.sync.ready",
+            Self::SplitCreated(_) => "coordination.split.created",
+            Self::MergeCompleted(_) => "coordination.merge.completed",
+            Self::LoopIteration(_) => "coordination.loop.iteration",
+            Self::LoopCompleted(_) => "coordination.loop.completed",
         }
     }
 
@@ -263,6 +287,36 @@ pub struct HandoffEvent {
     pub decided_by: Option<AgentId>,
     #[serde(default)]
     pub reason: String,
+}
+
+/// Data of every `coordination.*` event: the node, and what it did.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CoordinationEvent {
+    pub workflow_id: WorkflowId,
+    pub task_id: TaskId,
+    pub key: String,
+    /// sync.created: its sources; sync.ready: the sources that completed; merge.completed: the
+    /// outputs merged, in completion order; split.created and loop.iteration: the tasks inserted.
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// sync: completed sources required (`None`: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<i32>,
+    /// sync.created: its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+    /// sync.ready: released by its timeout rather than its join.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// merge.completed: the strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    /// merge.completed: the merged value; loop.completed: the loop's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// loop.*: the iteration inserted, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u32>,
 }
 
 /// Data of every `workflow.*` event.
@@ -386,6 +440,15 @@ mod tests {
             Event::HandoffDeclined(handoff.clone()),
             Event::HandoffExpired(handoff.clone()),
             Event::HandoffCancelled(handoff),
+        ]);
+        let node = CoordinationEvent::default();
+        all.extend([
+            Event::SyncCreated(node.clone()),
+            Event::SyncReady(node.clone()),
+            Event::SplitCreated(node.clone()),
+            Event::MergeCompleted(node.clone()),
+            Event::LoopIteration(node.clone()),
+            Event::LoopCompleted(node),
         ]);
         assert_eq!(all.len(), Event::TYPES.len());
         for (ev, ty) in all.iter().zip(Event::TYPES) {

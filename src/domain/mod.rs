@@ -2,6 +2,7 @@
 //! No I/O here: the database and the bus translate to and from these types.
 
 pub mod agent;
+pub mod coordination;
 pub mod dag;
 pub mod event;
 pub mod ids;

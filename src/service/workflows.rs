@@ -121,23 +121,7 @@ impl Workflows {
             .spec
             .tasks
             .iter()
-            .map(|t| NewTask {
-                id: TaskId::new(),
-                key: t.key.clone(),
-                executor: t.executor.clone(),
-                capabilities: t.capabilities.clone(),
-                input: t.input.clone(),
-                depends_on: t.depends_on.clone(),
-                resources: serde_json::to_value(&t.resources).unwrap_or_default(),
-                priority: t.priority,
-                status: if t.depends_on.is_empty() {
-                    TaskStatus::Ready
-                } else {
-                    TaskStatus::Pending
-                },
-                max_attempts: t.max_attempts,
-                timeout_seconds: t.timeout_seconds,
-            })
+            .map(|t| NewTask::from_spec(TaskId::new(), t))
             .collect();
         let workflow = workflows::create(
             &self.pool,
@@ -171,6 +155,7 @@ impl Workflows {
                     })
                 }),
         );
+        events.extend(crate::service::scheduler::sync_created(id, &new_tasks));
         self.bus.publish_all(events).await?;
         self.wake.notify_one();
         tracing::info!(workflow.id = %id, "workflow submitted");

@@ -6,6 +6,7 @@
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
 //! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
+//! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …}` |
 //!
 //! A task asks to be handed to another agent by returning [`TaskFailure::handoff`]: a `shell`
 //! command by exiting with [`SHELL_HANDOFF_EXIT`] and printing `{"handoff": {…}}`; the worker then
@@ -93,13 +94,14 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// `echo`, `sleep`, `shell` and `http`.
+    /// `echo`, `sleep`, `shell`, `http` and `sim`.
     pub fn builtin() -> Self {
         let mut e = Self::default();
         e.register("echo", Arc::new(Echo));
         e.register("sleep", Arc::new(Sleep));
         e.register("shell", Arc::new(Shell));
         e.register("http", Arc::new(Http));
+        e.register("sim", Arc::new(Sim));
         e
     }
 
@@ -152,6 +154,57 @@ impl Executor for Sleep {
                 .get("output")
                 .cloned()
                 .unwrap_or_else(|| json!({"slept_ms": ms})))
+        })
+    }
+}
+
+/// Simulated work (`omoi simulate`): repeatable for a seed, whichever agent runs it.
+struct Sim;
+impl Executor for Sim {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        Box::pin(async move {
+            let input = &ctx.input;
+            let seed = input.get("seed").and_then(Value::as_u64).unwrap_or(0);
+            let mut rng = crate::sim::latency::rng_for(seed, &ctx.key, ctx.attempt);
+            let latency = match input.get("latency") {
+                None => crate::sim::latency::Latency::Fixed(0.0),
+                Some(Value::Number(n)) => {
+                    crate::sim::latency::Latency::Fixed(n.as_f64().unwrap_or(0.0))
+                }
+                Some(Value::String(s)) => s
+                    .parse()
+                    .map_err(|e| TaskFailure::new(format!("sim executor: latency: {e}")))?,
+                Some(other) => {
+                    return Err(TaskFailure::new(format!(
+                        "sim executor: latency must be a number or a distribution, got {other}"
+                    )));
+                }
+            };
+            let ms = latency.sample(&mut rng);
+            let fail_rate = input
+                .get("fail_rate")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            let fails = fail_rate > 0.0 && rand::Rng::random_bool(&mut rng, fail_rate.min(1.0));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if fails {
+                return Err(TaskFailure::new(format!(
+                    "simulated failure (fail_rate {fail_rate}, attempt {})",
+                    ctx.attempt
+                )));
+            }
+            if let Some(Value::Array(outputs)) = input.get("outputs")
+                && let Some(last) = outputs.last()
+            {
+                let run = input.get("run").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+                return Ok(outputs.get(run - 1).unwrap_or(last).clone());
+            }
+            if let Some(output) = input.get("output") {
+                return Ok(output.clone());
+            }
+            Ok(
+                json!({"input": input.get("input").cloned().unwrap_or(Value::Null), "simulated_ms": ms}),
+            )
         })
     }
 }

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod collaboration;
+mod coordination;
 mod env;
 mod faults;
 mod http;

@@ -30,6 +30,9 @@ async fn one_task(env: &TestEnv, status: TaskStatus, max_attempts: i32) -> TaskI
             status,
             max_attempts,
             timeout_seconds: Some(30),
+            kind: omoi::domain::coordination::NodeKind::Task,
+            join_quorum: None,
+            coordination: None,
         }],
     )
     .await

@@ -25,6 +25,10 @@ use std::sync::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+mod nodes;
+
+pub use nodes::sync_created;
+
 use super::ServiceError;
 use super::workflows::{task_events, workflow_event};
 use crate::bus::names::{CONSUMER_SCHEDULER, STREAM_DISPATCH, STREAM_RESULTS};
@@ -253,8 +257,16 @@ impl Scheduler {
                 }
             }
             loop {
+                // Coordination nodes first: what they complete or insert is dispatched next.
+                let ran = match self.coordinate_once().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "coordination nodes failed; will retry");
+                        0
+                    }
+                };
                 match self.dispatch_once().await {
-                    Ok(0) => break,
+                    Ok(0) if ran == 0 => break,
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::warn!(error = %e, "dispatch failed; will retry");
@@ -308,6 +320,14 @@ impl Scheduler {
                 Err(e) => return Err(db(e)),
             }
         }
+        let (released, expired) = self.expire_syncs().await?;
+        if !released.is_empty() {
+            // Released sync points are ready nodes: the dispatch loop runs them next.
+            self.wake.notify_one();
+        }
+        events.extend(task_events(&released));
+        events.extend(task_events(&expired));
+        failed.extend(expired);
         let stuck: Vec<_> = never_started.iter().map(|t| (t.id, t.attempt)).collect();
         if !stuck.is_empty() {
             let requeued =
@@ -704,6 +724,13 @@ impl Scheduler {
                 scheduling::fail_dependants(&self.pool, t.workflow_id, &t.key)
                     .await
                     .map_err(db)?
+            } else if !scheduling::failure_is_fatal(&self.pool, t.workflow_id, &t.key)
+                .await
+                .map_err(db)?
+            {
+                // A quorum join that can still be met absorbs the failure.
+                tracing::info!(task.id = %t.id, key = %t.key, "failure tolerated by a quorum join");
+                Vec::new()
             } else {
                 scheduling::cancel_unfinished(
                     &self.pool,

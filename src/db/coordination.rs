@@ -1,0 +1,151 @@
+//! Statements of the coordination nodes (sync, merge, split, loop) that the scheduler runs
+//! itself. Each is guarded by the node's status (and expansion count), so a node is run, or
+//! expanded, once even if two leaders overlap for a moment.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::DbError;
+use super::tasks::TaskRecord;
+use super::workflows::{NewTask, insert_tasks};
+use crate::domain::{TaskId, TaskStatus};
+
+/// One dependency of a node as it stands.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Source {
+    pub key: String,
+    pub status: TaskStatus,
+    pub output: Option<serde_json::Value>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Ready coordination nodes, oldest first.
+pub async fn ready_nodes(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE status = 'ready' AND kind <> 'task'
+         ORDER BY ready_at, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The node's dependencies in completion order (unfinished last, by key).
+pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, DbError> {
+    Ok(sqlx::query_as::<_, Source>(
+        "SELECT key, status, output, finished_at FROM tasks
+         WHERE workflow_id = $1 AND key = ANY($2)
+         ORDER BY finished_at NULLS LAST, key",
+    )
+    .bind(node.workflow_id)
+    .bind(&node.depends_on)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `ready → completed` with the node's result.
+pub async fn complete(
+    pool: &PgPool,
+    id: TaskId,
+    output: &serde_json::Value,
+) -> Result<Option<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'completed', output = $2, attempt = attempt + 1, error = NULL,
+             started_at = now(), finished_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'ready'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(output)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// `ready|pending → failed`: the node cannot produce a result (bad split items, no majority,
+/// a sync point's timeout).
+pub async fn fail(pool: &PgPool, id: TaskId, error: &str) -> Result<Option<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'failed', error = $2, failures = failures + 1,
+             finished_at = now(), updated_at = now()
+         WHERE id = $1 AND status IN ('ready', 'pending')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(error)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// `ready → pending` waiting for `quorum` completed dependencies (a vote without a majority yet).
+pub async fn wait_for_more(
+    pool: &PgPool,
+    id: TaskId,
+    quorum: i32,
+) -> Result<Option<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'pending', join_quorum = $2, ready_at = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'ready'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(quorum)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Inserts what a split or loop expands to and makes the node wait for it, in one transaction:
+/// the node's dependencies become `depends_on` (with `join_quorum`), it goes back to pending and
+/// its expansion count rises. `None` if the node was no longer ready at that expansion.
+pub async fn expand(
+    pool: &PgPool,
+    node: &TaskRecord,
+    inserted: &[NewTask],
+    depends_on: &[String],
+    join_quorum: Option<i32>,
+) -> Result<Option<TaskRecord>, DbError> {
+    let mut tx = pool.begin().await?;
+    let rewired = sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET depends_on = $2, join_quorum = $3, status = 'pending', ready_at = NULL,
+             expansion = expansion + 1, updated_at = now()
+         WHERE id = $1 AND status = 'ready' AND expansion = $4
+         RETURNING *",
+    )
+    .bind(node.id)
+    .bind(depends_on)
+    .bind(join_quorum)
+    .bind(node.expansion)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(rewired) = rewired else {
+        return Ok(None);
+    };
+    insert_tasks(&mut *tx, node.workflow_id, inserted).await?;
+    tx.commit().await?;
+    Ok(Some(rewired))
+}
+
+/// Pending sync points whose timeout has passed, counted from the first source's start.
+pub async fn expired_syncs(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "SELECT t.* FROM tasks t
+         WHERE t.kind = 'sync' AND t.status = 'pending'
+           AND t.coordination->>'timeout_seconds' IS NOT NULL
+           AND (SELECT min(d.started_at) FROM tasks d
+                WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on))
+               + make_interval(secs => (t.coordination->>'timeout_seconds')::float8) < now()",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A timed-out sync point that continues: `pending → ready`, marked as released by its timeout.
+pub async fn release_sync(pool: &PgPool, id: TaskId) -> Result<Option<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'ready', timed_out = true, ready_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'pending'
+         RETURNING *",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}

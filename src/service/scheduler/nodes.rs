@@ -1,0 +1,422 @@
+//! The coordination nodes the scheduler runs itself (src/domain/coordination.rs): a ready sync
+//! point completes with what its sources produced, a merge stores its merged result, a split
+//! inserts its children and later gathers them, a loop inserts one iteration at a time. Every
+//! step is one guarded statement (or transaction), so a coordinator restart resumes where the
+//! stored state is.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+use super::{Scheduler, db};
+use crate::db::coordination::{self as nodes, Source};
+use crate::db::tasks::TaskRecord;
+use crate::db::workflows::NewTask;
+use crate::db::{DbError, scheduling};
+use crate::domain::coordination::{
+    LoopSpec, LoopStep, MergeSpec, NodeKind, SplitSpec, SyncSpec, after_iteration,
+    expand_iteration, expand_split, iteration_key,
+};
+use crate::domain::dag::resolve_input;
+use crate::domain::event::CoordinationEvent;
+use crate::domain::merge::{MergeError, MergeStrategy, merge};
+use crate::domain::{Event, TaskId, TaskStatus, WorkflowId};
+use crate::service::ServiceError;
+use crate::service::workflows::task_events;
+
+/// Ready nodes run per round.
+const NODE_BATCH: i64 = 500;
+
+/// What running one node did.
+enum Ran {
+    Completed(TaskRecord, Option<Event>),
+    Failed(TaskRecord),
+    /// Tasks were inserted; the node now waits for them.
+    Expanded {
+        inserted: Vec<TaskId>,
+        event: Event,
+        created: Vec<Event>,
+    },
+    /// Waits for more sources (a vote without a majority yet).
+    Waiting(TaskId),
+    /// Someone else moved the node first.
+    Skipped,
+}
+
+fn node_event(t: &TaskRecord) -> CoordinationEvent {
+    CoordinationEvent {
+        workflow_id: t.workflow_id,
+        task_id: t.id,
+        key: t.key.clone(),
+        ..CoordinationEvent::default()
+    }
+}
+
+/// `sync.created` for the sync points among new rows.
+pub fn sync_created(workflow: WorkflowId, tasks: &[NewTask]) -> Vec<Event> {
+    tasks
+        .iter()
+        .filter(|t| t.kind == NodeKind::Sync)
+        .map(|t| {
+            let spec: SyncSpec = t
+                .coordination
+                .clone()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            Event::SyncCreated(CoordinationEvent {
+                workflow_id: workflow,
+                task_id: t.id,
+                key: t.key.clone(),
+                tasks: t.depends_on.clone(),
+                quorum: t.join_quorum,
+                timeout_seconds: spec.timeout_seconds,
+                ..CoordinationEvent::default()
+            })
+        })
+        .collect()
+}
+
+fn spec_of<T: serde::de::DeserializeOwned>(t: &TaskRecord) -> Result<T, String> {
+    serde_json::from_value(t.coordination.clone().unwrap_or(Value::Null))
+        .map_err(|e| format!("stored {} spec cannot be read: {e}", t.kind.as_str()))
+}
+
+fn finished(s: &Source) -> bool {
+    s.status == TaskStatus::Completed
+}
+
+impl Scheduler {
+    /// Runs every ready coordination node once; returns how many were ready.
+    pub async fn coordinate_once(&self) -> Result<usize, ServiceError> {
+        let ready = nodes::ready_nodes(&self.pool, NODE_BATCH)
+            .await
+            .map_err(db)?;
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        let mut events = Vec::new();
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let mut inserted = Vec::new();
+        let mut waiting = Vec::new();
+        let mut regraph = BTreeSet::new();
+        for node in &ready {
+            let span = tracing::debug_span!("node", task.id = %node.id, kind = node.kind.as_str());
+            match self.run_node(node).instrument(span).await? {
+                Ran::Completed(t, event) => {
+                    events.extend(task_events([&t]));
+                    events.extend(event);
+                    done.push(t);
+                }
+                Ran::Failed(t) => {
+                    tracing::warn!(task.id = %t.id, key = %t.key, error = ?t.error, "coordination node failed");
+                    events.extend(task_events([&t]));
+                    failed.push(t);
+                }
+                Ran::Expanded {
+                    inserted: ids,
+                    event,
+                    created,
+                } => {
+                    regraph.insert(node.workflow_id);
+                    inserted.extend(ids);
+                    events.push(event);
+                    events.extend(created);
+                }
+                Ran::Waiting(id) => waiting.push(id),
+                Ran::Skipped => {}
+            }
+        }
+        if let Ok(mut g) = self.graphs.lock() {
+            for w in &regraph {
+                g.remove(w);
+            }
+        }
+        // What was inserted may be ready at once (its dependencies completed before it existed);
+        // a waiting vote may already have its next source.
+        inserted.extend(waiting);
+        let promoted = scheduling::promote_candidates(&self.pool, &inserted)
+            .await
+            .map_err(db)?;
+        events.extend(task_events(&promoted));
+        events.extend(self.settle(&done, &failed).await?);
+        if !events.is_empty() {
+            self.bus.publish_all(events).await?;
+        }
+        Ok(ready.len())
+    }
+
+    async fn run_node(&self, node: &TaskRecord) -> Result<Ran, ServiceError> {
+        let sources = nodes::sources(&self.pool, node).await.map_err(db)?;
+        let result = match node.kind {
+            NodeKind::Task => return Ok(Ran::Skipped),
+            NodeKind::Sync => Ok(Self::run_sync(node, &sources)),
+            NodeKind::Merge => Self::run_merge(node, &sources),
+            NodeKind::Split => Self::run_split(node, &sources),
+            NodeKind::Loop => Self::run_loop(node, &sources),
+        };
+        match result {
+            Ok(Step::Complete(output, event)) => Ok(
+                match nodes::complete(&self.pool, node.id, &output)
+                    .await
+                    .map_err(db)?
+                {
+                    Some(t) => Ran::Completed(t, event),
+                    None => Ran::Skipped,
+                },
+            ),
+            Ok(Step::Expand {
+                rows,
+                depends_on,
+                quorum,
+                event,
+            }) => {
+                let Some(_) = nodes::expand(&self.pool, node, &rows, &depends_on, quorum)
+                    .await
+                    .map_err(db)?
+                else {
+                    return Ok(Ran::Skipped);
+                };
+                tracing::info!(task.id = %node.id, key = %node.key, inserted = rows.len(), "coordination node expanded");
+                Ok(Ran::Expanded {
+                    inserted: rows.iter().map(|r| r.id).collect(),
+                    event,
+                    created: sync_created(node.workflow_id, &rows),
+                })
+            }
+            Ok(Step::Wait(quorum)) => Ok(
+                match nodes::wait_for_more(&self.pool, node.id, quorum)
+                    .await
+                    .map_err(db)?
+                {
+                    Some(t) => Ran::Waiting(t.id),
+                    None => Ran::Skipped,
+                },
+            ),
+            Err(reason) => Ok(
+                match nodes::fail(&self.pool, node.id, &reason)
+                    .await
+                    .map_err(db)?
+                {
+                    Some(t) => Ran::Failed(t),
+                    None => Ran::Skipped,
+                },
+            ),
+        }
+    }
+
+    fn run_sync(node: &TaskRecord, sources: &[Source]) -> Step {
+        let completed: Vec<&Source> = sources.iter().filter(|s| finished(s)).collect();
+        let missing: Vec<&str> = sources
+            .iter()
+            .filter(|s| !finished(s))
+            .map(|s| s.key.as_str())
+            .collect();
+        let outputs: BTreeMap<&str, &Value> = completed
+            .iter()
+            .map(|s| (s.key.as_str(), s.output.as_ref().unwrap_or(&Value::Null)))
+            .collect();
+        let keys: Vec<String> = completed.iter().map(|s| s.key.clone()).collect();
+        let output = json!({
+            "completed": keys,
+            "missing": missing,
+            "timed_out": node.timed_out,
+            "outputs": outputs,
+        });
+        let event = Event::SyncReady(CoordinationEvent {
+            tasks: keys,
+            quorum: node.join_quorum,
+            timed_out: node.timed_out,
+            ..node_event(node)
+        });
+        Step::Complete(output, Some(event))
+    }
+
+    fn run_merge(node: &TaskRecord, sources: &[Source]) -> Result<Step, String> {
+        let spec: MergeSpec = spec_of(node)?;
+        let outputs: Vec<(String, Value)> = sources
+            .iter()
+            .filter(|s| finished(s))
+            .map(|s| (s.key.clone(), s.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        match merge(spec.strategy, &outputs, spec.field.as_deref()) {
+            Ok(result) => {
+                let event = Event::MergeCompleted(CoordinationEvent {
+                    tasks: outputs.iter().map(|(k, _)| k.clone()).collect(),
+                    strategy: serde_json::to_value(spec.strategy)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string)),
+                    result: Some(result.clone()),
+                    ..node_event(node)
+                });
+                Ok(Step::Complete(result, Some(event)))
+            }
+            // A vote with no majority yet waits for the next ballot, while one can still come.
+            Err(MergeError::NoMajority { .. })
+                if spec.strategy == MergeStrategy::Majority
+                    && sources.iter().any(|s| !s.status.is_terminal()) =>
+            {
+                Ok(Step::Wait(outputs.len() as i32 + 1))
+            }
+            Err(e) => Err(format!("merge failed: {e}")),
+        }
+    }
+
+    fn run_split(node: &TaskRecord, sources: &[Source]) -> Result<Step, String> {
+        let spec: SplitSpec = spec_of(node)?;
+        if node.expansion > 0 {
+            // The children satisfied the join: gather their outputs in item order.
+            let by_key: BTreeMap<&str, &Source> =
+                sources.iter().map(|s| (s.key.as_str(), s)).collect();
+            let count = node.depends_on.len();
+            let outputs: Vec<Value> = node
+                .depends_on
+                .iter()
+                .map(|k| {
+                    by_key
+                        .get(k.as_str())
+                        .filter(|s| finished(s))
+                        .and_then(|s| s.output.clone())
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            return Ok(Step::Complete(
+                json!({"count": count, "outputs": outputs}),
+                None,
+            ));
+        }
+        let deps: BTreeMap<String, Value> = sources
+            .iter()
+            .map(|s| (s.key.clone(), s.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        let items = resolve_input(&spec.items, &deps);
+        let children = expand_split(&node.key, &node.depends_on, &spec, &items)?;
+        let rows: Vec<NewTask> = children
+            .iter()
+            .map(|c| NewTask::from_spec(TaskId::new(), c))
+            .collect();
+        let keys: Vec<String> = children.iter().map(|c| c.key.clone()).collect();
+        let quorum = spec.join.quorum().map(|k| k as i32);
+        if quorum.is_some_and(|k| k as usize > keys.len()) {
+            return Err(format!(
+                "join quorum {} exceeds the {} items split",
+                quorum.unwrap_or_default(),
+                keys.len()
+            ));
+        }
+        let event = Event::SplitCreated(CoordinationEvent {
+            tasks: keys.clone(),
+            quorum,
+            ..node_event(node)
+        });
+        Ok(Step::Expand {
+            rows,
+            depends_on: keys,
+            quorum,
+            event,
+        })
+    }
+
+    fn run_loop(node: &TaskRecord, sources: &[Source]) -> Result<Step, String> {
+        let spec: LoopSpec = spec_of(node)?;
+        let next = if node.expansion == 0 {
+            1
+        } else {
+            let iteration = node.expansion as u32;
+            let prefix = format!("{}/{iteration}/", node.key);
+            let outputs: BTreeMap<String, Value> = sources
+                .iter()
+                .filter_map(|s| {
+                    let key = s.key.strip_prefix(&prefix)?;
+                    Some((key.to_string(), s.output.clone().unwrap_or(Value::Null)))
+                })
+                .collect();
+            match after_iteration(&spec, iteration, &outputs) {
+                LoopStep::Next(n) => n,
+                LoopStep::Done(output) => {
+                    let event = Event::LoopCompleted(CoordinationEvent {
+                        iteration: Some(iteration),
+                        result: Some(output.clone()),
+                        ..node_event(node)
+                    });
+                    return Ok(Step::Complete(output, Some(event)));
+                }
+            }
+        };
+        let tasks = expand_iteration(&node.key, &spec, next);
+        let rows: Vec<NewTask> = tasks
+            .iter()
+            .map(|t| NewTask::from_spec(TaskId::new(), t))
+            .collect();
+        let keys: Vec<String> = spec
+            .body
+            .iter()
+            .map(|t| iteration_key(&node.key, next, &t.key))
+            .collect();
+        let event = Event::LoopIteration(CoordinationEvent {
+            tasks: keys.clone(),
+            iteration: Some(next),
+            ..node_event(node)
+        });
+        Ok(Step::Expand {
+            rows,
+            depends_on: keys,
+            quorum: None,
+            event,
+        })
+    }
+
+    /// A pending sync point whose timeout passed: released with what finished, or failed.
+    pub(super) async fn expire_syncs(
+        &self,
+    ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
+        let mut released = Vec::new();
+        let mut failed = Vec::new();
+        for t in nodes::expired_syncs(&self.pool).await.map_err(db)? {
+            let spec: SyncSpec = spec_of(&t).unwrap_or_default();
+            let seconds = spec.timeout_seconds.unwrap_or_default();
+            tracing::warn!(task.id = %t.id, key = %t.key, seconds, "sync point timed out");
+            let moved = match spec.on_timeout {
+                crate::domain::coordination::OnTimeout::Continue => {
+                    nodes::release_sync(&self.pool, t.id).await.map(|r| {
+                        if let Some(r) = r {
+                            released.push(r)
+                        }
+                    })
+                }
+                crate::domain::coordination::OnTimeout::Fail => nodes::fail(
+                    &self.pool,
+                    t.id,
+                    &format!("sync point timed out after {seconds} s"),
+                )
+                .await
+                .map(|r| {
+                    if let Some(r) = r {
+                        failed.push(r)
+                    }
+                }),
+            };
+            match moved {
+                Ok(()) | Err(DbError::Conflict { .. }) => {}
+                Err(e) => return Err(db(e)),
+            }
+        }
+        Ok((released, failed))
+    }
+}
+
+/// What a node's logic decided, before it is stored.
+enum Step {
+    /// Store the result; publish the event besides `task.completed`.
+    Complete(Value, Option<Event>),
+    /// Insert `rows` and wait for `depends_on` (with `quorum`).
+    Expand {
+        rows: Vec<NewTask>,
+        depends_on: Vec<String>,
+        quorum: Option<i32>,
+        event: Event,
+    },
+    /// Wait for this many completed sources.
+    Wait(i32),
+}
