@@ -10,7 +10,9 @@ ALTER TABLE tasks
     -- Expansions done: a split's children inserted (1), a loop's iterations inserted.
     ADD COLUMN expansion integer NOT NULL DEFAULT 0 CHECK (expansion >= 0),
     -- A sync point whose timeout passed and that continues with what finished.
-    ADD COLUMN timed_out boolean NOT NULL DEFAULT false;
+    ADD COLUMN timed_out boolean NOT NULL DEFAULT false,
+    -- How long the completed attempt waited for its resource locks (reported by the worker).
+    ADD COLUMN lock_wait_ms bigint;
 
 -- The coordinator finds ready nodes and pending sync points with a timeout.
 CREATE INDEX tasks_coordination_idx ON tasks (status) WHERE kind <> 'task';

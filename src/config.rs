@@ -69,6 +69,20 @@ pub struct Settings {
     /// Where a worker appends each inbox item it receives, one JSON line per item, in
     /// `<dir>/<agent name>.jsonl` (empty: items are only logged).
     pub worker_inbox_dir: String,
+    /// Directories searched for pattern files by name (`omoi run NAME`, the from-pattern API),
+    /// separated by `:`, after the built-in patterns.
+    pub patterns_dir: String,
+}
+
+impl Settings {
+    /// The directories of `patterns_dir`.
+    pub fn pattern_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.patterns_dir
+            .split(':')
+            .filter(|d| !d.trim().is_empty())
+            .map(std::path::PathBuf::from)
+            .collect()
+    }
 }
 
 impl Default for Settings {
@@ -94,6 +108,7 @@ impl Default for Settings {
             worker_max_concurrency: 0,
             handoff_ttl_ms: 300_000,
             worker_inbox_dir: String::new(),
+            patterns_dir: String::new(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod coordinator;
 pub mod db;
 pub mod domain;
+pub mod pattern;
 pub mod protocol;
 pub mod runtime;
 pub mod service;

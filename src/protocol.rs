@@ -97,6 +97,9 @@ pub enum Outcome {
     Completed {
         #[serde(default)]
         output: serde_json::Value,
+        /// How long the attempt waited for its resource locks before running.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lock_wait_ms: Option<u64>,
     },
     /// The attempt failed; the scheduler retries with backoff until `max_attempts`.
     Failed {

@@ -26,6 +26,8 @@ pub struct AppState {
     /// For the WebSocket streams.
     pub nats: async_nats::Client,
     pub names: crate::bus::Names,
+    /// Where named patterns are looked up after the built-in ones.
+    pub pattern_dirs: Vec<std::path::PathBuf>,
 }
 
 /// The `/api/v1` router.

@@ -16,6 +16,8 @@ use crate::service::workflows::{Submitted, WorkflowView};
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/workflows", post(submit).get(list))
+        .route("/workflows/from-pattern", post(from_pattern))
+        .route("/patterns", get(patterns))
         .route("/workflows/{id}", get(get_one))
         .route("/workflows/{id}/cancel", post(cancel))
         .route("/tasks/{id}", get(task))
@@ -38,6 +40,71 @@ async fn submit(
         StatusCode::CREATED,
         Json(state.workflows.submit(spec).await?),
     ))
+}
+
+/// `POST /workflows/from-pattern`: `{"pattern": "<name>", "params": {…}}`, or the file itself
+/// as `{"source": "<YAML or JSON text>", "params": {…}}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FromPattern {
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    params: std::collections::BTreeMap<String, Value>,
+}
+
+fn pattern_error(e: crate::pattern::PatternError) -> ApiError {
+    match e.kind {
+        crate::pattern::PatternErrorKind::NotFound => ServiceError::NotFound(e.to_string()).into(),
+        crate::pattern::PatternErrorKind::Parameter => {
+            ServiceError::validation("params", e.to_string()).into()
+        }
+        _ => ServiceError::validation("pattern", e.to_string()).into(),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn from_pattern(
+    State(state): State<AppState>,
+    Json(req): Json<FromPattern>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let pattern = match (&req.pattern, &req.source) {
+        (Some(name), None) => {
+            // A name only: a client must not make the server read a path of its choosing.
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(ServiceError::validation(
+                    "pattern",
+                    "a pattern name (letters, digits, _ and -); send a file's text as `source`",
+                )
+                .into());
+            }
+            crate::pattern::find(name, &state.pattern_dirs).map_err(pattern_error)?
+        }
+        (None, Some(text)) => crate::pattern::load_str("source", text).map_err(pattern_error)?,
+        _ => {
+            return Err(ServiceError::validation(
+                "pattern",
+                "give exactly one of `pattern` (a name) or `source` (a pattern file's text)",
+            )
+            .into());
+        }
+    };
+    let instantiated = pattern.instantiate(&req.params).map_err(pattern_error)?;
+    let submitted = state.workflows.submit(instantiated.spec).await?;
+    let mut reply = json!(submitted);
+    reply["pattern"] = json!(pattern.name());
+    Ok((StatusCode::CREATED, Json(reply)))
+}
+
+/// `GET /patterns`: the patterns a name can refer to.
+async fn patterns(State(state): State<AppState>) -> Json<Vec<crate::pattern::Summary>> {
+    Json(crate::pattern::list(&state.pattern_dirs))
 }
 
 async fn list(

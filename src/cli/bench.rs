@@ -65,33 +65,25 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let ns = format!("bench{}", &suffix[..8]);
-    let names = Names::new(&ns).map_err(anyhow::Error::msg)?;
-    let mut db_url = url::Url::parse(&settings.database_url).context("database_url")?;
-    db_url.set_path(&format!("/omoi_{ns}"));
-    let bench_settings = Settings {
-        namespace: ns.clone(),
-        database_url: db_url.to_string(),
-        http_addr: "127.0.0.1:0".into(),
-        log_level: "warn".into(),
-        ..settings.clone()
-    };
-    crate::db::ensure_database(&bench_settings.database_url).await?;
-    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-bench").await?;
-    let js = jetstream::new(nats.clone());
-    provision::ensure_all(&js, &names).await?;
+    let scratch = super::scratch::Scratch::create(&settings, "bench").await?;
+    let ns = scratch.names.namespace().to_string();
     println!(
         "omoi bench — namespace {ns}, {} worker process(es)",
         args.workers
     );
 
-    let result = measure(&bench_settings, &args, &nats, &js, &names).await;
+    let result = measure(
+        &scratch.settings,
+        &args,
+        &scratch.nats,
+        &scratch.js,
+        &scratch.names,
+    )
+    .await;
 
     // Clean up whatever happened.
-    let _ = provision::delete_all(&js, &names).await;
-    let _ = js.delete_stream(format!("{ns}_floor")).await;
-    drop_database(&settings.database_url, &format!("omoi_{ns}")).await;
+    let _ = scratch.js.delete_stream(format!("{ns}_floor")).await;
+    scratch.remove().await;
     result
 }
 
@@ -355,18 +347,4 @@ async fn floor_round_trip(
     }
     responder.abort();
     Ok(stats(samples_out))
-}
-
-async fn drop_database(admin_url: &str, name: &str) {
-    let Ok(mut url) = url::Url::parse(admin_url) else {
-        return;
-    };
-    url.set_path("/postgres");
-    if let Ok(pool) = crate::db::connect(url.as_str(), 1).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-        )))
-        .execute(&pool)
-        .await;
-    }
 }

@@ -2,6 +2,9 @@
 
 mod bench;
 mod dev;
+mod patterns;
+mod scratch;
+mod simulate;
 
 use std::path::PathBuf;
 
@@ -67,6 +70,13 @@ pub enum Command {
     Locks(LocksArgs),
     /// Measure omoi against the raw NATS floor (scratch namespace and database).
     Bench(bench::BenchArgs),
+    /// List, show and validate pattern files (patterns/README.md).
+    #[command(subcommand)]
+    Patterns(patterns::PatternsCommand),
+    /// Run a pattern: submit it with its parameters and follow its progress.
+    Run(patterns::RunArgs),
+    /// Run a pattern with simulated agents (scratch namespace and database) and report on it.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +199,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Submit(args) => submit(&settings, args).await,
         Command::Locks(args) => locks(&settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::Patterns(command) => patterns::run_patterns(&settings, command),
+        Command::Run(args) => patterns::run(&settings, args).await,
+        Command::Simulate(args) => simulate::run(settings, args).await,
     }
 }
 

@@ -164,6 +164,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         collaboration: collaboration.clone(),
         nats: nats.clone(),
         names: names.clone(),
+        pattern_dirs: settings.pattern_dirs(),
     }))
     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
         axum::http::StatusCode::REQUEST_TIMEOUT,

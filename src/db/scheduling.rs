@@ -138,10 +138,11 @@ pub async fn mark_started(
     .await?)
 }
 
-/// `assigned|running → completed` with outputs, for reports of the current attempt only.
+/// `assigned|running → completed` with outputs (and the lock wait, if reported), for reports of
+/// the current attempt only.
 pub async fn mark_completed(
     pool: &PgPool,
-    reports: &[(TaskId, i32, serde_json::Value)],
+    reports: &[(TaskId, i32, serde_json::Value, Option<u64>)],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
@@ -149,16 +150,20 @@ pub async fn mark_completed(
     let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
     let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
     let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.2).collect();
+    let waits: Vec<Option<i64>> = reports.iter().map(|r| r.3.map(|w| w as i64)).collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
+             lock_wait_ms = u.lock_wait_ms,
              started_at = COALESCE(t.started_at, now()), finished_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, output)
+         FROM UNNEST($1::uuid[], $2::int[], $3::jsonb[], $4::bigint[])
+              AS u(id, attempt, output, lock_wait_ms)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
          RETURNING t.*",
     )
     .bind(&ids)
     .bind(&attempts)
     .bind(&outputs)
+    .bind(&waits)
     .fetch_all(pool)
     .await?)
 }

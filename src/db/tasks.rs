@@ -47,6 +47,8 @@ pub struct TaskRecord {
     pub expansion: i32,
     /// A sync point released by its timeout.
     pub timed_out: bool,
+    /// How long the completed attempt waited for its resource locks.
+    pub lock_wait_ms: Option<i64>,
 }
 
 /// What a transition changes besides the status. `None` leaves a field as it is.

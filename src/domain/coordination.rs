@@ -742,7 +742,8 @@ mod tests {
         assert_eq!(kids.len(), 2);
         assert_eq!(kids[1].key, "impl/1");
         assert_eq!(kids[1].depends_on, vec!["plan"]);
-        assert_eq!(kids[1].capabilities, vec!["go", "code"]);
+        // Normalised: sorted and deduplicated.
+        assert_eq!(kids[1].capabilities, vec!["code", "go"]);
         assert_eq!(
             kids[1].input,
             json!({"name": "b", "n": 1, "all": {"name": "b", "lang": "go"}})
@@ -834,7 +835,7 @@ mod tests {
         let mut t = task(
             json!({"key": "cycle", "depends_on": ["plan"], "loop": serde_json::to_value(review_loop()).unwrap()}),
         );
-        t.repeat.as_mut().unwrap().body[0].depends_on = vec!["review".into()];
+        t.repeat.as_mut().unwrap().body[0].depends_on = vec!["plan".into(), "review".into()];
         let err = check_node(&t).unwrap_err();
         assert!(err.1.contains("cycle"), "{err:?}");
         let mut t = task(

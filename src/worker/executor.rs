@@ -6,7 +6,7 @@
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
 //! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
-//! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …}` |
+//! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "index": 0, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[index]` or `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …, "simulated_ms": …}` |
 //!
 //! A task asks to be handed to another agent by returning [`TaskFailure::handoff`]: a `shell`
 //! command by exiting with [`SHELL_HANDOFF_EXIT`] and printing `{"handoff": {…}}`; the worker then
@@ -196,8 +196,14 @@ impl Executor for Sim {
             if let Some(Value::Array(outputs)) = input.get("outputs")
                 && let Some(last) = outputs.last()
             {
-                let run = input.get("run").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
-                return Ok(outputs.get(run - 1).unwrap_or(last).clone());
+                // A split child picks by its 0-based `index`; a loop body by its `run` (from 1).
+                let index = match input.get("index").and_then(Value::as_u64) {
+                    Some(i) => i as usize,
+                    None => {
+                        input.get("run").and_then(Value::as_u64).unwrap_or(1).max(1) as usize - 1
+                    }
+                };
+                return Ok(outputs.get(index).unwrap_or(last).clone());
             }
             if let Some(output) = input.get("output") {
                 return Ok(output.clone());

@@ -389,6 +389,7 @@ impl AgentRunner {
             })
             .collect();
         let agent = self.agent_id.to_string();
+        let lock_started = std::time::Instant::now();
         let held: Vec<HeldLock> = if requests.is_empty() {
             vec![]
         } else {
@@ -425,9 +426,18 @@ impl AgentRunner {
                 .map(|h| (h.name.clone(), h.revision))
                 .collect::<BTreeMap<_, _>>(),
         };
-        let ending = self
+        let lock_wait_ms =
+            (!requests.is_empty()).then(|| lock_started.elapsed().as_millis() as u64);
+        let mut ending = self
             .run_executor(msg, &d, ctx, &held, cancelled, hard_stop)
             .await;
+        if let Ending::Finished(Outcome::Completed {
+            lock_wait_ms: waited,
+            ..
+        }) = &mut ending
+        {
+            *waited = lock_wait_ms;
+        }
         let result = match ending {
             Ending::Finished(outcome) => self.report(task_id, attempt, outcome).await,
             Ending::Cancelled => Ok(()),
@@ -490,7 +500,10 @@ impl AgentRunner {
             tokio::select! {
                 result = &mut work => {
                     return Ending::Finished(match result {
-                        Ok(Ok(output)) => Outcome::Completed { output },
+                        Ok(Ok(output)) => Outcome::Completed {
+                            output,
+                            lock_wait_ms: None,
+                        },
                         Ok(Err(TaskFailure { handoff: Some(ask), .. })) => return Ending::HandOff(ask),
                         Ok(Err(TaskFailure { message, exit_code, .. })) => Outcome::Failed { error: message, exit_code },
                         Err(_) => Outcome::Failed { error: format!("timed out after {} s", timeout.as_secs()), exit_code: None },

@@ -29,6 +29,14 @@ fn one_of_each() -> Vec<Event> {
         status: WorkflowStatus::Completed,
     };
     let agent = AgentId::new();
+    let node = CoordinationEvent {
+        workflow_id: WorkflowId::new(),
+        task_id: TaskId::new(),
+        key: "gate".into(),
+        tasks: vec!["a".into(), "b".into()],
+        quorum: Some(1),
+        ..CoordinationEvent::default()
+    };
     let handoff = HandoffEvent {
         handoff_id: uuid::Uuid::now_v7(),
         task_id: TaskId::new(),
@@ -106,6 +114,23 @@ fn one_of_each() -> Vec<Event> {
         Event::HandoffDeclined(handoff.clone()),
         Event::HandoffExpired(handoff.clone()),
         Event::HandoffCancelled(handoff),
+        Event::SyncCreated(node.clone()),
+        Event::SyncReady(CoordinationEvent {
+            tasks: vec!["a".into()],
+            timed_out: true,
+            ..node.clone()
+        }),
+        Event::SplitCreated(node.clone()),
+        Event::MergeCompleted(CoordinationEvent {
+            strategy: Some("majority".into()),
+            result: Some(serde_json::json!("approve")),
+            ..node.clone()
+        }),
+        Event::LoopIteration(CoordinationEvent {
+            iteration: Some(2),
+            ..node.clone()
+        }),
+        Event::LoopCompleted(node),
     ]
 }
 

@@ -14,6 +14,7 @@ mod bus;
 mod control_plane;
 mod liveness;
 mod locks;
+mod patterns;
 mod processes;
 mod provisioning;
 mod registry;

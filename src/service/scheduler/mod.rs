@@ -613,9 +613,10 @@ impl Scheduler {
         for r in reports {
             match &r.outcome {
                 Outcome::Started => started.push((r.task_id, r.attempt)),
-                Outcome::Completed { output } => {
-                    completed.push((r.task_id, r.attempt, output.clone()))
-                }
+                Outcome::Completed {
+                    output,
+                    lock_wait_ms,
+                } => completed.push((r.task_id, r.attempt, output.clone(), *lock_wait_ms)),
                 Outcome::Blocked { .. } => blocked.push((r.task_id, r.attempt)),
                 Outcome::Released { .. } => released.push((r.task_id, r.attempt)),
                 Outcome::Failed { error, exit_code } => {
