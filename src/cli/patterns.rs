@@ -217,20 +217,20 @@ fn group(key: &str) -> &str {
 struct Group {
     total: usize,
     by_status: BTreeMap<&'static str, usize>,
+    first_ready: Option<chrono::DateTime<chrono::Utc>>,
     first_start: Option<chrono::DateTime<chrono::Utc>>,
     last_finish: Option<chrono::DateTime<chrono::Utc>>,
     retries: i32,
 }
 
+/// Step groups in the order they became ready (groups not yet ready last, by key).
 fn groups(tasks: &[TaskRecord]) -> Vec<(String, Group)> {
-    let mut order: Vec<String> = Vec::new();
     let mut by: BTreeMap<String, Group> = BTreeMap::new();
     for t in tasks {
-        let g = group(&t.key).to_string();
-        if !by.contains_key(&g) {
-            order.push(g.clone());
+        let e = by.entry(group(&t.key).to_string()).or_default();
+        if let Some(r) = t.ready_at.or(t.started_at) {
+            e.first_ready = Some(e.first_ready.map_or(r, |f| f.min(r)));
         }
-        let e = by.entry(g).or_default();
         e.total += 1;
         *e.by_status.entry(t.status.as_str()).or_default() += 1;
         e.retries += t.failures;
@@ -241,10 +241,14 @@ fn groups(tasks: &[TaskRecord]) -> Vec<(String, Group)> {
             e.last_finish = Some(e.last_finish.map_or(f, |l| l.max(f)));
         }
     }
-    order
-        .into_iter()
-        .filter_map(|g| by.remove(&g).map(|v| (g, v)))
-        .collect()
+    let mut out: Vec<(String, Group)> = by.into_iter().collect();
+    out.sort_by(|a, b| match (a.1.first_ready, b.1.first_ready) {
+        (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.0.cmp(&b.0)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.0.cmp(&b.0),
+    });
+    out
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {

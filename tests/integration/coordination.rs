@@ -219,13 +219,17 @@ async fn a_quorum_join_tolerates_a_failed_source_even_under_fail_fast() {
                 {"key": "broken", "executor": "sleep", "max_attempts": 1, "input": {"ms": 10, "fail": true}},
                 sleeper("c", 300, json!(3)),
                 {"key": "join", "depends_on": ["a", "broken", "c"], "join": {"quorum": 2},
-                 "input": {"got": "${deps.c.output}"}}
+                 "input": {"got": "${deps.c.output}"}},
+                // `any`: runs on the first source, long before `c`.
+                {"key": "first", "depends_on": ["a", "c"], "join": "any"}
             ]}),
             Duration::from_secs(30),
         )
         .await;
     assert_eq!(task(&view, "broken").status, TaskStatus::Failed);
     assert_eq!(task(&view, "join").status, TaskStatus::Completed);
+    assert!(task(&view, "join").started_at.unwrap() >= task(&view, "c").finished_at.unwrap());
+    assert!(task(&view, "first").started_at.unwrap() < task(&view, "c").finished_at.unwrap());
 
     // Two failures leave the quorum out of reach: the join fails and so does the workflow.
     let submitted = c
@@ -331,6 +335,25 @@ async fn invalid_splits_and_joins_are_rejected_or_fail_with_their_reason() {
             );
         }
     }
+    // Joins cannot close a cycle: a join is a dependency like any other.
+    let (status, v) = http
+        .post(
+            "/api/v1/workflows",
+            &json!({"name": "cyclic", "tasks": [
+                {"key": "a"},
+                {"key": "j", "depends_on": ["a", "m"], "join": "any"},
+                {"key": "m", "depends_on": ["j"], "merge": {"strategy": "first"}}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("j → m → j"),
+        "{v}"
+    );
     // Items that turn out not to be a list fail the split, naming why.
     let submitted = c
         .submit(json!({"name": "not-a-list", "tasks": [

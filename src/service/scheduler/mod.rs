@@ -108,6 +108,12 @@ impl Dependants {
         d
     }
 
+    /// Whether the graph has a task keyed `key` (one a split or loop inserted after the graph
+    /// was built does not).
+    fn knows(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
     /// Ids of the tasks that depend directly on `key`.
     fn of(&self, key: &str) -> Vec<crate::domain::TaskId> {
         let Some(&node) = self.index.get(key) else {
@@ -703,7 +709,15 @@ impl Scheduler {
         // Only the direct dependants of what completed can have become ready.
         let mut candidates = Vec::new();
         for t in done {
-            candidates.extend(self.dependants(t.workflow_id).await?.of(&t.key));
+            let mut graph = self.dependants(t.workflow_id).await?;
+            if !graph.knows(&t.key) {
+                // Inserted by a split or loop after this graph was loaded: load it again.
+                if let Ok(mut g) = self.graphs.lock() {
+                    g.remove(&t.workflow_id);
+                }
+                graph = self.dependants(t.workflow_id).await?;
+            }
+            candidates.extend(graph.of(&t.key));
         }
         let promoted = scheduling::promote_candidates(&self.pool, &candidates)
             .await
