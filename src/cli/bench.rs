@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Capacity of each worker's agent.
     #[arg(long, default_value_t = 16)]
     pub capacity: i32,
+    /// Items of the dynamic split (a coordination node fanning out at run time).
+    #[arg(long, default_value_t = 5_000)]
+    pub split: usize,
     /// Round trips for the floor and lock measurements.
     #[arg(long, default_value_t = 2_000)]
     pub samples: usize,
@@ -240,6 +243,48 @@ async fn measure(
             / floor.median.as_secs_f64().max(1e-9)
     );
 
+    // 4. A dynamic split: a task's output list fanned out by the coordinator, then joined.
+    let items: Vec<serde_json::Value> = (0..args.split).map(|i| serde_json::json!(i)).collect();
+    let split: WorkflowSpec = serde_json::from_value(serde_json::json!({
+        "name": "bench-split",
+        "tasks": [
+            {"key": "plan", "executor": "sleep", "capabilities": ["echo"],
+             "input": {"output": {"items": items}}},
+            {"key": "fan", "depends_on": ["plan"], "split": {
+                "items": "${deps.plan.output.items}",
+                "task": {"capabilities": ["echo"], "input": {"n": "${item}"}}}},
+            {"key": "after", "depends_on": ["fan"], "capabilities": ["echo"],
+             "input": {"count": "${deps.fan.output.count}"}}
+        ]
+    }))?;
+    let started = Instant::now();
+    let submitted = workflows.submit(split).await?;
+    let view = client
+        .wait(submitted.workflow_id, Duration::from_secs(1_800))
+        .await?;
+    let split_time = started.elapsed();
+    if view.workflow.status != WorkflowStatus::Completed {
+        bail!("split workflow ended {}", view.workflow.status);
+    }
+    // Expansion: from the source's completion to the last child inserted.
+    let (expand_ms, gather_ms): (f64, f64) = sqlx::query_as(
+        "SELECT (EXTRACT(EPOCH FROM (max(c.created_at) - p.finished_at)) * 1000)::float8,
+                (EXTRACT(EPOCH FROM (f.finished_at - max(c.finished_at))) * 1000)::float8
+         FROM tasks p, tasks f, tasks c
+         WHERE p.workflow_id = $1 AND p.key = 'plan' AND f.workflow_id = $1 AND f.key = 'fan'
+           AND c.workflow_id = $1 AND c.key LIKE 'fan/%'
+         GROUP BY p.finished_at, f.finished_at",
+    )
+    .bind(submitted.workflow_id)
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "omoi    {}-item dynamic split → join             {:.0} tasks/s  ({:.2} s total; expansion {expand_ms:.0} ms, join after last child {gather_ms:.1} ms)",
+        args.split,
+        args.split as f64 / split_time.as_secs_f64(),
+        split_time.as_secs_f64(),
+    );
+
     for mut w in workers {
         if let Some(pid) = w.id() {
             let _ = std::process::Command::new("kill")
@@ -251,7 +296,7 @@ async fn measure(
     shutdown.drain(Duration::from_secs(5)).await;
     pool.close().await;
 
-    // 4. Locks vs raw KV.
+    // 5. Locks vs raw KV.
     let kv = provision::open_bucket(js, names, crate::bus::names::BUCKET_LOCKS).await?;
     let mut raw = Vec::with_capacity(args.samples);
     for i in 0..args.samples {

@@ -19,17 +19,6 @@ pub struct Source {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Ready coordination nodes, oldest first.
-pub async fn ready_nodes(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
-    Ok(sqlx::query_as::<_, TaskRecord>(
-        "SELECT * FROM tasks WHERE status = 'ready' AND kind <> 'task'
-         ORDER BY ready_at, id LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
-}
-
 /// The node's dependencies in completion order (unfinished last, by key).
 pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, DbError> {
     Ok(sqlx::query_as::<_, Source>(

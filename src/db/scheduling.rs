@@ -13,16 +13,16 @@ use crate::domain::{AgentId, TaskId, WorkflowId};
 const PRIORITY_RANK: &str =
     "CASE priority WHEN 'CRITICAL' THEN 4 WHEN 'HIGH' THEN 3 WHEN 'MEDIUM' THEN 2 ELSE 1 END";
 
-/// Up to `limit` ready tasks in fair order: round-robin across workflows (each workflow's
-/// first task, then each one's second, …), by priority then readiness within a workflow, and
-/// by priority then age across workflows within a round.
+/// Up to `limit` ready tasks (coordination nodes included) in fair order: round-robin across
+/// workflows (each workflow's first task, then each one's second, …), by priority then
+/// readiness within a workflow, and by priority then age across workflows within a round.
 pub async fn ready_fair(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
     let sql = format!(
         "SELECT s.* FROM (
              SELECT t.*, {PRIORITY_RANK} AS prio,
                     row_number() OVER (PARTITION BY t.workflow_id
                                        ORDER BY {PRIORITY_RANK} DESC, t.ready_at, t.id) AS rn
-             FROM tasks t WHERE t.status = 'ready' AND t.kind = 'task'
+             FROM tasks t WHERE t.status = 'ready'
          ) s
          ORDER BY s.rn, s.prio DESC, s.ready_at, s.id
          LIMIT $1"

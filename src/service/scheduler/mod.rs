@@ -263,16 +263,8 @@ impl Scheduler {
                 }
             }
             loop {
-                // Coordination nodes first: what they complete or insert is dispatched next.
-                let ran = match self.coordinate_once().await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "coordination nodes failed; will retry");
-                        0
-                    }
-                };
                 match self.dispatch_once().await {
-                    Ok(0) if ran == 0 => break,
+                    Ok(0) => break,
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::warn!(error = %e, "dispatch failed; will retry");
@@ -356,6 +348,14 @@ impl Scheduler {
             .await
             .map_err(db)?;
         metrics::gauge!("omoi_scheduler_ready_tasks").set(ready.len() as f64);
+        // Coordination nodes come in the same read (no extra query per round): the leader runs
+        // them itself; what they complete or insert is dispatched in the next round.
+        let (nodes, ready): (Vec<TaskRecord>, Vec<TaskRecord>) = ready
+            .into_iter()
+            .partition(|t| t.kind != crate::domain::coordination::NodeKind::Task);
+        if !nodes.is_empty() {
+            return self.run_nodes(&nodes).await;
+        }
         if ready.is_empty() {
             return Ok(0);
         }

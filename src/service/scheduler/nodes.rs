@@ -25,9 +25,6 @@ use crate::domain::{Event, TaskId, TaskStatus, WorkflowId};
 use crate::service::ServiceError;
 use crate::service::workflows::task_events;
 
-/// Ready nodes run per round.
-const NODE_BATCH: i64 = 500;
-
 /// What running one node did.
 enum Ran {
     Completed(TaskRecord, Option<Event>),
@@ -87,21 +84,15 @@ fn finished(s: &Source) -> bool {
 }
 
 impl Scheduler {
-    /// Runs every ready coordination node once; returns how many were ready.
-    pub async fn coordinate_once(&self) -> Result<usize, ServiceError> {
-        let ready = nodes::ready_nodes(&self.pool, NODE_BATCH)
-            .await
-            .map_err(db)?;
-        if ready.is_empty() {
-            return Ok(0);
-        }
+    /// Runs ready coordination nodes once each; returns how many there were.
+    pub(super) async fn run_nodes(&self, ready: &[TaskRecord]) -> Result<usize, ServiceError> {
         let mut events = Vec::new();
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut inserted = Vec::new();
         let mut waiting = Vec::new();
         let mut regraph = BTreeSet::new();
-        for node in &ready {
+        for node in ready {
             let span = tracing::debug_span!("node", task.id = %node.id, kind = node.kind.as_str());
             match self.run_node(node).instrument(span).await? {
                 Ran::Completed(t, event) => {
