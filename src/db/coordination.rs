@@ -8,7 +8,8 @@ use sqlx::PgPool;
 use super::DbError;
 use super::tasks::TaskRecord;
 use super::workflows::{NewTask, insert_tasks};
-use crate::domain::{TaskId, TaskStatus};
+use crate::domain::coordination::NodeKind;
+use crate::domain::{TaskId, TaskStatus, WorkflowId};
 
 /// One dependency of a node as it stands.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -17,12 +18,16 @@ pub struct Source {
     pub status: TaskStatus,
     pub output: Option<serde_json::Value>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub kind: NodeKind,
+    pub expansion: i32,
+    /// For an expanded split: its children.
+    pub depends_on: Vec<String>,
 }
 
 /// The node's dependencies in completion order (unfinished last, by key).
 pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, DbError> {
     Ok(sqlx::query_as::<_, Source>(
-        "SELECT key, status, output, finished_at FROM tasks
+        "SELECT key, status, output, finished_at, kind, expansion, depends_on FROM tasks
          WHERE workflow_id = $1 AND key = ANY($2)
          ORDER BY finished_at NULLS LAST, key",
     )
@@ -30,6 +35,26 @@ pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, Db
     .bind(&node.depends_on)
     .fetch_all(pool)
     .await?)
+}
+
+/// Outputs of the completed tasks among `keys`.
+pub async fn completed_outputs(
+    pool: &PgPool,
+    workflow: WorkflowId,
+    keys: &[String],
+) -> Result<std::collections::HashMap<String, serde_json::Value>, DbError> {
+    let rows: Vec<(String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT key, output FROM tasks
+         WHERE workflow_id = $1 AND key = ANY($2) AND status = 'completed'",
+    )
+    .bind(workflow)
+    .bind(keys)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, o)| (k, o.unwrap_or(serde_json::Value::Null)))
+        .collect())
 }
 
 /// `ready → completed` with the node's result.
@@ -40,7 +65,7 @@ pub async fn complete(
 ) -> Result<Option<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET status = 'completed', output = $2, attempt = attempt + 1, error = NULL,
-             started_at = now(), finished_at = now(), updated_at = now()
+             started_at = COALESCE(started_at, now()), finished_at = now(), updated_at = now()
          WHERE id = $1 AND status = 'ready'
          RETURNING *",
     )
@@ -84,7 +109,7 @@ pub async fn wait_for_more(
 
 /// Inserts what a split or loop expands to and makes the node wait for it, in one transaction:
 /// the node's dependencies become `depends_on` (with `join_quorum`), it goes back to pending and
-/// its expansion count rises. `None` if the node was no longer ready at that expansion.
+/// its expansion count rises; its first expansion is when it started. `None` if the node was no longer ready at that expansion.
 pub async fn expand(
     pool: &PgPool,
     node: &TaskRecord,
@@ -95,7 +120,7 @@ pub async fn expand(
     let mut tx = pool.begin().await?;
     let rewired = sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET depends_on = $2, join_quorum = $3, status = 'pending', ready_at = NULL,
-             expansion = expansion + 1, updated_at = now()
+             expansion = expansion + 1, started_at = COALESCE(started_at, now()), updated_at = now()
          WHERE id = $1 AND status = 'ready' AND expansion = $4
          RETURNING *",
     )

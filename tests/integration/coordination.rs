@@ -133,6 +133,32 @@ async fn a_sync_timeout_fires_and_continues_or_fails_per_its_policy() {
     assert_eq!(ready.len(), 1);
     assert!(ready[0].timed_out);
 
+    // A sync point over a split that misses the deadline gets what the split has so far.
+    let view = c
+        .run(
+            json!({"name": "timeout-split", "tasks": [
+                sleeper("plan", 10, json!({"ms": [50, 60, 3_000]})),
+                {"key": "map", "depends_on": ["plan"], "split": {
+                    "items": "${deps.plan.output.ms}",
+                    "task": {"executor": "sleep", "input": {"ms": "${item}", "output": {"slept": "${item}"}}}}},
+                {"key": "mapped", "depends_on": ["map"],
+                 "sync": {"timeout_seconds": 1, "on_timeout": "continue"}},
+                {"key": "reduce", "depends_on": ["mapped"],
+                 "input": {"got": "${deps.mapped.output.outputs.map.outputs}"}}
+            ]}),
+            Duration::from_secs(30),
+        )
+        .await;
+    let mapped = task(&view, "mapped").output.clone().unwrap();
+    assert_eq!(mapped["timed_out"], json!(true), "{mapped}");
+    assert_eq!(mapped["outputs"]["map"]["partial"], json!(true));
+    assert_eq!(mapped["outputs"]["map"]["completed"], json!(2));
+    assert_eq!(
+        task(&view, "reduce").output.as_ref().unwrap()["input"]["got"],
+        json!([{"slept": 50}, {"slept": 60}, null])
+    );
+    assert!(task(&view, "reduce").finished_at.unwrap() < task(&view, "map/2").finished_at.unwrap());
+
     let submitted = c
         .submit(json!({"name": "timeout-fail", "tasks": [
             sleeper("stuck", 20_000, json!(2)),

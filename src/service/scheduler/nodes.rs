@@ -142,7 +142,10 @@ impl Scheduler {
         let sources = nodes::sources(&self.pool, node).await.map_err(db)?;
         let result = match node.kind {
             NodeKind::Task => return Ok(Ran::Skipped),
-            NodeKind::Sync => Ok(Self::run_sync(node, &sources)),
+            NodeKind::Sync => {
+                let partial = self.partial_splits(node, &sources).await?;
+                Ok(Self::run_sync(node, &sources, partial))
+            }
             NodeKind::Merge => Self::run_merge(node, &sources),
             NodeKind::Split => Self::run_split(node, &sources),
             NodeKind::Loop => Self::run_loop(node, &sources),
@@ -197,17 +200,50 @@ impl Scheduler {
         }
     }
 
-    fn run_sync(node: &TaskRecord, sources: &[Source]) -> Step {
+    /// For a sync point released by its timeout: what the unfinished splits among its sources
+    /// have so far — `{count, outputs: [child output or null], completed, partial: true}`.
+    async fn partial_splits(
+        &self,
+        node: &TaskRecord,
+        sources: &[Source],
+    ) -> Result<BTreeMap<String, Value>, ServiceError> {
+        let mut partial = BTreeMap::new();
+        if !node.timed_out {
+            return Ok(partial);
+        }
+        for s in sources
+            .iter()
+            .filter(|s| !finished(s) && s.kind == NodeKind::Split && s.expansion > 0)
+        {
+            let done = nodes::completed_outputs(&self.pool, node.workflow_id, &s.depends_on)
+                .await
+                .map_err(db)?;
+            let outputs: Vec<Value> = s
+                .depends_on
+                .iter()
+                .map(|k| done.get(k).cloned().unwrap_or(Value::Null))
+                .collect();
+            partial.insert(
+                s.key.clone(),
+                json!({"count": outputs.len(), "outputs": outputs, "completed": done.len(), "partial": true}),
+            );
+        }
+        Ok(partial)
+    }
+
+    fn run_sync(node: &TaskRecord, sources: &[Source], partial: BTreeMap<String, Value>) -> Step {
         let completed: Vec<&Source> = sources.iter().filter(|s| finished(s)).collect();
         let missing: Vec<&str> = sources
             .iter()
             .filter(|s| !finished(s))
             .map(|s| s.key.as_str())
             .collect();
-        let outputs: BTreeMap<&str, &Value> = completed
-            .iter()
-            .map(|s| (s.key.as_str(), s.output.as_ref().unwrap_or(&Value::Null)))
-            .collect();
+        let mut outputs: BTreeMap<String, Value> = partial;
+        outputs.extend(
+            completed
+                .iter()
+                .map(|s| (s.key.clone(), s.output.clone().unwrap_or(Value::Null))),
+        );
         let keys: Vec<String> = completed.iter().map(|s| s.key.clone()).collect();
         let output = json!({
             "completed": keys,
