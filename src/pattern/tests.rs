@@ -504,3 +504,55 @@ fn an_empty_parameters_section_and_escaped_bindings_are_accepted() {
     let inst = p.instantiate(&no_params()).unwrap();
     assert_eq!(task(&inst.spec, "a").input, json!({"cmd": "echo ${HOME}"}));
 }
+
+/// The JSON Schema documents the format the compiler reads: the step fields it lists are the
+/// engine's task fields plus `simulate`, and the node specs list the engine's fields.
+#[test]
+fn the_json_schema_lists_exactly_the_fields_the_compiler_reads() {
+    let schema: Value =
+        serde_json::from_str(include_str!("../../patterns/pattern.schema.json")).unwrap();
+    let props = |def: &str| -> Vec<String> {
+        let mut keys: Vec<String> = schema["$defs"][def]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("$defs.{def} has no properties"))
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    };
+    let sorted = |v: &[&str]| {
+        let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    // Every field of a TaskSpec, all set, as the engine names them on the wire.
+    let mut full = TaskSpec::new("k".into());
+    full.timeout_seconds = Some(1);
+    full.join = Some(Default::default());
+    full.sync = Some(Default::default());
+    full.merge = Some(serde_json::from_value(json!({"strategy": "first"})).unwrap());
+    full.split =
+        Some(serde_json::from_value(json!({"items": [1], "task": {}, "join": "all"})).unwrap());
+    full.repeat = Some(
+        serde_json::from_value(
+            json!({"body": [], "while": {"output": "a", "equals": 1}, "max_iterations": 1}),
+        )
+        .unwrap(),
+    );
+    let mut task_fields: Vec<String> = serde_json::to_value(&full)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    task_fields.push("simulate".into());
+    task_fields.sort();
+    assert_eq!(props("step"), task_fields);
+    assert_eq!(props("sync"), sorted(&["on_timeout", "timeout_seconds"]));
+    assert_eq!(props("merge"), sorted(&["field", "strategy"]));
+    assert_eq!(props("split"), sorted(&["items", "join", "task"]));
+    assert_eq!(props("loop"), sorted(&["body", "max_iterations", "while"]));
+    assert_eq!(props("simulate"), sorted(&HINT_FIELDS));
+}

@@ -520,3 +520,57 @@ async fn a_coordinator_restart_mid_pattern_resumes_and_finishes() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_split_loses_no_child_and_the_split_still_joins() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("doomed", "general", 4).await;
+    let items: Vec<u64> = (0..12).collect();
+    let submitted = c
+        .submit(json!({"name": "split-survives", "tasks": [
+            sleeper("plan", 10, json!({"items": items})),
+            {"key": "fan", "depends_on": ["plan"], "split": {
+                "items": "${deps.plan.output.items}",
+                "task": {"executor": "sleep", "input": {"ms": 800, "output": {"n": "${item}"}}}}}
+        ]}))
+        .await;
+    let id = submitted.workflow_id;
+    let pool = c.env.pool.clone();
+    crate::env::eventually(Duration::from_secs(20), "children running", || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE workflow_id = $1 AND key LIKE 'fan/%' AND status = 'running'",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n >= 2).then_some(())
+        }
+    })
+    .await;
+    c.spawn_worker("rescuer", "general", 4).await;
+    c.signal("doomed", "-KILL");
+    let view = c.wait(id, Duration::from_secs(60)).await;
+    assert_eq!(
+        view.workflow.status,
+        WorkflowStatus::Completed,
+        "{:#?}",
+        view.tasks
+    );
+    let out = task(&view, "fan").output.clone().unwrap();
+    assert_eq!(out["count"], 12);
+    for (i, o) in out["outputs"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(o, &json!({"n": i}), "child {i}");
+    }
+    // Children the dead worker held were dispatched again (fenced by a higher attempt).
+    assert!(
+        view.tasks
+            .iter()
+            .any(|t| t.key.starts_with("fan/") && t.attempt >= 2),
+        "{:#?}",
+        view.tasks
+    );
+    c.stop().await;
+}
