@@ -142,7 +142,13 @@ struct AgentsFile {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load(&cli.global.sources())?;
+    let mut settings = Settings::load(&cli.global.sources())?;
+    // Commands that host a control plane only to measure or report on it stay quiet unless a
+    // log level was asked for: their output is the report.
+    let reporting = matches!(cli.command, Command::Simulate(_) | Command::Bench(_));
+    if reporting && cli.global.log_level.is_none() && std::env::var_os("OMOI_LOG_LEVEL").is_none() {
+        settings.log_level = "warn".into();
+    }
     telemetry::init_tracing(settings.log_format, &settings.log_level);
     let _ = telemetry::prometheus();
     match cli.command {
