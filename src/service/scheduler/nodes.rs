@@ -92,9 +92,22 @@ impl Scheduler {
         let mut inserted = Vec::new();
         let mut waiting = Vec::new();
         let mut regraph = BTreeSet::new();
+        let mut last_error = None;
+        let mut errors = 0;
         for node in ready {
             let span = tracing::debug_span!("node", task.id = %node.id, kind = node.kind.as_str());
-            match self.run_node(node).instrument(span).await? {
+            // One node's error must not strand what the others already stored: it is logged and
+            // the node, still ready, is run again next round.
+            let ran = match self.run_node(node).instrument(span).await {
+                Ok(ran) => ran,
+                Err(e) => {
+                    tracing::warn!(task.id = %node.id, key = %node.key, error = %e, "coordination node not run; will retry");
+                    last_error = Some(e);
+                    errors += 1;
+                    continue;
+                }
+            };
+            match ran {
                 Ran::Completed(t, event) => {
                     events.extend(task_events([&t]));
                     events.extend(event);
@@ -135,7 +148,11 @@ impl Scheduler {
         if !events.is_empty() {
             self.bus.publish_all(events).await?;
         }
-        Ok(ready.len())
+        match last_error {
+            // Nothing could be run (the database is away): stop this round rather than spin.
+            Some(e) if errors == ready.len() => Err(e),
+            _ => Ok(ready.len()),
+        }
     }
 
     async fn run_node(&self, node: &TaskRecord) -> Result<Ran, ServiceError> {
