@@ -137,12 +137,12 @@ async fn a_sync_timeout_fires_and_continues_or_fails_per_its_policy() {
     let view = c
         .run(
             json!({"name": "timeout-split", "tasks": [
-                sleeper("plan", 10, json!({"ms": [50, 60, 3_000]})),
+                sleeper("plan", 10, json!({"ms": [50, 60, 4_000]})),
                 {"key": "map", "depends_on": ["plan"], "split": {
                     "items": "${deps.plan.output.ms}",
                     "task": {"executor": "sleep", "input": {"ms": "${item}", "output": {"slept": "${item}"}}}}},
                 {"key": "mapped", "depends_on": ["map"],
-                 "sync": {"timeout_seconds": 1, "on_timeout": "continue"}},
+                 "sync": {"timeout_seconds": 2, "on_timeout": "continue"}},
                 {"key": "reduce", "depends_on": ["mapped"],
                  "input": {"got": "${deps.mapped.output.outputs.map.outputs}"}}
             ]}),
@@ -243,7 +243,7 @@ async fn a_quorum_join_tolerates_a_failed_source_even_under_fail_fast() {
             json!({"name": "tolerant", "tasks": [
                 sleeper("a", 30, json!(1)),
                 {"key": "broken", "executor": "sleep", "max_attempts": 1, "input": {"ms": 10, "fail": true}},
-                sleeper("c", 300, json!(3)),
+                sleeper("c", 1_500, json!(3)),
                 {"key": "join", "depends_on": ["a", "broken", "c"], "join": {"quorum": 2},
                  "input": {"got": "${deps.c.output}"}},
                 // `any`: runs on the first source, long before `c`.
