@@ -167,7 +167,9 @@ async fn simulate(
         )
         .await?;
         eprint!("{}", super::patterns::summary(&view));
-        let run = recorded(&pool, submitted.workflow_id).await?;
+        let bus = crate::bus::EventBus::new(scratch.js.clone(), scratch.names.clone());
+        let failed_busy = crate::sim::failed_attempt_busy(&crate::sim::task_events(&bus).await?);
+        let run = recorded(&pool, submitted.workflow_id, &failed_busy).await?;
         pool.close().await;
         Ok(report::build(
             pattern,

@@ -6,16 +6,18 @@
 pub mod latency;
 pub mod report;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::bus::EventBus;
+use crate::bus::events::Subscription;
 use crate::db::DbError;
-use crate::domain::WorkflowId;
 use crate::domain::coordination::NodeKind;
 use crate::domain::dag::WorkflowSpec;
+use crate::domain::{AgentId, Envelope, Event, TaskId, WorkflowId};
 use latency::Latency;
 use report::{AgentInfo, TaskTiming};
 
@@ -141,8 +143,60 @@ struct Row {
     lock_wait_ms: Option<i64>,
 }
 
-/// Reads the recorded timings of a workflow and the agents of its database.
-pub async fn recorded(pool: &PgPool, workflow: WorkflowId) -> Result<Recorded, DbError> {
+/// Time each agent spent in attempts that did not complete, from the `task.*` events: an
+/// attempt runs from its `task.started` to the next event of the same task and attempt
+/// (`task.retrying`, `task.failed`, or `task.ready` when its agent was lost).
+pub fn failed_attempt_busy(events: &[Envelope]) -> BTreeMap<AgentId, f64> {
+    let mut started: HashMap<(TaskId, i32), (AgentId, DateTime<Utc>)> = HashMap::new();
+    let mut busy: BTreeMap<AgentId, f64> = BTreeMap::new();
+    for env in events {
+        let (e, ended) = match &env.event {
+            Event::TaskStarted(e) => {
+                if let Some(agent) = e.agent_id {
+                    started.insert((e.task_id, e.attempt), (agent, env.time));
+                }
+                continue;
+            }
+            Event::TaskRetrying(e) | Event::TaskFailed(e) | Event::TaskReady(e) => (e, true),
+            Event::TaskCompleted(e) | Event::TaskCancelled(e) => (e, false),
+            _ => continue,
+        };
+        if let Some((agent, at)) = started.remove(&(e.task_id, e.attempt))
+            && ended
+        {
+            let ms = (env.time - at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            *busy.entry(agent).or_default() += ms.max(0.0);
+        }
+    }
+    busy
+}
+
+/// Every `task.*` event of the namespace so far, in order.
+pub async fn task_events(bus: &EventBus) -> Result<Vec<Envelope>, crate::bus::BusError> {
+    let mut sub = bus
+        .subscribe(Subscription {
+            filter: Some("task.>".into()),
+            ..Subscription::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    // The stream is read to its end: nothing is being published any more.
+    while let Ok(Some(Ok(d))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), sub.next()).await
+    {
+        out.push(d.value.clone());
+        let _ = d.ack().await;
+    }
+    Ok(out)
+}
+
+/// Reads the recorded timings of a workflow and the agents of its database; `failed_busy` is
+/// each agent's time in attempts that did not complete ([`failed_attempt_busy`]).
+pub async fn recorded(
+    pool: &PgPool,
+    workflow: WorkflowId,
+    failed_busy: &BTreeMap<AgentId, f64>,
+) -> Result<Recorded, DbError> {
     let w = crate::db::workflows::get(pool, workflow).await?;
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT t.key, t.kind, t.depends_on, a.name AS agent, t.status, t.attempt, t.failures,
@@ -153,8 +207,8 @@ pub async fn recorded(pool: &PgPool, workflow: WorkflowId) -> Result<Recorded, D
     .bind(workflow)
     .fetch_all(pool)
     .await?;
-    let agents: Vec<(String, i32)> =
-        sqlx::query_as("SELECT name, capacity FROM agents ORDER BY name")
+    let agents: Vec<(AgentId, String, i32)> =
+        sqlx::query_as("SELECT id, name, capacity FROM agents ORDER BY name")
             .fetch_all(pool)
             .await?;
     Ok(Recorded {
@@ -180,7 +234,11 @@ pub async fn recorded(pool: &PgPool, workflow: WorkflowId) -> Result<Recorded, D
             .collect(),
         agents: agents
             .into_iter()
-            .map(|(name, capacity)| AgentInfo { name, capacity })
+            .map(|(id, name, capacity)| AgentInfo {
+                name,
+                capacity,
+                failed_busy_ms: failed_busy.get(&id).copied().unwrap_or(0.0),
+            })
             .collect(),
     })
 }
@@ -188,6 +246,51 @@ pub async fn recorded(pool: &PgPool, workflow: WorkflowId) -> Result<Recorded, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_attempts_count_from_their_start_to_their_end_for_the_agent_that_ran_them() {
+        use crate::domain::TaskStatus;
+        use crate::domain::event::TaskEvent;
+        let (task, a1, a2) = (TaskId::new(), AgentId::new(), AgentId::new());
+        let t0 = Utc::now();
+        let at = |ms: i64, event: Event| Envelope {
+            v: 1,
+            id: uuid::Uuid::now_v7(),
+            time: t0 + chrono::Duration::milliseconds(ms),
+            event,
+        };
+        let ev = |attempt: i32, agent: Option<AgentId>, status: TaskStatus| TaskEvent {
+            task_id: task,
+            workflow_id: WorkflowId::new(),
+            key: "k".into(),
+            status,
+            attempt,
+            agent_id: agent,
+            error: None,
+            retry_at: None,
+        };
+        let events = vec![
+            at(0, Event::TaskStarted(ev(1, Some(a1), TaskStatus::Running))),
+            at(120, Event::TaskRetrying(ev(1, None, TaskStatus::RetryWait))),
+            at(
+                500,
+                Event::TaskStarted(ev(2, Some(a2), TaskStatus::Running)),
+            ),
+            at(530, Event::TaskReady(ev(2, None, TaskStatus::Ready))),
+            at(
+                900,
+                Event::TaskStarted(ev(3, Some(a1), TaskStatus::Running)),
+            ),
+            at(
+                1000,
+                Event::TaskCompleted(ev(3, Some(a1), TaskStatus::Completed)),
+            ),
+        ];
+        let busy = failed_attempt_busy(&events);
+        // a1: the failed first attempt only (its completed third is in the task row).
+        assert!((busy[&a1] - 120.0).abs() < 0.01, "{busy:?}");
+        assert!((busy[&a2] - 30.0).abs() < 0.01, "{busy:?}");
+    }
 
     fn fleet() -> Fleet {
         Fleet {

@@ -110,6 +110,9 @@ impl TaskTiming {
 pub struct AgentInfo {
     pub name: String,
     pub capacity: i32,
+    /// Time this agent spent in attempts that did not complete (failed, or lost), in ms: the
+    /// task rows keep only each task's last attempt, so this comes from the events.
+    pub failed_busy_ms: f64,
 }
 
 /// One step of the critical path.
@@ -156,7 +159,10 @@ pub struct AgentUtilisation {
     pub tasks: usize,
     /// Sum over its tasks of `finished_at - started_at` in ms (tasks missing either: 0).
     pub busy_ms: f64,
-    /// `busy_ms / (makespan_ms * capacity)`; 0 when the makespan or the capacity is not positive.
+    /// Time in attempts that did not complete ([`AgentInfo::failed_busy_ms`]).
+    pub failed_busy_ms: f64,
+    /// `(busy_ms + failed_busy_ms) / (makespan_ms * capacity)`; 0 when the makespan or the
+    /// capacity is not positive.
     pub utilisation: f64,
 }
 
@@ -346,6 +352,7 @@ fn utilisation(
                 listed: true,
                 tasks: 0,
                 busy_ms: 0.0,
+                failed_busy_ms: a.failed_busy_ms.max(0.0),
                 utilisation: 0.0,
             });
     }
@@ -359,6 +366,7 @@ fn utilisation(
                 listed: false,
                 tasks: 0,
                 busy_ms: 0.0,
+                failed_busy_ms: 0.0,
                 utilisation: 0.0,
             });
         entry.tasks += 1;
@@ -369,7 +377,10 @@ fn utilisation(
     by_name
         .into_values()
         .map(|mut a| {
-            a.utilisation = ratio(a.busy_ms, makespan_ms * f64::from(a.capacity.max(0)));
+            a.utilisation = ratio(
+                a.busy_ms + a.failed_busy_ms,
+                makespan_ms * f64::from(a.capacity.max(0)),
+            );
             a
         })
         .collect()
@@ -573,7 +584,10 @@ impl Report {
             let _ = writeln!(out, "Agent utilisation: no agents");
             return;
         }
-        let _ = writeln!(out, "Agent utilisation (busy / (makespan * capacity)):");
+        let _ = writeln!(
+            out,
+            "Agent utilisation ((busy + failed attempts) / (makespan * capacity)):"
+        );
         let name_w = self
             .agents
             .iter()
@@ -583,8 +597,8 @@ impl Report {
             .max("agent".len());
         let _ = writeln!(
             out,
-            "  {:<name_w$}  {:>4}  {:>5}  {:>9}  {:>6}",
-            "agent", "cap", "tasks", "busy", "util"
+            "  {:<name_w$}  {:>4}  {:>5}  {:>9}  {:>9}  {:>6}",
+            "agent", "cap", "tasks", "busy", "failed", "util"
         );
         for a in &self.agents {
             // '*' marks agents named by tasks but missing from the agent list.
@@ -595,11 +609,12 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "  {:<name_w$}  {:>4}  {:>5}  {:>9}  {:>6}",
+                "  {:<name_w$}  {:>4}  {:>5}  {:>9}  {:>9}  {:>6}",
                 name,
                 a.capacity,
                 a.tasks,
                 fmt_ms(a.busy_ms),
+                fmt_ms(a.failed_busy_ms),
                 fmt_pct(a.utilisation)
             );
         }
@@ -1359,14 +1374,17 @@ mod tests {
             AgentInfo {
                 name: "agent-1".into(),
                 capacity: 2,
+                failed_busy_ms: 0.0,
             },
             AgentInfo {
                 name: "agent-2".into(),
                 capacity: 1,
+                failed_busy_ms: 0.0,
             },
             AgentInfo {
                 name: "agent-3".into(),
                 capacity: 1,
+                failed_busy_ms: 0.0,
             },
         ]
     }
@@ -1470,6 +1488,13 @@ mod tests {
         // agent-3 ran nothing but is still listed.
         assert_eq!(agents[2].tasks, 0);
         assert_eq!(agents[2].utilisation, 0.0);
+        // Time in failed attempts counts too: 300 ms more for agent-3 over 1000 ms × 1 slot.
+        let mut list = super::tests::agents();
+        list[2].failed_busy_ms = 300.0;
+        let r = build("x", t0(), at(1000), &diamond(), &list);
+        assert_close(r.agents[2].failed_busy_ms, 300.0);
+        assert_close(r.agents[2].utilisation, 0.3);
+        assert!(r.render_text(80).contains("failed"));
     }
 
     #[test]
