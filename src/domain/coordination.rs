@@ -371,13 +371,10 @@ fn check_loop(task: &TaskSpec) -> Result<(), Invalid> {
     }
     let body_keys: Vec<&str> = lp.body.iter().map(|t| t.key.as_str()).collect();
     for t in &lp.body {
-        if t.split.is_some() || t.repeat.is_some() {
+        if t.repeat.is_some() {
             return Err((
                 "loop.body",
-                format!(
-                    "`{}`: a split or loop inside a loop body is not supported",
-                    t.key
-                ),
+                format!("`{}`: a loop inside a loop body is not supported", t.key),
             ));
         }
         for d in &t.depends_on {
@@ -391,7 +388,12 @@ fn check_loop(task: &TaskSpec) -> Result<(), Invalid> {
                 ));
             }
         }
-        for key in prev_references(&t.input) {
+        let mut prev = prev_references(&t.input);
+        if let Some(s) = &t.split {
+            prev.extend(prev_references(&s.items));
+            prev.extend(prev_references(&s.task.input));
+        }
+        for key in prev {
             if !body_keys.contains(&key.as_str()) {
                 return Err((
                     "loop.body.input",
@@ -620,30 +622,44 @@ pub fn expand_iteration(loop_key: &str, spec: &LoopSpec, iteration: u32) -> Vec<
                 }
             })
             .collect();
-        let input = map_strings(&t.input, &mut |s| {
-            if s == "${loop.iteration}" {
-                return Some(Value::from(iteration));
-            }
-            if let Some(rest) = s.strip_prefix("${prev.") {
+        // Bindings of this iteration, in every value that can hold them.
+        let mut bind = |v: &Value| {
+            map_strings(v, &mut |s| {
+                if s == "${loop.iteration}" {
+                    return Some(Value::from(iteration));
+                }
+                if let Some(rest) = s.strip_prefix("${prev.") {
+                    let (key, tail) = rest.split_once(".output")?;
+                    if iteration == 1 {
+                        return Some(Value::Null);
+                    }
+                    let prev = iteration_key(loop_key, iteration - 1, key);
+                    if !depends_on.contains(&prev) {
+                        depends_on.push(prev.clone());
+                    }
+                    return Some(Value::String(format!("${{deps.{prev}.output{tail}")));
+                }
+                let rest = s.strip_prefix("${deps.")?;
                 let (key, tail) = rest.split_once(".output")?;
-                if iteration == 1 {
-                    return Some(Value::Null);
-                }
-                let prev = iteration_key(loop_key, iteration - 1, key);
-                if !depends_on.contains(&prev) {
-                    depends_on.push(prev.clone());
-                }
-                return Some(Value::String(format!("${{deps.{prev}.output{tail}")));
-            }
-            let rest = s.strip_prefix("${deps.")?;
-            let (key, tail) = rest.split_once(".output")?;
-            body.contains_key(key)
-                .then(|| Value::String(format!("${{deps.{}.output{tail}", local(key))))
+                body.contains_key(key)
+                    .then(|| Value::String(format!("${{deps.{}.output{tail}", local(key))))
+            })
+        };
+        let input = bind(&t.input);
+        // A split in the body: its items and its children's input bind the same way.
+        let split = t.split.as_ref().map(|s| SplitSpec {
+            items: bind(&s.items),
+            task: ChildSpec {
+                input: bind(&s.task.input),
+                ..s.task.clone()
+            },
+            join: s.join,
         });
         out.push(TaskSpec {
             key: local(&t.key),
             depends_on,
             input,
+            split,
             ..t.clone()
         });
     }
@@ -801,6 +817,52 @@ mod tests {
             tasks: all,
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_split_in_a_loop_body_binds_the_iteration_in_its_items_and_children() {
+        let lp: LoopSpec = serde_json::from_value(json!({
+            "max_iterations": 2,
+            "while": {"output": "review.verdict", "equals": "again"},
+            "body": [
+                {"key": "plan"},
+                {"key": "fan", "depends_on": ["plan"], "split": {
+                    "items": "${deps.plan.output.modules}",
+                    "task": {"input": {"m": "${item}", "notes": "${prev.review.output.notes}", "plan": "${deps.plan.output}"}}}},
+                {"key": "review", "depends_on": ["fan"]}
+            ]
+        }))
+        .unwrap();
+        let t = task(json!({"key": "cycle", "loop": serde_json::to_value(&lp).unwrap()}));
+        assert_eq!(check_node(&t).unwrap(), NodeKind::Loop);
+        let second = expand_iteration("cycle", &lp, 2);
+        let fan = second.iter().find(|t| t.key == "cycle/2/fan").unwrap();
+        let split = fan.split.as_ref().unwrap();
+        assert_eq!(split.items, json!("${deps.cycle/2/plan.output.modules}"));
+        assert_eq!(
+            split.task.input["notes"],
+            json!("${deps.cycle/1/review.output.notes}")
+        );
+        assert_eq!(
+            split.task.input["plan"],
+            json!("${deps.cycle/2/plan.output}")
+        );
+        assert!(
+            fan.depends_on.contains(&"cycle/1/review".to_string()),
+            "{:?}",
+            fan.depends_on
+        );
+        // The split's children then depend on what the split depends on, bindings resolved.
+        let kids = expand_split(&fan.key, &fan.depends_on, split, &json!(["a"])).unwrap();
+        assert_eq!(kids[0].key, "cycle/2/fan/0");
+        let mut ghost = lp.clone();
+        ghost.body[1].split.as_mut().unwrap().task.input = json!({"n": "${prev.ghost.output}"});
+        let t = task(json!({"key": "cycle", "loop": serde_json::to_value(&ghost).unwrap()}));
+        assert_eq!(check_node(&t).unwrap_err().0, "loop.body.input");
+        let nested = task(json!({"key": "cycle", "loop": {"max_iterations": 1,
+            "while": {"output": "x", "equals": 1},
+            "body": [{"key": "x", "loop": serde_json::to_value(&lp).unwrap()}]}}));
+        assert_eq!(check_node(&nested).unwrap_err().0, "loop.body");
     }
 
     #[test]

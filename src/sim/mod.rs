@@ -79,11 +79,21 @@ pub fn simulated_spec(
             NodeKind::Loop => {
                 let key = t.key.clone();
                 if let Some(lp) = &mut t.repeat {
-                    for b in lp.body.iter_mut().filter(|b| b.kind() == NodeKind::Task) {
+                    for b in lp.body.iter_mut() {
                         let hint = hints.get(&format!("{key}/{}", b.key));
-                        let pick = ("run", Value::String("${loop.iteration}".into()));
-                        b.input = sim_input(&b.input, hint, fleet, pick);
-                        b.executor = "sim".into();
+                        match (b.kind(), &mut b.split) {
+                            (NodeKind::Task, _) => {
+                                let pick = ("run", Value::String("${loop.iteration}".into()));
+                                b.input = sim_input(&b.input, hint, fleet, pick);
+                                b.executor = "sim".into();
+                            }
+                            (NodeKind::Split, Some(split)) => {
+                                let pick = ("index", Value::String("${index}".into()));
+                                split.task.input = sim_input(&split.task.input, hint, fleet, pick);
+                                split.task.executor = "sim".into();
+                            }
+                            _ => {}
+                        }
                     }
                 }
             }

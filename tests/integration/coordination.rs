@@ -574,3 +574,45 @@ async fn a_worker_killed_mid_split_loses_no_child_and_the_split_still_joins() {
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_loop_body_can_fan_out_with_a_split_each_iteration() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w1", "general", 8).await;
+    let view = c
+        .run(
+            json!({"name": "rounds", "tasks": [
+                {"key": "rounds", "loop": {
+                    "max_iterations": 3,
+                    "while": {"output": "check.verdict", "equals": "again"},
+                    "body": [
+                        {"key": "plan", "executor": "sim", "input": {"output": {"modules": ["a", "b", "c"]}}},
+                        {"key": "fan", "depends_on": ["plan"], "split": {
+                            "items": "${deps.plan.output.modules}",
+                            "task": {"executor": "sleep", "input": {"ms": 20, "output": {"m": "${item}"}}}}},
+                        {"key": "check", "depends_on": ["fan"], "executor": "sim",
+                         "input": {"outputs": [{"verdict": "again"}, {"verdict": "done"}], "run": "${loop.iteration}",
+                                   "input": {"got": "${deps.fan.output.outputs}"}}}
+                    ]}}
+            ]}),
+            Duration::from_secs(60),
+        )
+        .await;
+    let out = task(&view, "rounds").output.clone().unwrap();
+    assert_eq!(out["iterations"], 2, "{out}");
+    for i in 1..=2 {
+        for n in 0..3 {
+            let child = task(&view, &format!("rounds/{i}/fan/{n}"));
+            assert_eq!(child.status, TaskStatus::Completed);
+        }
+        assert_eq!(
+            task(&view, &format!("rounds/{i}/fan"))
+                .output
+                .as_ref()
+                .unwrap()["outputs"],
+            json!([{"m": "a"}, {"m": "b"}, {"m": "c"}])
+        );
+    }
+    assert!(view.tasks.iter().all(|t| !t.key.starts_with("rounds/3/")));
+    c.stop().await;
+}
