@@ -145,6 +145,14 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
         pattern.name(),
         submitted.workflow_id
     );
+    for u in &submitted.unschedulable {
+        // Accepted, but nothing runs it until an agent with these capabilities registers.
+        eprintln!(
+            "warning: no live agent has [{}] for step `{}`: it waits for one (start a worker with them, or pass the pattern's capabilities parameter)",
+            u.missing_capabilities.join(", "),
+            u.key
+        );
+    }
     let view = follow(
         &client,
         submitted.workflow_id,
