@@ -152,8 +152,7 @@ async fn simulate(
         let client =
             crate::client::WorkflowClient::new(scratch.nats.clone(), scratch.names.clone());
         let submitted = client.submit(&spec).await?;
-        let view = client.view(submitted.workflow_id, false).await?;
-        if let Some(u) = view.unschedulable.first() {
+        if let Some(u) = submitted.unschedulable.first() {
             bail!(
                 "task `{}` needs capabilities no simulated agent has: {} (pass --capabilities)",
                 u.key,

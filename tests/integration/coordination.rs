@@ -34,6 +34,36 @@ async fn coordination_events(c: &Cluster) -> Vec<Envelope> {
     out
 }
 
+/// Waits until at least `n` tasks of the workflow have keys `LIKE pattern` (and, if given, one
+/// of `statuses`).
+async fn wait_for_tasks(
+    c: &Cluster,
+    workflow: omoi::domain::WorkflowId,
+    pattern: &str,
+    statuses: &[&str],
+    n: i64,
+    what: &str,
+) {
+    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+    crate::env::eventually(Duration::from_secs(30), what, || {
+        let (pool, statuses) = (c.env.pool.clone(), statuses.clone());
+        async move {
+            let found: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE workflow_id = $1 AND key LIKE $2
+                   AND (cardinality($3::text[]) = 0 OR status = ANY($3))",
+            )
+            .bind(workflow)
+            .bind(pattern)
+            .bind(&statuses)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (found >= n).then_some(())
+        }
+    })
+    .await;
+}
+
 fn count(events: &[Envelope], kind: &str, key: &str) -> usize {
     events
         .iter()
@@ -482,22 +512,8 @@ async fn a_coordinator_restart_mid_pattern_resumes_and_finishes() {
         t["input"]["latency"] = json!(700);
     }
     let submitted = c.submit(spec).await;
-    let pool = c.env.pool.clone();
     let id = submitted.workflow_id;
-    crate::env::eventually(Duration::from_secs(30), "loop in iteration 2", || {
-        let pool = pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tasks WHERE workflow_id = $1 AND key LIKE 'cycle/2/%'",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            (n > 0).then_some(())
-        }
-    })
-    .await;
+    wait_for_tasks(&c, id, "cycle/2/%", &[], 1, "loop in iteration 2").await;
     coordinator.kill().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _coordinator = c.spawn_coordinator();
@@ -535,21 +551,7 @@ async fn a_worker_killed_mid_split_loses_no_child_and_the_split_still_joins() {
         ]}))
         .await;
     let id = submitted.workflow_id;
-    let pool = c.env.pool.clone();
-    crate::env::eventually(Duration::from_secs(20), "children running", || {
-        let pool = pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tasks WHERE workflow_id = $1 AND key LIKE 'fan/%' AND status = 'running'",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            (n >= 2).then_some(())
-        }
-    })
-    .await;
+    wait_for_tasks(&c, id, "fan/%", &["running"], 2, "children running").await;
     c.spawn_worker("rescuer", "general", 4).await;
     c.signal("doomed", "-KILL");
     let view = c.wait(id, Duration::from_secs(60)).await;
