@@ -4,9 +4,10 @@
 //!   reports), applies each batch with set-based, attempt-fenced statements, promotes the
 //!   dependants that became ready, applies failure policies and finishes workflows;
 //! * **dispatch**: woken by new work or freed capacity (never a polling sleep on that path; a
-//!   250 ms tick only serves retries, timeouts and lost agents), it assigns ready tasks in fair
-//!   order to best-fit agents with free capacity — one transaction per batch — and publishes
-//!   the batch to `<ns>.dispatch.<agent_id>`.
+//!   250 ms tick only serves retries, timeouts, sync deadlines and lost agents), it runs the
+//!   ready coordination nodes itself (nodes.rs), then assigns ready tasks in fair order to
+//!   best-fit agents with free capacity — one transaction per batch — and publishes the batch
+//!   to `<ns>.dispatch.<agent_id>`.
 //!
 //! Fairness: ready tasks are taken round-robin across workflows (every workflow's first ready
 //! task, then every workflow's second, …); within a workflow by priority, then readiness time.
