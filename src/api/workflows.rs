@@ -11,7 +11,7 @@ use crate::db::tasks::TaskRecord;
 use crate::db::workflows::WorkflowRecord;
 use crate::domain::dag::WorkflowSpec;
 use crate::service::ServiceError;
-use crate::service::workflows::{Submitted, WorkflowView};
+use crate::service::workflows::{PatternRun, PatternSubmitted, Submitted, WorkflowView};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -44,62 +44,20 @@ async fn submit(
 
 /// `POST /workflows/from-pattern`: `{"pattern": "<name>", "params": {…}}`, or the file itself
 /// as `{"source": "<YAML or JSON text>", "params": {…}}`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FromPattern {
-    #[serde(default)]
-    pattern: Option<String>,
-    #[serde(default)]
-    source: Option<String>,
-    #[serde(default)]
-    params: std::collections::BTreeMap<String, Value>,
-}
-
-fn pattern_error(e: crate::pattern::PatternError) -> ApiError {
-    match e.kind {
-        crate::pattern::PatternErrorKind::NotFound => ServiceError::NotFound(e.to_string()).into(),
-        crate::pattern::PatternErrorKind::Parameter => {
-            ServiceError::validation("params", e.to_string()).into()
-        }
-        _ => ServiceError::validation("pattern", e.to_string()).into(),
-    }
-}
-
 #[tracing::instrument(skip_all)]
 async fn from_pattern(
     State(state): State<AppState>,
-    Json(req): Json<FromPattern>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let pattern = match (&req.pattern, &req.source) {
-        (Some(name), None) => {
-            // A name only: a client must not make the server read a path of its choosing.
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(ServiceError::validation(
-                    "pattern",
-                    "a pattern name (letters, digits, _ and -); send a file's text as `source`",
-                )
-                .into());
-            }
-            crate::pattern::find(name, &state.pattern_dirs).map_err(pattern_error)?
-        }
-        (None, Some(text)) => crate::pattern::load_str("source", text).map_err(pattern_error)?,
-        _ => {
-            return Err(ServiceError::validation(
-                "pattern",
-                "give exactly one of `pattern` (a name) or `source` (a pattern file's text)",
-            )
-            .into());
-        }
-    };
-    let instantiated = pattern.instantiate(&req.params).map_err(pattern_error)?;
-    let submitted = state.workflows.submit(instantiated.spec).await?;
-    let mut reply = json!(submitted);
-    reply["pattern"] = json!(pattern.name());
-    Ok((StatusCode::CREATED, Json(reply)))
+    Json(run): Json<PatternRun>,
+) -> ApiResult<(StatusCode, Json<PatternSubmitted>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            state
+                .workflows
+                .submit_pattern(run, &state.pattern_dirs)
+                .await?,
+        ),
+    ))
 }
 
 /// `GET /patterns`: the patterns a name can refer to.

@@ -10,7 +10,7 @@
 //! | dead letter of a message first sent on `<ns>.S` | `<ns>.deadletter.S` |
 //! | task for an agent | `<ns>.dispatch.<agent_id>` |
 //! | a worker's report on a task | `<ns>.result.<task_id>` |
-//! | workflow endpoints (request/reply) | `<ns>.workflow.submit`, `.get`, `.cancel` |
+//! | workflow endpoints (request/reply) | `<ns>.workflow.submit`, `.run`, `.get`, `.cancel` |
 //! | an agent's inbox | `<ns>.agent.inbox.<agent_id>` |
 //! | collaboration endpoints (request/reply) | `<ns>.collab.send`, `<ns>.collab.handoff` |
 //! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_inbox`, `<ns>_deadletter` |
@@ -134,6 +134,7 @@ impl Names {
             format!("{}.agent.heartbeat.>", self.ns),
             format!("{}.registry.>", self.ns),
             format!("{}.workflow.submit", self.ns),
+            format!("{}.workflow.run", self.ns),
             format!("{}.workflow.get", self.ns),
             format!("{}.workflow.cancel", self.ns),
             format!("{}.collab.>", self.ns),

@@ -228,11 +228,12 @@ pub async fn start(
 /// Name shown by `nats micro ls` for the workflow endpoints.
 pub const WORKFLOW_SERVICE_NAME: &str = "omoi-workflows";
 
-/// Starts `omoi-workflows`: `<ns>.workflow.submit`, `<ns>.workflow.get`, `<ns>.workflow.cancel`.
+/// Starts `omoi-workflows`: `<ns>.workflow.submit`, `.run` (a pattern), `.get`, `.cancel`.
 pub async fn start_workflows(
     nats: async_nats::Client,
     names: Names,
     workflows: Workflows,
+    pattern_dirs: Vec<std::path::PathBuf>,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
     let service = start_service(&nats, WORKFLOW_SERVICE_NAME, "workflows", &names).await?;
@@ -246,6 +247,20 @@ pub async fn start_workflows(
         move |spec: WorkflowSpec| {
             let wf = wf.clone();
             async move { wf.submit(spec).await }
+        },
+    )
+    .await?;
+    let wf = workflows.clone();
+    let dirs = std::sync::Arc::new(pattern_dirs);
+    json_endpoint(
+        &service,
+        WORKFLOW_SERVICE_NAME,
+        "run",
+        names.workflow_endpoint("run"),
+        shutdown,
+        move |run: crate::service::workflows::PatternRun| {
+            let (wf, dirs) = (wf.clone(), dirs.clone());
+            async move { wf.submit_pattern(run, &dirs).await }
         },
     )
     .await?;

@@ -95,7 +95,14 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     endpoints::start(nats.clone(), names.clone(), registry.clone(), shutdown).await?;
     let wake = Arc::new(Notify::new());
     let workflows = Workflows::new(pool.clone(), bus.clone(), wake.clone());
-    endpoints::start_workflows(nats.clone(), names.clone(), workflows.clone(), shutdown).await?;
+    endpoints::start_workflows(
+        nats.clone(),
+        names.clone(),
+        workflows.clone(),
+        settings.pattern_dirs(),
+        shutdown,
+    )
+    .await?;
     let collaboration = Collaboration::new(
         pool.clone(),
         bus.clone(),

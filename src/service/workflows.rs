@@ -304,3 +304,75 @@ impl Workflows {
         Ok(retried)
     }
 }
+
+/// Runs a pattern (`POST /api/v1/workflows/from-pattern`, `<ns>.workflow.run`): a pattern by
+/// name — built in or in `patterns_dir`, never a path a client chooses — or a file's text as
+/// `source`, with parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternRun {
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+/// What running a pattern submitted: the workflow, and the pattern's name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatternSubmitted {
+    #[serde(flatten)]
+    pub submitted: Submitted,
+    pub pattern: String,
+}
+
+fn pattern_error(e: crate::pattern::PatternError) -> ServiceError {
+    match e.kind {
+        crate::pattern::PatternErrorKind::NotFound => ServiceError::NotFound(e.to_string()),
+        crate::pattern::PatternErrorKind::Parameter => {
+            ServiceError::validation("params", e.to_string())
+        }
+        _ => ServiceError::validation("pattern", e.to_string()),
+    }
+}
+
+impl Workflows {
+    /// Compiles the pattern with its parameters and submits the workflow.
+    pub async fn submit_pattern(
+        &self,
+        run: PatternRun,
+        pattern_dirs: &[std::path::PathBuf],
+    ) -> Result<PatternSubmitted, ServiceError> {
+        let pattern = match (&run.pattern, &run.source) {
+            (Some(name), None) => {
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(ServiceError::validation(
+                        "pattern",
+                        "a pattern name (letters, digits, _ and -); send a file's text as `source`",
+                    ));
+                }
+                crate::pattern::find(name, pattern_dirs).map_err(pattern_error)?
+            }
+            (None, Some(text)) => {
+                crate::pattern::load_str("source", text).map_err(pattern_error)?
+            }
+            _ => {
+                return Err(ServiceError::validation(
+                    "pattern",
+                    "give exactly one of `pattern` (a name) or `source` (a pattern file's text)",
+                ));
+            }
+        };
+        let instantiated = pattern.instantiate(&run.params).map_err(pattern_error)?;
+        let submitted = self.submit(instantiated.spec).await?;
+        Ok(PatternSubmitted {
+            submitted,
+            pattern: pattern.name().to_string(),
+        })
+    }
+}

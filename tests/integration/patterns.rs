@@ -274,6 +274,30 @@ async fn the_from_pattern_api_submits_by_name_or_source_and_locates_errors() {
         .await;
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["field"], "params");
+    // The same over NATS, for clients without HTTP.
+    let reply: serde_json::Value = omoi::client::request(
+        &c.env.nats,
+        c.env.names.workflow_endpoint("run"),
+        &json!({"pattern": "majority_vote", "params": {"question": "Over NATS?"}}),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply["pattern"], "majority_vote");
+    let id = reply["workflow_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        c.wait(id, Duration::from_secs(30)).await.workflow.status,
+        WorkflowStatus::Completed
+    );
+    let err = omoi::client::request::<_, serde_json::Value>(
+        &c.env.nats,
+        c.env.names.workflow_endpoint("run"),
+        &json!({"source": "name: x\nsteps: []\n"}),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("at least one step"), "{err}");
     let (status, v) = http.get("/api/v1/patterns").await;
     assert_eq!(status, 200);
     assert!(
