@@ -70,6 +70,10 @@ pub struct Dispatch {
     /// Outputs of the task's dependencies, by key.
     #[serde(default)]
     pub dependencies: std::collections::BTreeMap<String, serde_json::Value>,
+    /// `dependencies` were left out: with them the dispatch would exceed the message limit
+    /// (the `input`, with its `${deps…}` references resolved, is still whole).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dependencies_omitted: bool,
     #[serde(default)]
     pub resources: Vec<crate::domain::dag::ResourceSpec>,
     #[serde(default)]

@@ -311,7 +311,8 @@ pub struct CoordinationEvent {
     /// merge.completed: the strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
-    /// merge.completed: the merged value; loop.completed: the loop's output.
+    /// merge.completed: the merged value; loop.completed: the loop's output — when under
+    /// 64 KiB (otherwise absent: read the node's `output`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     /// loop.*: the iteration inserted, or the last one.

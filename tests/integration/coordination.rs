@@ -618,3 +618,64 @@ async fn a_loop_body_can_fan_out_with_a_split_each_iteration() {
     assert!(view.tasks.iter().all(|t| !t.key.starts_with("rounds/3/")));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_task_after_a_split_too_large_to_forward_gets_its_input_without_the_outputs() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w1", "general", 8).await;
+    // 40 children × ~30 KB of output: 1.2 MB, more than one NATS message.
+    let blob = "x".repeat(30_000);
+    let items: Vec<u64> = (0..40).collect();
+    let view = c
+        .run(
+            json!({"name": "bulky", "tasks": [
+                sleeper("plan", 10, json!({"items": items})),
+                {"key": "fan", "depends_on": ["plan"], "split": {
+                    "items": "${deps.plan.output.items}",
+                    "task": {"executor": "sleep", "input": {"ms": 5, "output": {"n": "${item}", "blob": blob}}}}},
+                {"key": "after", "depends_on": ["fan"], "input": {"count": "${deps.fan.output.count}"},
+                 "executor": "echo", "capabilities": []}
+            ]}),
+            Duration::from_secs(60),
+        )
+        .await;
+    // The view is too large for a reply: read the rows.
+    let row = |id: omoi::domain::WorkflowId, key: &'static str| {
+        let pool = c.env.pool.clone();
+        async move {
+            sqlx::query_as::<_, omoi::db::tasks::TaskRecord>(
+                "SELECT * FROM tasks WHERE workflow_id = $1 AND key = $2",
+            )
+            .bind(id)
+            .bind(key)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let after = row(view.workflow.id, "after").await;
+    assert_eq!(
+        after.output.as_ref().unwrap()["input"],
+        json!({"count": 40})
+    );
+    // A task that asks for all of it in its input cannot be sent, and says why.
+    let submitted = c
+        .submit(json!({"name": "too-bulky", "tasks": [
+            sleeper("plan", 10, json!({"items": (0..40).collect::<Vec<u64>>()})),
+            {"key": "fan", "depends_on": ["plan"], "split": {
+                "items": "${deps.plan.output.items}",
+                "task": {"executor": "sleep", "input": {"ms": 5, "output": {"blob": "x".repeat(30_000)}}}}},
+            {"key": "all", "depends_on": ["fan"], "input": {"everything": "${deps.fan.output.outputs}"}}
+        ]}))
+        .await;
+    let view = c.wait(submitted.workflow_id, Duration::from_secs(60)).await;
+    assert_eq!(view.workflow.status, WorkflowStatus::Failed);
+    let all = row(view.workflow.id, "all").await;
+    assert_eq!(all.status, TaskStatus::Failed);
+    assert!(
+        all.error.as_deref().unwrap().contains("exceeds"),
+        "{:?}",
+        all.error
+    );
+    c.stop().await;
+}

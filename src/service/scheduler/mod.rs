@@ -431,7 +431,7 @@ impl Scheduler {
         for t in assigned {
             let Some(agent_id) = t.agent_id else { continue };
             let dependencies = outputs.get(&t.id).cloned().unwrap_or_default();
-            let dispatch = Dispatch {
+            let mut dispatch = Dispatch {
                 v: PROTOCOL_VERSION,
                 task_id: t.id,
                 workflow_id: t.workflow_id,
@@ -441,12 +441,23 @@ impl Scheduler {
                 executor: t.executor.clone(),
                 input: resolve_input(&t.input, &dependencies),
                 dependencies,
+                dependencies_omitted: false,
                 resources: serde_json::from_value::<Vec<ResourceSpec>>(t.resources.clone())
                     .unwrap_or_default(),
                 timeout_seconds: t.timeout_seconds,
             };
-            let payload =
-                serde_json::to_vec(&dispatch).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let encode = |d: &Dispatch| {
+                serde_json::to_vec(d).map_err(|e| ServiceError::Internal(e.to_string()))
+            };
+            let mut payload = encode(&dispatch)?;
+            if payload.len() > MAX_DISPATCH_BYTES && !dispatch.dependencies.is_empty() {
+                // The whole outputs (say, of a wide split) do not fit: send the input, which
+                // carries what the task asked for by reference, without them.
+                dispatch.dependencies.clear();
+                dispatch.dependencies_omitted = true;
+                payload = encode(&dispatch)?;
+                tracing::info!(task.id = %t.id, "dependency outputs left out of a dispatch too large for them");
+            }
             if let Err(reason) = check_dispatch(&payload) {
                 undeliverable.push((t, reason));
                 continue;

@@ -74,6 +74,15 @@ pub fn sync_created(workflow: WorkflowId, tasks: &[NewTask]) -> Vec<Event> {
         .collect()
 }
 
+/// Largest result carried in a `coordination.*` event; a larger one is read from the task.
+const MAX_EVENT_RESULT_BYTES: usize = 64 * 1024;
+
+/// `v` if it is small enough to travel in an event.
+fn small(v: &Value) -> Option<Value> {
+    let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+    (size <= MAX_EVENT_RESULT_BYTES).then(|| v.clone())
+}
+
 fn spec_of<T: serde::de::DeserializeOwned>(t: &TaskRecord) -> Result<T, String> {
     serde_json::from_value(t.coordination.clone().unwrap_or(Value::Null))
         .map_err(|e| format!("stored {} spec cannot be read: {e}", t.kind.as_str()))
@@ -291,7 +300,7 @@ impl Scheduler {
                     strategy: serde_json::to_value(spec.strategy)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string)),
-                    result: Some(result.clone()),
+                    result: small(&result),
                     ..node_event(node)
                 });
                 Ok(Step::Complete(result, Some(event)))
@@ -381,7 +390,7 @@ impl Scheduler {
                 LoopStep::Done(output) => {
                     let event = Event::LoopCompleted(CoordinationEvent {
                         iteration: Some(iteration),
-                        result: Some(output.clone()),
+                        result: small(&output),
                         ..node_event(node)
                     });
                     return Ok(Step::Complete(output, Some(event)));
