@@ -188,6 +188,14 @@ pub async fn follow(
             Err(crate::client::ClientError::Service(crate::service::ServiceError::TooLarge {
                 ..
             })) => client.view(id, false).await?,
+            // A control plane restarting (none answers for a moment) is not the end.
+            Err(
+                crate::client::ClientError::NoResponders(_)
+                | crate::client::ClientError::Transport { .. },
+            ) if started.elapsed() < timeout => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         let frame = progress(&view);
