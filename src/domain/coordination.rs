@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::dag::{ResourceSpec, TaskSpec};
+use super::dag::{ResourceSpec, TaskSpec, map_strings, select, walk};
+
 use super::merge::MergeStrategy;
 use super::{Priority, TaskId};
 
@@ -445,24 +446,10 @@ fn strip_loop_bindings(v: &Value) -> Value {
     })
 }
 
-/// Applies `f` to every string in `v`; a string `f` maps to `Some` is replaced whole.
-fn map_strings(v: &Value, f: &mut impl FnMut(&str) -> Option<Value>) -> Value {
-    match v {
-        Value::String(s) => f(s).unwrap_or_else(|| v.clone()),
-        Value::Array(items) => Value::Array(items.iter().map(|x| map_strings(x, f)).collect()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| (k.clone(), map_strings(x, f)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
 /// Body keys read through `${prev.<key>.output…}`.
 fn prev_references(v: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    map_strings(v, &mut |s| {
+    walk(v, &mut |s| {
         if let Some(key) = s
             .strip_prefix("${prev.")
             .and_then(|r| r.split_once(".output"))
@@ -470,27 +457,10 @@ fn prev_references(v: &Value) -> Vec<String> {
         {
             out.push(key.to_string());
         }
-        None
     });
     out.sort();
     out.dedup();
     out
-}
-
-/// Follows a field path into a value (`null` where it does not lead anywhere).
-pub fn select<'a>(mut v: &'a Value, path: &[&str]) -> &'a Value {
-    for field in path {
-        v = match v {
-            Value::Object(m) => m.get(*field).unwrap_or(&Value::Null),
-            Value::Array(a) => field
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| a.get(i))
-                .unwrap_or(&Value::Null),
-            _ => &Value::Null,
-        };
-    }
-    v
 }
 
 /// A task a split or loop inserts.

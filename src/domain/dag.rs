@@ -358,7 +358,7 @@ pub fn references(value: &serde_json::Value) -> Vec<String> {
     out
 }
 
-fn walk(value: &serde_json::Value, f: &mut impl FnMut(&str)) {
+pub(crate) fn walk(value: &serde_json::Value, f: &mut impl FnMut(&str)) {
     match value {
         serde_json::Value::String(s) => f(s),
         serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, f)),
@@ -389,37 +389,47 @@ pub fn resolve_input(
     input: &serde_json::Value,
     outputs: &BTreeMap<String, serde_json::Value>,
 ) -> serde_json::Value {
-    match input {
-        serde_json::Value::String(s) => match parse_reference(s) {
-            Some((key, path)) => {
-                let mut v = outputs.get(key).unwrap_or(&serde_json::Value::Null);
-                for field in path {
-                    v = match v {
-                        serde_json::Value::Object(m) => {
-                            m.get(field).unwrap_or(&serde_json::Value::Null)
-                        }
-                        serde_json::Value::Array(a) => field
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| a.get(i))
-                            .unwrap_or(&serde_json::Value::Null),
-                        _ => &serde_json::Value::Null,
-                    };
-                }
-                v.clone()
-            }
-            None => input.clone(),
-        },
+    map_strings(input, &mut |s| {
+        let (key, path) = parse_reference(s)?;
+        let output = outputs.get(key).unwrap_or(&serde_json::Value::Null);
+        Some(select(output, &path).clone())
+    })
+}
+
+/// Applies `f` to every string in `v`; a string `f` maps to `Some` is replaced whole.
+pub(crate) fn map_strings(
+    v: &serde_json::Value,
+    f: &mut impl FnMut(&str) -> Option<serde_json::Value>,
+) -> serde_json::Value {
+    match v {
+        serde_json::Value::String(s) => f(s).unwrap_or_else(|| v.clone()),
         serde_json::Value::Array(items) => {
-            serde_json::Value::Array(items.iter().map(|v| resolve_input(v, outputs)).collect())
+            serde_json::Value::Array(items.iter().map(|x| map_strings(x, f)).collect())
         }
-        serde_json::Value::Object(map) => serde_json::Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), resolve_input(v, outputs)))
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.iter()
+                .map(|(k, x)| (k.clone(), map_strings(x, f)))
                 .collect(),
         ),
         other => other.clone(),
     }
+}
+
+/// Follows a field path into a value (`null` where it does not lead anywhere; a numeric field
+/// indexes a list).
+pub fn select<'a>(mut v: &'a serde_json::Value, path: &[&str]) -> &'a serde_json::Value {
+    for field in path {
+        v = match v {
+            serde_json::Value::Object(m) => m.get(*field).unwrap_or(&serde_json::Value::Null),
+            serde_json::Value::Array(a) => field
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| a.get(i))
+                .unwrap_or(&serde_json::Value::Null),
+            _ => &serde_json::Value::Null,
+        };
+    }
+    v
 }
 
 #[cfg(test)]

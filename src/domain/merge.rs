@@ -21,6 +21,19 @@ pub enum MergeStrategy {
     First,
 }
 
+impl MergeStrategy {
+    /// The wire name (`combine`, `union`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Combine => "combine",
+            Self::Union => "union",
+            Self::Intersection => "intersection",
+            Self::Majority => "majority",
+            Self::First => "first",
+        }
+    }
+}
+
 /// Why outputs could not be merged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MergeError {
@@ -173,6 +186,14 @@ fn set_merge(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn strategy_names_are_the_wire_names() {
+        use MergeStrategy::*;
+        for s in [Combine, Union, Intersection, Majority, First] {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        }
+    }
 
     fn outs(v: &[(&str, Value)]) -> Vec<(String, Value)> {
         v.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()

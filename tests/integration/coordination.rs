@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use omoi::bus::events::Subscription;
+use omoi::db::tasks::TaskRecord;
 use omoi::domain::{Envelope, Event, TaskStatus, WorkflowStatus};
+use omoi::service::workflows::WorkflowView;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, task};
@@ -62,6 +64,14 @@ async fn wait_for_tasks(
         }
     })
     .await;
+}
+
+/// Tasks of the view whose key starts with `prefix` (what a split or loop inserted).
+fn inserted<'a>(view: &'a WorkflowView, prefix: &str) -> Vec<&'a TaskRecord> {
+    view.tasks
+        .iter()
+        .filter(|t| t.key.starts_with(prefix))
+        .collect()
 }
 
 fn count(events: &[Envelope], kind: &str, key: &str) -> usize {
@@ -322,11 +332,7 @@ async fn a_dynamic_split_over_a_100_item_output_makes_100_tasks_and_joins_them()
             Duration::from_secs(60),
         )
         .await;
-    let children: Vec<_> = view
-        .tasks
-        .iter()
-        .filter(|t| t.key.starts_with("impl/"))
-        .collect();
+    let children = inserted(&view, "impl/");
     assert_eq!(children.len(), 100);
     for t in &children {
         assert_eq!(t.depends_on, vec!["plan"], "{}", t.key);
@@ -456,10 +462,8 @@ async fn a_review_loop_runs_as_many_iterations_as_the_verdicts_demand_and_stops_
     c.spawn_worker("w1", "general", 4).await;
     // Two rounds of changes, approved in the third.
     let view = c.run(review_loop(2, 5), Duration::from_secs(60)).await;
-    let keys: Vec<&str> = view
-        .tasks
+    let keys: Vec<&str> = inserted(&view, "cycle/")
         .iter()
-        .filter(|t| t.key.starts_with("cycle/"))
         .map(|t| t.key.as_str())
         .collect();
     assert_eq!(keys.len(), 6, "{keys:?}");
@@ -491,13 +495,7 @@ async fn a_review_loop_runs_as_many_iterations_as_the_verdicts_demand_and_stops_
     let cycle = task(&view, "cycle").output.clone().unwrap();
     assert_eq!(cycle["iterations"], 2);
     assert_eq!(cycle["stopped"], "max_iterations");
-    assert_eq!(
-        view.tasks
-            .iter()
-            .filter(|t| t.key.starts_with("cycle/"))
-            .count(),
-        4
-    );
+    assert_eq!(inserted(&view, "cycle/").len(), 4);
     c.stop().await;
 }
 
@@ -527,13 +525,7 @@ async fn a_coordinator_restart_mid_pattern_resumes_and_finishes() {
     let cycle = task(&view, "cycle").output.clone().unwrap();
     assert_eq!(cycle["iterations"], 3);
     // Each iteration's tasks exist exactly once (keys are unique per workflow) and ran once.
-    assert_eq!(
-        view.tasks
-            .iter()
-            .filter(|t| t.key.starts_with("cycle/"))
-            .count(),
-        6
-    );
+    assert_eq!(inserted(&view, "cycle/").len(), 6);
     c.stop().await;
 }
 

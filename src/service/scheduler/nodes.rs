@@ -297,9 +297,7 @@ impl Scheduler {
             Ok(result) => {
                 let event = Event::MergeCompleted(CoordinationEvent {
                     tasks: outputs.iter().map(|(k, _)| k.clone()).collect(),
-                    strategy: serde_json::to_value(spec.strategy)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string)),
+                    strategy: Some(spec.strategy.as_str().to_string()),
                     result: small(&result),
                     ..node_event(node)
                 });
