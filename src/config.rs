@@ -72,6 +72,21 @@ pub struct Settings {
     /// Directories searched for pattern files by name (`omoi run NAME`, the from-pattern API),
     /// separated by `:`, after the built-in patterns.
     pub patterns_dir: String,
+    /// Longest a worker runs a task that sets no `timeout_seconds`.
+    pub executor_timeout_ms: u64,
+    /// Open HTTP connections a control plane serves at once; more are closed on arrival.
+    pub http_max_connections: u32,
+    /// Time a client has to send a request's headers; also the longest a keep-alive
+    /// connection may sit idle.
+    pub http_header_timeout_ms: u64,
+    /// Longest an HTTP request may take, body included (WebSockets excepted once upgraded).
+    pub http_request_timeout_ms: u64,
+    /// Largest HTTP request body (413 `too_large` past it). Bodies being read at once are
+    /// bounded to four times this.
+    pub http_max_body_bytes: u64,
+    /// API requests handled at once; more get 503 `unavailable` at once (health checks and
+    /// metrics are exempt).
+    pub http_max_in_flight: u32,
 }
 
 impl Settings {
@@ -109,6 +124,12 @@ impl Default for Settings {
             handoff_ttl_ms: 300_000,
             worker_inbox_dir: String::new(),
             patterns_dir: String::new(),
+            executor_timeout_ms: 3_600_000,
+            http_max_connections: 1_024,
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 30_000,
+            http_max_body_bytes: 16 * 1024 * 1024,
+            http_max_in_flight: 256,
         }
     }
 }
@@ -232,6 +253,12 @@ impl Settings {
             ("lock_lease_ms", self.lock_lease_ms),
             ("task_start_timeout_ms", self.task_start_timeout_ms),
             ("handoff_ttl_ms", self.handoff_ttl_ms),
+            ("executor_timeout_ms", self.executor_timeout_ms),
+            ("http_max_connections", u64::from(self.http_max_connections)),
+            ("http_header_timeout_ms", self.http_header_timeout_ms),
+            ("http_request_timeout_ms", self.http_request_timeout_ms),
+            ("http_max_body_bytes", self.http_max_body_bytes),
+            ("http_max_in_flight", u64::from(self.http_max_in_flight)),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -128,3 +128,84 @@ impl Outcome {
         }
     }
 }
+
+/// Checks a version field of an inbound message: only [`PROTOCOL_VERSION`] is understood.
+pub fn check_version(what: &str, v: u32) -> Result<(), String> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "unsupported protocol version {v} in a {what} (this build speaks {PROTOCOL_VERSION})"
+        ))
+    }
+}
+
+impl TaskReport {
+    /// Makes the report storable in PostgreSQL, which cannot hold U+0000: in free text (an
+    /// error, a reason) it becomes U+FFFD; a completed attempt whose output holds one is turned
+    /// into a failed attempt saying where. Returns that reason when the output was refused.
+    pub fn make_storable(&mut self) -> Option<String> {
+        use crate::domain::text::{find_nul, scrub_nul};
+        match &mut self.outcome {
+            Outcome::Started => None,
+            Outcome::Failed { error, .. } => {
+                *error = scrub_nul(error);
+                None
+            }
+            Outcome::Blocked { reason } | Outcome::Released { reason } => {
+                *reason = scrub_nul(reason);
+                None
+            }
+            Outcome::Completed { output, .. } => {
+                let path = find_nul(output)?;
+                let reason = format!(
+                    "output holds U+0000 (NUL) at {path}, which cannot be stored; the attempt fails"
+                );
+                self.outcome = Outcome::Failed {
+                    error: reason.clone(),
+                    exit_code: None,
+                };
+                Some(reason)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: Outcome) -> TaskReport {
+        TaskReport {
+            v: PROTOCOL_VERSION,
+            task_id: crate::domain::TaskId::new(),
+            attempt: 1,
+            agent_id: AgentId::new(),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_nul_in_an_output_fails_the_attempt_and_in_free_text_is_replaced() {
+        let mut r = report(Outcome::Completed {
+            output: serde_json::json!({"stdout": "a\u{0}b"}),
+            lock_wait_ms: None,
+        });
+        let reason = r.make_storable().expect("refused");
+        assert!(reason.contains("$.stdout"), "{reason}");
+        assert!(matches!(r.outcome, Outcome::Failed { .. }));
+        let mut r = report(Outcome::Failed {
+            error: "bad\u{0}".into(),
+            exit_code: Some(1),
+        });
+        assert_eq!(r.make_storable(), None);
+        assert!(matches!(r.outcome, Outcome::Failed { ref error, .. } if error == "bad\u{FFFD}"));
+        let mut fine = report(Outcome::Completed {
+            output: serde_json::json!({"ok": true}),
+            lock_wait_ms: Some(3),
+        });
+        assert_eq!(fine.make_storable(), None);
+        assert!(check_version("report", 1).is_ok());
+        assert!(check_version("report", 2).is_err());
+    }
+}

@@ -62,6 +62,9 @@ fn actor(raw: &Option<String>, body: &Bytes) -> Result<Actor, ApiError> {
     let mut actor: Actor = if body.iter().all(u8::is_ascii_whitespace) {
         Actor::default()
     } else {
+        if let Some(path) = crate::domain::text::find_nul_in_json(body) {
+            return Err(ServiceError::validation(path, "contains U+0000 (NUL)").into());
+        }
         serde_json::from_slice(body).map_err(|e| ServiceError::Malformed(format!("body: {e}")))?
     };
     for (k, v) in query_pairs(raw) {

@@ -125,6 +125,8 @@ async fn force_release(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    crate::bus::kv_lock::validate_resource_name(&name)
+        .map_err(|reason| ServiceError::validation("name", reason))?;
     let released = state.locks.force_release(&name).await?;
     if !released {
         return Err(ServiceError::NotFound(format!("lock `{name}` is not held")).into());

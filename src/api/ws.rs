@@ -138,7 +138,23 @@ async fn collaboration_ws(
             "agent.collab.*".into(),
         ];
     }
-    Ok(ws.on_upgrade(move |socket| serve(socket, state, filters)))
+    upgrade(ws, state, filters)
+}
+
+/// Upgrades within the WebSocket limit; the slot is held as long as the socket is open.
+fn upgrade(ws: WebSocketUpgrade, state: AppState, filters: Filters) -> Result<Response, ApiError> {
+    let slot = state
+        .limits
+        .websockets
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ServiceError::Unavailable("too many WebSockets open; try again later".into())
+        })?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        serve(socket, state, filters).await;
+        drop(slot);
+    }))
 }
 
 async fn events_ws(
@@ -147,7 +163,7 @@ async fn events_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let filters = Filters::from_query(&raw)?;
-    Ok(ws.on_upgrade(move |socket| serve(socket, state, filters)))
+    upgrade(ws, state, filters)
 }
 
 #[derive(Deserialize)]

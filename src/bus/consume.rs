@@ -14,8 +14,9 @@ use serde::de::DeserializeOwned;
 use super::names::{HEADER_DEADLETTER_REASON, HEADER_ORIGINAL_SUBJECT};
 use super::{BusError, Names};
 
-/// A validation applied after parsing; `Err(reason)` dead-letters the message.
-pub type Check<T> = fn(&T) -> Result<(), String>;
+/// A validation applied after parsing, given the subject and the value; `Err(reason)`
+/// dead-letters the message.
+pub type Check<T> = fn(&str, &T) -> Result<(), String>;
 
 /// Yields typed deliveries from a pull consumer; dead-letters what does not parse.
 pub struct TypedConsumer<T> {
@@ -32,10 +33,14 @@ pub struct TypedConsumer<T> {
 pub struct Delivery<T> {
     pub value: T,
     pub subject: String,
+    /// The message as it arrived (what [`Delivery::dead_letter`] keeps).
+    pub payload: bytes::Bytes,
     /// 1 on first delivery, then counts redeliveries.
     pub delivered: i64,
     pub stream_sequence: u64,
     acker: Option<Acker>,
+    js: jetstream::Context,
+    names: Names,
 }
 
 impl<T> Delivery<T> {
@@ -52,6 +57,31 @@ impl<T> Delivery<T> {
     /// Will never be handled: stop redelivering.
     pub async fn term(mut self) -> Result<(), BusError> {
         self.settle(AckKind::Term).await
+    }
+
+    /// Parsed, but cannot be handled (ever): republish it on the dead-letter subject with
+    /// `reason`, then terminate it. If the dead letter cannot be stored, nak it so it is tried
+    /// again later — never dropped.
+    pub async fn dead_letter(mut self, reason: &str) -> Result<(), BusError> {
+        tracing::warn!(subject = %self.subject, %reason, stream_sequence = self.stream_sequence, "dead-lettering message");
+        match dead_letter(
+            &self.js,
+            &self.names,
+            &self.subject,
+            self.stream_sequence,
+            &self.payload,
+            reason,
+        )
+        .await
+        {
+            Ok(()) => self.settle(AckKind::Term).await,
+            Err(e) => {
+                tracing::error!(subject = %self.subject, error = %e, "dead-letter publish failed; will retry");
+                self.settle(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await?;
+                Err(e)
+            }
+        }
     }
 
     /// Still working: extend the ack deadline.
@@ -121,26 +151,28 @@ impl<T: DeserializeOwned> TypedConsumer<T> {
                 .info()
                 .map(|i| (i.delivered, i.stream_sequence))
                 .unwrap_or((1, 0));
+            let subject = msg.subject.to_string();
             let parsed = serde_json::from_slice::<T>(&msg.payload)
                 .map_err(|e| format!("malformed payload: {e}"))
                 .and_then(|v| match self.check {
-                    Some(check) => check(&v).map(|()| v),
+                    Some(check) => check(&subject, &v).map(|()| v),
                     None => Ok(v),
                 });
             match parsed {
                 Ok(value) => {
-                    let subject = msg.subject.to_string();
-                    let (_, acker) = msg.split();
+                    let (message, acker) = msg.split();
                     return Some(Ok(Delivery {
                         value,
                         subject,
+                        payload: message.payload,
                         delivered,
                         stream_sequence,
                         acker: Some(acker),
+                        js: self.js.clone(),
+                        names: self.names.clone(),
                     }));
                 }
                 Err(reason) => {
-                    let subject = msg.subject.to_string();
                     tracing::warn!(%subject, %reason, stream_sequence, "dead-lettering message");
                     match dead_letter(
                         &self.js,

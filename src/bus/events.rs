@@ -152,7 +152,7 @@ impl EventBus {
         .map_err(|e| err(e.to_string()))?;
         let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
         Ok(
-            TypedConsumer::new(messages, self.js.clone(), self.names.clone()).with_check(|env| {
+            TypedConsumer::new(messages, self.js.clone(), self.names.clone()).with_check(|_, env| {
                 if env.v == EVENT_SCHEMA_VERSION {
                     Ok(())
                 } else {

@@ -51,10 +51,7 @@ pub async fn respond<T: Serialize>(req: &service::Request, result: Result<T, Ser
         Err(err) => {
             let body = serde_json::to_vec(&ErrorReply { error: err.body() }).unwrap_or_default();
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                service::NATS_SERVICE_ERROR,
-                err.to_string().replace(['\r', '\n'], " ").as_str(),
-            );
+            headers.insert(service::NATS_SERVICE_ERROR, err.summary().as_str());
             headers.insert(
                 service::NATS_SERVICE_ERROR_CODE,
                 err.status().to_string().as_str(),
@@ -67,11 +64,61 @@ pub async fn respond<T: Serialize>(req: &service::Request, result: Result<T, Ser
     }
 }
 
-/// Parses a request body; a malformed one is answered with a `malformed` error by the caller.
+/// Parses a request body; a malformed one is answered with a `malformed` error by the caller,
+/// one with an unsupported `"v"` or holding U+0000 with a `validation` error.
 pub fn parse<T: DeserializeOwned>(req: &service::Request) -> Result<T, ServiceError> {
-    serde_json::from_slice(&req.message.payload).map_err(|e| {
+    let payload = &req.message.payload;
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(default)]
+        v: Option<serde_json::Value>,
+    }
+    let version = serde_json::from_slice::<Version>(payload).map_err(|e| {
+        ServiceError::Malformed(format!("malformed request on {}: {e}", req.message.subject))
+    })?;
+    if let Some(v) = version.v {
+        if v.as_u64() != Some(u64::from(crate::protocol::PROTOCOL_VERSION)) {
+            return Err(ServiceError::validation(
+                "v",
+                format!(
+                    "unsupported protocol version {}; this control plane speaks {}",
+                    crate::domain::text::bounded(&v.to_string(), 32),
+                    crate::protocol::PROTOCOL_VERSION
+                ),
+            ));
+        }
+    }
+    if let Some(path) = crate::domain::text::find_nul_in_json(payload) {
+        return Err(ServiceError::validation(
+            path,
+            "contains U+0000 (NUL), which cannot be stored",
+        ));
+    }
+    serde_json::from_slice(payload).map_err(|e| {
         ServiceError::Malformed(format!("malformed request on {}: {e}", req.message.subject))
     })
+}
+
+/// Runs a handler's future, turning a panic into an `internal` error: one bad request must
+/// never take its endpoint down.
+pub async fn guarded<T>(
+    work: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(panic = %what, "request handler panicked; answering internal");
+            Err(ServiceError::Internal(
+                "the request could not be handled".into(),
+            ))
+        }
+    }
 }
 
 /// Starts a NATS micro service whose endpoints run until `shutdown` is cancelled (then it is
@@ -125,7 +172,7 @@ where
         let handle = handle.clone();
         async move {
             let result = match parse::<Req>(&req) {
-                Ok(body) => handle(body).await,
+                Ok(body) => guarded(handle(body)).await,
                 Err(e) => Err(e),
             };
             respond(&req, result).await;
@@ -334,24 +381,43 @@ pub async fn start_collaboration(
     Ok(())
 }
 
-/// Runs `handle` for each request, one at a time, until cancelled.
+/// Requests of one endpoint handled at once; more wait (in NATS) for a free slot, so a burst
+/// cannot take every database connection.
+const ENDPOINT_CONCURRENCY: usize = 16;
+
+/// Runs `handle` for each request, up to [`ENDPOINT_CONCURRENCY`] at once, until cancelled;
+/// then lets those in flight finish.
 async fn serve<F, Fut>(
     mut endpoint: service::endpoint::Endpoint,
     cancel: tokio_util::sync::CancellationToken,
     handle: F,
 ) where
     F: Fn(service::Request) -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(ENDPOINT_CONCURRENCY));
+    let in_flight = tokio_util::task::TaskTracker::new();
     loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
         tokio::select! {
             () = cancel.cancelled() => break,
             req = endpoint.next() => match req {
-                Some(req) => handle(req).await,
+                Some(req) => {
+                    let work = handle(req);
+                    in_flight.spawn(async move {
+                        work.await;
+                        drop(permit);
+                    });
+                }
                 None => break,
             },
         }
     }
+    in_flight.close();
+    in_flight.wait().await;
 }
 
 async fn serve_heartbeats(
@@ -373,7 +439,15 @@ async fn serve_heartbeats(
                 req = endpoint.next() => match req { Some(r) => batch.push(r), None => break },
             }
         }
-        handle_heartbeats(&registry, batch).await;
+        use futures::FutureExt;
+        if std::panic::AssertUnwindSafe(handle_heartbeats(&registry, batch))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            // Unanswered heartbeats are sent again at the next interval.
+            tracing::error!("heartbeat batch panicked; its heartbeats go unanswered");
+        }
     }
 }
 
@@ -390,6 +464,7 @@ fn parse_heartbeat(req: &service::Request) -> Result<Heartbeat, ServiceError> {
             ),
         ));
     }
+    crate::service::registry::validate_load(hb.load)?;
     Ok(hb)
 }
 

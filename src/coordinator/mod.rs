@@ -160,9 +160,11 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
             addr: settings.http_addr.clone(),
             source,
         })?;
+    // Readiness has a connection of its own: a busy pool must not make the process look dead.
+    let health_pool = crate::db::connect(&settings.database_url, 1).await?;
     let app = health::router(HealthState {
         nats: nats.clone(),
-        db: Some(pool.clone()),
+        db: Some(health_pool),
     })
     .merge(crate::api::router(crate::api::AppState {
         registry: registry.clone(),
@@ -172,20 +174,25 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         nats: nats.clone(),
         names: names.clone(),
         pattern_dirs: settings.pattern_dirs(),
+        limits: crate::api::ApiLimits::from_settings(settings),
     }))
     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
         axum::http::StatusCode::REQUEST_TIMEOUT,
-        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(settings.http_request_timeout_ms),
+    ))
+    .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        crate::api::panic_response,
     ));
-    let token = shutdown.token.clone();
-    shutdown.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
+    let limits = crate::runtime::http::ConnectionLimits {
+        max_connections: settings.http_max_connections as usize,
+        header_timeout: std::time::Duration::from_millis(settings.http_header_timeout_ms),
+    };
+    shutdown.spawn(crate::runtime::http::serve(
+        listener,
+        app,
+        limits,
+        shutdown.token.clone(),
+    ));
     tracing::info!(%http_addr, namespace = names.namespace(), instance = %instance_id, "coordinator started");
     Ok(Running {
         http_addr,

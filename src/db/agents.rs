@@ -169,6 +169,16 @@ pub async fn record_heartbeats(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// Which of `ids` belong to deregistered (terminated) agents.
+pub async fn terminated_among(pool: &PgPool, ids: &[AgentId]) -> Result<Vec<AgentId>, DbError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM agents WHERE id = ANY($1) AND status = 'terminated'")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 /// Marks agents that missed heartbeats: silent longer than `stale_after_ms` → stale, longer
 /// than `offline_after_ms` → offline. Returns only agents whose status changed.
 pub async fn sweep_silent(

@@ -45,6 +45,34 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
 }
 
+impl DbError {
+    /// Whether trying the same thing again later may succeed: the server or the connection is
+    /// unavailable, overloaded, shutting down, or the transaction lost a race. Otherwise the
+    /// statement itself was refused (bad data, a broken constraint) and would be refused again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Sqlx(e) => match e {
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    // 08 connection, 40 rollback (serialization, deadlock), 53 resources,
+                    // 57 operator intervention (shutdown), 58 system error.
+                    ["08", "40", "53", "57", "58"]
+                        .iter()
+                        .any(|class| c.starts_with(class))
+                }),
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 /// Connects a pool. Fails fast (a few seconds) when nothing answers, naming the URL.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let masked = crate::config::mask_url_password(url);

@@ -10,6 +10,7 @@ pub mod matching;
 pub mod merge;
 pub mod retry;
 pub mod task;
+pub mod text;
 pub mod workflow;
 
 pub use agent::{AgentStatus, HealthStatus};

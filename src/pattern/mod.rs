@@ -402,6 +402,12 @@ pub fn find(name_or_path: &str, extra_dirs: &[PathBuf]) -> Result<Pattern, Patte
     if path.is_file() {
         return load_path(path);
     }
+    find_named(name_or_path, extra_dirs)
+}
+
+/// A pattern by name only — a builtin, or `<dir>/<name>.{yaml,yml,json}` of `extra_dirs` —
+/// never a path: what a remote caller's name may resolve to (the API and `<ns>.workflow.run`).
+pub fn find_named(name_or_path: &str, extra_dirs: &[PathBuf]) -> Result<Pattern, PatternError> {
     if let Some((file, text)) = builtin().into_iter().find(|(f, _)| stem(f) == name_or_path) {
         return load_str(file, text);
     }

@@ -25,6 +25,9 @@ use crate::domain::{AgentId, AgentStatus, Event, TaskId, WorkflowId};
 /// How many best-fit agents an open handoff is offered to.
 pub const OPEN_HANDOFF_OFFERS: usize = 5;
 
+/// Longest a handoff may wait for a decision.
+pub const MAX_HANDOFF_TTL_SECONDS: u64 = 30 * 86_400;
+
 /// Largest message content accepted.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 
@@ -193,6 +196,49 @@ pub struct Collaboration {
     stale_after_ms: i64,
 }
 
+/// Longest free text (a title, a reason) and largest JSON (metadata, context) accepted.
+pub const MAX_TEXT_CHARS: usize = 4_000;
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+
+fn check_text(field: &str, text: &str) -> Result<(), ServiceError> {
+    let n = text.chars().count();
+    if n > MAX_TEXT_CHARS {
+        return Err(ServiceError::validation(
+            field,
+            format!("is {n} characters; at most {MAX_TEXT_CHARS}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_json(field: &str, value: Option<&serde_json::Value>) -> Result<(), ServiceError> {
+    let Some(value) = value else { return Ok(()) };
+    let size = serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_JSON_BYTES {
+        return Err(ServiceError::TooLarge {
+            message: format!("{field} is {size} bytes; at most {MAX_JSON_BYTES}"),
+        });
+    }
+    Ok(())
+}
+
+/// A message type: 1 to 64 of `a-z 0-9 _ . : -`.
+fn check_message_type(t: &str) -> Result<(), ServiceError> {
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.:-".contains(c));
+    if !ok {
+        return Err(ServiceError::validation(
+            "message_type",
+            "must be 1 to 64 of a-z 0-9 _ . : -",
+        ));
+    }
+    Ok(())
+}
+
 fn db(e: sqlx::Error) -> ServiceError {
     ServiceError::from(DbError::from(e))
 }
@@ -252,6 +298,14 @@ impl Collaboration {
     }
 
     pub async fn create_thread(&self, req: CreateThread) -> Result<Thread, ServiceError> {
+        check_text("title", req.title.as_deref().unwrap_or_default())?;
+        check_json("metadata", req.metadata.as_ref())?;
+        if req.participants.len() > 100 {
+            return Err(ServiceError::validation(
+                "participants",
+                "at most 100 agents take part in a thread",
+            ));
+        }
         let mut participants = req.participants.clone();
         participants.sort();
         participants.dedup();
@@ -371,6 +425,8 @@ impl Collaboration {
 
     /// Stores a message, then delivers it to each recipient's inbox and announces it.
     pub async fn send_message(&self, req: SendMessage) -> Result<Message, ServiceError> {
+        check_message_type(&req.message_type)?;
+        check_json("metadata", req.metadata.as_ref())?;
         if req.content.len() > MAX_CONTENT_BYTES {
             return Err(ServiceError::TooLarge {
                 message: format!(
@@ -549,6 +605,8 @@ impl Collaboration {
     /// Records a handoff request and offers it: to the named target, or (open handoff) to the
     /// best-fit live agents that have every capability.
     pub async fn request_handoff(&self, req: HandoffRequest) -> Result<Handoff, ServiceError> {
+        check_text("reason", &req.reason)?;
+        check_json("context", req.context.as_ref())?;
         let task = crate::db::tasks::get(&self.pool, req.task_id).await?;
         if task.status.is_terminal() {
             return Err(ServiceError::Conflict(format!(
@@ -582,11 +640,22 @@ impl Collaboration {
                 "must be reschedule or requester",
             ));
         }
+        if let Some(ttl) = req.ttl_seconds {
+            if !(1..=MAX_HANDOFF_TTL_SECONDS).contains(&ttl) {
+                return Err(ServiceError::validation(
+                    "ttl_seconds",
+                    format!("must be 1 to {MAX_HANDOFF_TTL_SECONDS} (30 days), got {ttl}"),
+                ));
+            }
+        }
         let ttl = req
             .ttl_seconds
             .map(std::time::Duration::from_secs)
             .unwrap_or(self.default_ttl);
-        let expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let expires_at = chrono::Duration::from_std(ttl)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .ok_or_else(|| ServiceError::validation("ttl_seconds", "is too far in the future"))?;
         let mut tx = self.pool.begin().await.map_err(db)?;
         let mut released = None;
         if req.release {
@@ -780,6 +849,7 @@ impl Collaboration {
         agent: AgentId,
         reason: Option<String>,
     ) -> Result<Handoff, ServiceError> {
+        check_text("reason", reason.as_deref().unwrap_or_default())?;
         let h = self.get_handoff(id).await?;
         if h.status != "requested" {
             return Err(ServiceError::Conflict(format!(

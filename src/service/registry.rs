@@ -182,6 +182,17 @@ pub fn validate_capacity(capacity: i32) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// A heartbeat's load: 0 to [`MAX_CAPACITY`] tasks.
+pub fn validate_load(load: i32) -> Result<(), ServiceError> {
+    if !(0..=MAX_CAPACITY).contains(&load) {
+        return Err(ServiceError::validation(
+            "load",
+            format!("must be between 0 and {MAX_CAPACITY}, got {load}"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn normalize(field: &str, tokens: &[String]) -> Result<Vec<String>, ServiceError> {
     normalize_capabilities(tokens).map_err(|e| ServiceError::validation(field, e.to_string()))
 }
@@ -443,6 +454,7 @@ impl Registry {
 
     /// One heartbeat (the HTTP path); workers send theirs over NATS in batches.
     pub async fn heartbeat(&self, id: AgentId, load: i32) -> Result<AgentRecord, ServiceError> {
+        validate_load(load)?;
         let mut results = self.record_heartbeats(&[(id, load)]).await?;
         results.pop().unwrap_or_else(|| {
             Err(ServiceError::UnknownAgent(format!(
@@ -560,18 +572,31 @@ impl Registry {
         self.publish_changes(&changes, "heartbeat resumed").await?;
         // Every heartbeat changes last_heartbeat: mirror them all, concurrently.
         futures::future::try_join_all(changes.iter().map(|c| self.mirror(&c.agent))).await?;
+        let missing: Vec<AgentId> = beats
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !changes.iter().any(|c| c.agent.id == *id))
+            .collect();
+        let deregistered = if missing.is_empty() {
+            Vec::new()
+        } else {
+            agents::terminated_among(&self.pool, &missing).await?
+        };
         Ok(beats
             .iter()
             .map(|(id, _)| {
-                changes
-                    .iter()
-                    .find(|c| c.agent.id == *id)
-                    .map(|c| c.agent.clone())
-                    .ok_or_else(|| {
-                        ServiceError::UnknownAgent(format!(
-                            "agent {id} is not registered; register it again"
-                        ))
-                    })
+                if let Some(c) = changes.iter().find(|c| c.agent.id == *id) {
+                    return Ok(c.agent.clone());
+                }
+                Err(if deregistered.contains(id) {
+                    ServiceError::Deregistered(format!(
+                        "agent {id} was deregistered; a worker stops hosting it"
+                    ))
+                } else {
+                    ServiceError::UnknownAgent(format!(
+                        "agent {id} is not registered; register it again"
+                    ))
+                })
             })
             .collect())
     }

@@ -347,16 +347,17 @@ impl Workflows {
         let pattern = match (&run.pattern, &run.source) {
             (Some(name), None) => {
                 if name.is_empty()
+                    || name.len() > 128
                     || !name
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
                 {
                     return Err(ServiceError::validation(
                         "pattern",
-                        "a pattern name (letters, digits, _ and -); send a file's text as `source`",
+                        "a pattern name: 1 to 128 letters, digits, _ and -; send a file's text as `source`",
                     ));
                 }
-                crate::pattern::find(name, pattern_dirs).map_err(pattern_error)?
+                crate::pattern::find_named(name, pattern_dirs).map_err(pattern_error)?
             }
             (None, Some(text)) => {
                 crate::pattern::load_str("source", text).map_err(pattern_error)?

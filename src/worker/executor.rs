@@ -248,14 +248,20 @@ impl Executor for Shell {
                 // A command that does not read stdin closes it early: not an error.
                 let _ = stdin.write_all(body.as_bytes()).await;
             }
-            let mut stdout = Vec::new();
-            let mut stderr = Vec::new();
-            if let Some(mut out) = child.stdout.take() {
-                let _ = out.read_to_end(&mut stdout).await;
-            }
-            if let Some(mut err) = child.stderr.take() {
-                let _ = err.read_to_end(&mut stderr).await;
-            }
+            // Both pipes at once (a child filling one while we wait on the other would hang),
+            // each read only up to its limit.
+            let (stdout, stderr) = tokio::join!(
+                read_limited(child.stdout.take(), MAX_OUTPUT_BYTES, Overflow::Refuse),
+                read_limited(child.stderr.take(), MAX_STDERR_BYTES, Overflow::Truncate),
+            );
+            let Some(stdout) = stdout else {
+                let _ = child.kill().await;
+                return Err(TaskFailure::new(format!(
+                    "`{}` wrote more than {MAX_OUTPUT_BYTES} bytes to stdout; it was stopped",
+                    crate::domain::text::bounded(&command, 200)
+                )));
+            };
+            let stderr = stderr.unwrap_or_default();
             let status = child
                 .wait()
                 .await
@@ -286,6 +292,52 @@ impl Executor for Shell {
     }
 }
 
+/// Most bytes of output (a `shell` command's stdout, an `http` response) an executor reads:
+/// a report must fit in one NATS message anyway.
+pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Most bytes of a `shell` command's stderr kept (the rest is read and dropped).
+pub const MAX_STDERR_BYTES: usize = 64 * 1024;
+
+/// What [`read_limited`] does past its limit.
+#[derive(Clone, Copy, PartialEq)]
+enum Overflow {
+    /// Stop reading and say so (`None`).
+    Refuse,
+    /// Keep the first `limit` bytes, read and drop the rest.
+    Truncate,
+}
+
+/// Reads `pipe` to its end keeping at most `limit` bytes; past it, per `overflow`.
+async fn read_limited<R: tokio::io::AsyncRead + Unpin>(
+    pipe: Option<R>,
+    limit: usize,
+    overflow: Overflow,
+) -> Option<Vec<u8>> {
+    let Some(mut pipe) = pipe else {
+        return Some(Vec::new());
+    };
+    let mut kept = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Some(kept),
+            Ok(n) if kept.len() + n > limit => {
+                if overflow == Overflow::Refuse {
+                    return None;
+                }
+                let room = limit - kept.len();
+                kept.extend_from_slice(&chunk[..room]);
+                let _ = tokio::io::copy(&mut pipe, &mut tokio::io::sink()).await;
+                return Some(kept);
+            }
+            Ok(n) => kept.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// How long the `http` executor waits for a connection.
+pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Http;
 impl Executor for Http {
     fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
@@ -307,9 +359,13 @@ impl Executor for Http {
                 Some(q) => format!("{}?{q}", url.path()),
                 None => url.path().to_string(),
             };
-            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|e| TaskFailure::new(format!("connect {host}:{port}: {e}")))?;
+            let mut stream = tokio::time::timeout(
+                HTTP_CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| TaskFailure::new(format!("connect {host}:{port}: timed out")))?
+            .map_err(|e| TaskFailure::new(format!("connect {host}:{port}: {e}")))?;
             let request = format!(
                 "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -318,11 +374,17 @@ impl Executor for Http {
                 .write_all(request.as_bytes())
                 .await
                 .map_err(|e| TaskFailure::new(format!("send to {url}: {e}")))?;
-            let mut response = Vec::new();
-            stream
-                .read_to_end(&mut response)
-                .await
-                .map_err(|e| TaskFailure::new(format!("read from {url}: {e}")))?;
+            let response = read_limited(
+                Some(&mut stream),
+                MAX_OUTPUT_BYTES + 64 * 1024,
+                Overflow::Refuse,
+            )
+            .await
+            .ok_or_else(|| {
+                TaskFailure::new(format!(
+                    "the response from {url} is larger than {MAX_OUTPUT_BYTES} bytes"
+                ))
+            })?;
             let text = String::from_utf8_lossy(&response);
             let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
             let status: u16 = head

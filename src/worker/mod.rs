@@ -110,6 +110,7 @@ pub async fn run_with(
     let runners = TaskTracker::new();
     let heartbeats = TaskTracker::new();
     let mut hosted = Vec::new();
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for spec in agents {
         let Some(record) = register_until_accepted(&registry, &spec, &shutdown.token).await? else {
             break; // stopped while registering
@@ -117,6 +118,18 @@ pub async fn run_with(
         tracing::info!(agent.id = %record.id, agent.name = %record.name, "agent registered");
         let load = Arc::new(AtomicI32::new(0));
         let (tx, rx) = watch::channel(record.id);
+        // This agent's own stops, so a deregistration ends it alone.
+        let (agent_stop, agent_hard, agent_inbox) = (
+            stop_taking.child_token(),
+            hard_stop.child_token(),
+            stop_heartbeats.child_token(),
+        );
+        live.fetch_add(1, Ordering::SeqCst);
+        let dropped = Dropped {
+            tokens: vec![agent_stop.clone(), agent_hard.clone(), agent_inbox.clone()],
+            live: live.clone(),
+            worker: shutdown.token.clone(),
+        };
         heartbeats.spawn(heartbeat_loop(
             registry.clone(),
             spec.clone(),
@@ -124,6 +137,7 @@ pub async fn run_with(
             load.clone(),
             settings.heartbeat_interval(),
             stop_heartbeats.clone(),
+            dropped,
         ));
         let runner = runner::AgentRunner {
             js: js.clone(),
@@ -135,6 +149,7 @@ pub async fn run_with(
             executors: executors.clone(),
             locks: locks.clone(),
             lock_wait: Duration::from_millis(settings.lock_wait_ms),
+            default_timeout: Duration::from_millis(settings.executor_timeout_ms),
             load,
             running: Default::default(),
         };
@@ -142,7 +157,7 @@ pub async fn run_with(
             .then(|| std::path::PathBuf::from(&settings.worker_inbox_dir));
         heartbeats.spawn({
             let (js, names, name) = (js.clone(), names.clone(), record.name.clone());
-            let stop = stop_heartbeats.clone();
+            let stop = agent_inbox;
             let id = record.id;
             async move {
                 if let Err(e) = inbox::run(js, names, id, name, inbox_dir, stop).await {
@@ -150,9 +165,8 @@ pub async fn run_with(
                 }
             }
         });
-        let (stop, hard) = (stop_taking.clone(), hard_stop.clone());
         runners.spawn(async move {
-            if let Err(e) = runner.run(stop, hard).await {
+            if let Err(e) = runner.run(agent_stop, agent_hard).await {
                 tracing::error!(error = %e, "agent runner failed");
             }
         });
@@ -238,7 +252,29 @@ async fn register_until_accepted(
     }
 }
 
-/// Heartbeats for one agent every `interval`; re-registers if the control plane forgot it.
+/// What ends when a hosted agent is deregistered: its runner and inbox, and the worker when it
+/// hosts nothing else.
+struct Dropped {
+    tokens: Vec<CancellationToken>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+    worker: CancellationToken,
+}
+
+impl Dropped {
+    fn now(self, name: &str) {
+        tracing::warn!(agent.name = %name, "agent was deregistered; no longer hosting it");
+        for t in &self.tokens {
+            t.cancel();
+        }
+        if self.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            tracing::error!("every agent of this worker was deregistered; stopping the worker");
+            self.worker.cancel();
+        }
+    }
+}
+
+/// Heartbeats for one agent every `interval`; re-registers if the control plane forgot it;
+/// stops hosting it if it was deregistered.
 async fn heartbeat_loop(
     registry: AgentRegistryClient,
     spec: AgentSpec,
@@ -246,6 +282,7 @@ async fn heartbeat_loop(
     load: Arc<AtomicI32>,
     interval: Duration,
     stop: CancellationToken,
+    dropped: Dropped,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,6 +300,10 @@ async fn heartbeat_loop(
         };
         match registry.heartbeat(&hb).await {
             Ok(_) => metrics::counter!("omoi_worker_heartbeats_total").increment(1),
+            Err(ClientError::Service(ServiceError::Deregistered(_))) => {
+                dropped.now(&spec.name);
+                break;
+            }
             Err(ClientError::Service(ServiceError::UnknownAgent(_))) => {
                 tracing::warn!(agent.id = %agent_id, "control plane does not know this agent; re-registering");
                 match register_until_accepted(&registry, &spec, &stop).await {

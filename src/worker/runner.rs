@@ -46,6 +46,8 @@ pub struct AgentRunner {
     pub executors: Executors,
     pub locks: LockManager,
     pub lock_wait: Duration,
+    /// Longest a task without `timeout_seconds` runs.
+    pub default_timeout: Duration,
     /// Tasks running now (reported as load in heartbeats).
     pub load: Arc<AtomicI32>,
     /// Attempt and cancellation handle of each running task.
@@ -143,7 +145,17 @@ impl AgentRunner {
                     continue;
                 }
             };
-            while let Some(next) = batch.next().await {
+            // A pull ends by its expiry; a consumer deleted meanwhile (the agent deregistered)
+            // may never say so, hence the deadline.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                let next = tokio::select! {
+                    () = stop_taking.cancelled() => break,
+                    n = tokio::time::timeout_at(deadline, batch.next()) => match n {
+                        Ok(Some(n)) => n,
+                        Ok(None) | Err(_) => break,
+                    },
+                };
                 let msg = match next {
                     Ok(m) => m,
                     Err(e) => {
@@ -248,13 +260,16 @@ impl AgentRunner {
         attempt: i32,
         outcome: Outcome,
     ) -> Result<(), BusError> {
-        let report = TaskReport {
+        let mut report = TaskReport {
             v: PROTOCOL_VERSION,
             task_id,
             attempt,
             agent_id: self.agent_id,
             outcome,
         };
+        if let Some(reason) = report.make_storable() {
+            tracing::warn!(task.id = %task_id, %reason, "output cannot be stored; reporting a failure");
+        }
         let subject = self.names.result(task_id);
         let encode = |r: &TaskReport| {
             serde_json::to_vec(r).map_err(|source| BusError::Encode {
@@ -300,11 +315,25 @@ impl AgentRunner {
 
     #[tracing::instrument(skip_all, fields(agent = %self.agent_name))]
     async fn handle(&self, msg: jetstream::Message, hard_stop: CancellationToken) {
-        let dispatch: Dispatch = match serde_json::from_slice(&msg.payload) {
+        let parsed = serde_json::from_slice::<Dispatch>(&msg.payload)
+            .map_err(|e| format!("malformed dispatch: {e}"))
+            .and_then(|d| {
+                crate::protocol::check_version("dispatch", d.v)?;
+                // Only what the scheduler addressed to this agent, on this agent's subject.
+                if d.agent_id != self.agent_id
+                    || *msg.subject != *self.names.dispatch(self.agent_id)
+                {
+                    return Err(format!(
+                        "dispatch for agent {} on {} reached agent {}",
+                        d.agent_id, msg.subject, self.agent_id
+                    ));
+                }
+                Ok(d)
+            });
+        let dispatch: Dispatch = match parsed {
             Ok(d) => d,
-            Err(e) => {
+            Err(reason) => {
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let reason = format!("malformed dispatch: {e}");
                 tracing::warn!(subject = %msg.subject, %reason, "dead-lettering dispatch");
                 match dead_letter(
                     &self.js,
@@ -440,7 +469,13 @@ impl AgentRunner {
         }
         let result = match ending {
             Ending::Finished(outcome) => self.report(task_id, attempt, outcome).await,
-            Ending::Cancelled => Ok(()),
+            // Fenced off when the cancel or take-back was real (the task is no longer at this
+            // attempt in a running state); puts the task back if the event was not.
+            Ending::Cancelled => {
+                let reason = "stopped: the task was cancelled or taken back".to_string();
+                self.report(task_id, attempt, Outcome::Released { reason })
+                    .await
+            }
             Ending::HandOff(ask) => match self.ask_handoff(&d, ask).await {
                 // The task now waits for the handoff's decision; nothing more to report.
                 Ok(handoff) => {
@@ -488,7 +523,7 @@ impl AgentRunner {
         let timeout = d
             .timeout_seconds
             .map(|s| Duration::from_secs(s.max(1) as u64))
-            .unwrap_or(Duration::from_secs(86_400 * 7));
+            .unwrap_or(self.default_timeout);
         let work = tokio::time::timeout(timeout, executor.run(ctx));
         tokio::pin!(work);
         let keepalive_period = (DISPATCH_ACK_WAIT / 3).min(self.locks.lease() / 3);

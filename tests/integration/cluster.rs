@@ -25,9 +25,16 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster whose control plane runs in this process.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Cluster::start`] with the control plane's settings changed by `tune`.
+    pub async fn start_with(tune: impl FnOnce(&mut omoi::config::Settings)) -> Self {
         let env = TestEnv::new().await;
         let shutdown = Shutdown::new();
-        let running = omoi::coordinator::start(&env.settings(), &shutdown)
+        let mut settings = env.settings();
+        tune(&mut settings);
+        let running = omoi::coordinator::start(&settings, &shutdown)
             .await
             .unwrap();
         let client = WorkflowClient::new(env.nats.clone(), env.names.clone());

@@ -8,6 +8,7 @@ mod collaboration;
 mod coordination;
 mod env;
 mod faults;
+mod hostile;
 mod http;
 
 mod bus;

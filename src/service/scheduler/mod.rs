@@ -570,23 +570,75 @@ impl Scheduler {
                         _ => break,
                     }
                 }
-                let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
-                match self.apply_reports(&values).await {
-                    Ok(()) => {
-                        for d in batch {
-                            let _ = d.ack().await;
-                        }
-                        self.wake.notify_one();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, count = batch.len(), "could not apply reports; they will be redelivered");
-                        for d in batch {
-                            let _ = d.nak(Some(Duration::from_millis(500))).await;
-                        }
-                    }
+                self.apply_batch(batch).await;
+            }
+        }
+    }
+
+    /// Applies a batch of deliveries in one go; if that fails for a reason other than the
+    /// database or NATS being unavailable, applies them one by one, so one report the database
+    /// refuses is dead-lettered with the reason and never holds back the others.
+    async fn apply_batch(&self, mut batch: Vec<crate::bus::Delivery<TaskReport>>) {
+        // An output PostgreSQL cannot store fails its attempt; the report as sent is kept.
+        for d in &mut batch {
+            if let Some(reason) = d.value.make_storable() {
+                tracing::warn!(task.id = %d.value.task_id, %reason, "report output refused");
+                let kept = crate::bus::consume::dead_letter(
+                    self.bus.jetstream(),
+                    &self.names,
+                    &d.subject,
+                    d.stream_sequence,
+                    &d.payload,
+                    &reason,
+                )
+                .await;
+                if let Err(e) = kept {
+                    tracing::warn!(error = %e, "could not dead-letter the refused report");
                 }
             }
         }
+        let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
+        match self.apply_reports(&values).await {
+            Ok(()) => {
+                for d in batch {
+                    let _ = d.ack().await;
+                }
+                self.wake.notify_one();
+                return;
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, count = batch.len(), "could not apply reports; they will be redelivered");
+                for d in batch {
+                    let _ = d.nak(Some(Duration::from_millis(500))).await;
+                }
+                return;
+            }
+            Err(e) if batch.len() == 1 => {
+                let reason = format!("report refused: {}", e.summary());
+                for d in batch {
+                    let _ = d.dead_letter(&reason).await;
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = batch.len(), "a report batch was refused; applying its reports one by one");
+            }
+        }
+        for d in batch {
+            match self.apply_reports(std::slice::from_ref(&d.value)).await {
+                Ok(()) => {
+                    let _ = d.ack().await;
+                }
+                Err(e) if e.is_transient() => {
+                    let _ = d.nak(Some(Duration::from_millis(500))).await;
+                }
+                Err(e) => {
+                    let reason = format!("report refused: {}", e.summary());
+                    let _ = d.dead_letter(&reason).await;
+                }
+            }
+        }
+        self.wake.notify_one();
     }
 
     async fn open_reports(&self) -> Result<TypedConsumer<TaskReport>, ServiceError> {
@@ -613,11 +665,10 @@ impl Scheduler {
             .await
             .map_err(|e| err(e.to_string()))?;
         let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
-        Ok(TypedConsumer::new(
-            messages,
-            self.js.clone(),
-            self.names.clone(),
-        ))
+        Ok(
+            TypedConsumer::new(messages, self.js.clone(), self.names.clone())
+                .with_check(|_, r: &TaskReport| crate::protocol::check_version("report", r.v)),
+        )
     }
 
     /// Applies a batch of reports. Reports for an attempt that is no longer current (a worker
