@@ -74,6 +74,12 @@ pub struct Settings {
     pub patterns_dir: String,
     /// Longest a worker runs a task that sets no `timeout_seconds`.
     pub executor_timeout_ms: u64,
+    /// Executors a worker offers, comma-separated, of `echo,sleep,sim,shell,http`; `shell` and
+    /// `http` run only when named here.
+    pub worker_executors: String,
+    /// Where a worker's `http` executor may connect: `public`, host names, addresses and CIDR
+    /// networks, comma-separated (private and loopback ranges only when named).
+    pub http_executor_allow: String,
     /// Open HTTP connections a control plane serves at once; more are closed on arrival.
     pub http_max_connections: u32,
     /// Time a client has to send a request's headers; also the longest a keep-alive
@@ -125,6 +131,8 @@ impl Default for Settings {
             worker_inbox_dir: String::new(),
             patterns_dir: String::new(),
             executor_timeout_ms: 3_600_000,
+            worker_executors: crate::worker::policy::DEFAULT_EXECUTORS.into(),
+            http_executor_allow: crate::worker::policy::DEFAULT_HTTP_ALLOW.into(),
             http_max_connections: 1_024,
             http_header_timeout_ms: 10_000,
             http_request_timeout_ms: 30_000,
@@ -286,6 +294,18 @@ impl Settings {
                 ),
             });
         }
+        crate::worker::policy::parse_executors(&self.worker_executors).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "worker_executors",
+                reason,
+            }
+        })?;
+        crate::worker::policy::HttpAllow::parse(&self.http_executor_allow).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "http_executor_allow",
+                reason,
+            }
+        })?;
         if self.retry_max_delay_ms < self.retry_base_delay_ms {
             return Err(ConfigError::Invalid {
                 key: "retry_max_delay_ms",

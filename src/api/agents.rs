@@ -146,6 +146,7 @@ fn search_query(raw: Option<String>) -> Result<SearchQuery, ApiError> {
             "preferred_tags" | "tags" => q.preferred_tags.extend(list()),
             "agent_type" => q.agent_type = Some(value.into_owned()),
             "phase_id" => q.phase_id = Some(value.into_owned()),
+            "executor" => q.executor = Some(value.into_owned()),
             "partial" => {
                 q.partial = value
                     .parse()

@@ -17,14 +17,22 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Capabilities of every dev agent.
-    #[arg(long, value_delimiter = ',', default_value = "echo,sleep,shell")]
+    #[arg(long, value_delimiter = ',', default_value = "echo,sleep")]
     pub capabilities: Vec<String>,
+    /// Executors the dev workers offer (`worker_executors`); add `shell` or `http` to run
+    /// commands or make requests (anyone who can submit then can).
+    #[arg(long, value_name = "LIST")]
+    pub executors: Option<String>,
     /// Capacity of every dev agent.
     #[arg(long, default_value_t = 4)]
     pub capacity: i32,
 }
 
 pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<()> {
+    if let Some(list) = &args.executors {
+        settings.worker_executors = list.clone();
+        settings.validate()?;
+    }
     // Kept alive (and killed on drop) for the whole run.
     let mut _private_nats = None;
     if crate::bus::connect_once(&settings.nats_url, "omoi-dev-probe")

@@ -113,6 +113,11 @@ pub struct WorkerArgs {
     /// A TOML file with `[[agents]]` tables (name, capabilities, capacity, agent_type, tags).
     #[arg(long, value_name = "FILE", conflicts_with = "agent")]
     pub agents_file: Option<PathBuf>,
+    /// Executors to offer, comma-separated (`worker_executors`; default echo,sleep,sim).
+    /// `shell` runs commands from task input and `http` makes requests: name them only where
+    /// everyone who can submit workflows may do that.
+    #[arg(long, value_name = "LIST")]
+    pub executors: Option<String>,
 }
 
 impl GlobalArgs {
@@ -196,6 +201,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     tags: vec![],
                 }],
             };
+            if let Some(list) = &args.executors {
+                settings.worker_executors = list.clone();
+                settings.validate()?;
+            }
             let shutdown = Shutdown::new();
             shutdown.cancel_on_signals();
             crate::worker::run(&settings, agents, shutdown).await?;

@@ -148,8 +148,8 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
     for u in &submitted.unschedulable {
         // Accepted, but nothing runs it until an agent with these capabilities registers.
         eprintln!(
-            "warning: no live agent has [{}] for step `{}`: it waits for one (start a worker with them, or pass the pattern's capabilities parameter)",
-            u.missing_capabilities.join(", "),
+            "warning: no live agent has {} for step `{}`: it waits for one (start a worker with them, or pass the pattern's capabilities parameter)",
+            u.missing(),
             u.key
         );
     }

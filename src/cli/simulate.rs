@@ -154,9 +154,9 @@ async fn simulate(
         let submitted = client.submit(&spec).await?;
         if let Some(u) = submitted.unschedulable.first() {
             bail!(
-                "task `{}` needs capabilities no simulated agent has: {} (pass --capabilities)",
+                "task `{}` needs what no simulated agent has: {} (pass --capabilities)",
                 u.key,
-                u.missing_capabilities.join(", ")
+                u.missing()
             );
         }
         let view = super::patterns::follow(

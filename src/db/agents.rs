@@ -25,8 +25,17 @@ pub struct AgentRecord {
     pub last_assigned_at: Option<DateTime<Utc>>,
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
+    /// Executors it runs; `*` = any.
+    pub executors: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl AgentRecord {
+    /// Whether the agent runs tasks of `executor`.
+    pub fn offers(&self, executor: &str) -> bool {
+        crate::domain::agent::offers(&self.executors, executor)
+    }
 }
 
 /// An agent whose status changed, with the status it had before.
@@ -63,6 +72,7 @@ pub struct NewAgent {
     pub capacity: i32,
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
+    pub executors: Vec<String>,
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -73,8 +83,8 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 pub async fn insert(db: impl PgExecutor<'_>, new: &NewAgent) -> Result<AgentRecord, DbError> {
     sqlx::query_as::<_, AgentRecord>(
         "INSERT INTO agents (id, name, agent_type, phase_id, capabilities, capacity, tags,
-                             metadata, status, health_status, last_heartbeat)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'idle', 'healthy', now())
+                             metadata, executors, status, health_status, last_heartbeat)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'idle', 'healthy', now())
          RETURNING *",
     )
     .bind(new.id)
@@ -85,6 +95,7 @@ pub async fn insert(db: impl PgExecutor<'_>, new: &NewAgent) -> Result<AgentReco
     .bind(new.capacity)
     .bind(&new.tags)
     .bind(&new.metadata)
+    .bind(&new.executors)
     .fetch_one(db)
     .await
     .map_err(|e| {

@@ -225,9 +225,42 @@ pub fn normalize_capabilities<S: AsRef<str>>(tokens: &[S]) -> Result<Vec<String>
     Ok(set.into_iter().collect())
 }
 
+/// An agent that runs whatever executor it is given: the default of a registration that
+/// names no `executors` (agents written in any language handle their own executor names).
+pub const ANY_EXECUTOR: &str = "*";
+
+/// Normalises the executors an agent offers: tokens of the capability grammar, or `*` alone
+/// for any; none named means `*`.
+pub fn normalize_executors<S: AsRef<str>>(names: &[S]) -> Result<Vec<String>, BadCapability> {
+    if names.is_empty() || names.iter().any(|n| n.as_ref().trim() == ANY_EXECUTOR) {
+        return Ok(vec![ANY_EXECUTOR.to_string()]);
+    }
+    normalize_capabilities(names)
+}
+
+/// Whether an agent offering `executors` runs tasks of `executor`.
+pub fn offers(executors: &[String], executor: &str) -> bool {
+    executors.iter().any(|e| e == ANY_EXECUTOR || e == executor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn executors_default_to_any_and_match_by_name() {
+        assert_eq!(normalize_executors::<&str>(&[]).unwrap(), vec!["*"]);
+        assert_eq!(
+            normalize_executors(&["Shell", "echo"]).unwrap(),
+            vec!["echo", "shell"]
+        );
+        assert_eq!(normalize_executors(&["echo", "*"]).unwrap(), vec!["*"]);
+        assert!(normalize_executors(&["bad name"]).is_err());
+        let worker = vec!["echo".to_string(), "sleep".to_string()];
+        assert!(offers(&worker, "echo"));
+        assert!(!offers(&worker, "shell"));
+        assert!(offers(&["*".to_string()], "shell"));
+    }
 
     #[test]
     fn capabilities_are_trimmed_lowercased_deduplicated_and_sorted() {

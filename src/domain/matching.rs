@@ -35,6 +35,8 @@ pub struct AgentSnapshot<'a> {
     /// Normalised (sorted, de-duplicated).
     pub capabilities: &'a [String],
     pub tags: &'a [String],
+    /// Executors it runs (`*` = any).
+    pub executors: &'a [String],
     pub capacity: i32,
     pub load: i32,
     pub status: AgentStatus,
@@ -54,6 +56,8 @@ pub struct Requirements {
     pub phase_id: Option<String>,
     /// Also return agents that have only some of the capabilities (ranked by coverage).
     pub partial: bool,
+    /// Only agents that run this executor.
+    pub executor: Option<String>,
 }
 
 /// One ranked candidate.
@@ -104,6 +108,13 @@ pub fn score(
         return None;
     }
     if req.phase_id.is_some() && req.phase_id.as_deref() != agent.phase_id {
+        return None;
+    }
+    if req
+        .executor
+        .as_deref()
+        .is_some_and(|e| !super::agent::offers(agent.executors, e))
+    {
         return None;
     }
     let matched = covered(&req.capabilities, agent.capabilities);
@@ -187,6 +198,7 @@ mod tests {
         name: String,
         caps: Vec<String>,
         tags: Vec<String>,
+        executors: Vec<String>,
         capacity: i32,
         load: i32,
         status: AgentStatus,
@@ -201,6 +213,7 @@ mod tests {
                 name: name.into(),
                 caps: caps(c),
                 tags: vec![],
+                executors: vec!["echo".into()],
                 capacity,
                 load,
                 status,
@@ -216,6 +229,7 @@ mod tests {
                 phase_id: None,
                 capabilities: &self.caps,
                 tags: &self.tags,
+                executors: &self.executors,
                 capacity: self.capacity,
                 load: self.load,
                 status: self.status,
@@ -257,6 +271,24 @@ mod tests {
         agents[0].capacity = 2;
         req.partial = true;
         assert_eq!(names(&agents, &req), vec!["full", "partial"]);
+    }
+
+    #[test]
+    fn only_agents_offering_the_executor_are_candidates() {
+        let mut agents = vec![
+            Owned::new("echo-only", &["x"], 2, 0, AgentStatus::Idle),
+            Owned::new("shell", &["x"], 2, 0, AgentStatus::Idle),
+            Owned::new("anything", &["x"], 2, 0, AgentStatus::Idle),
+        ];
+        agents[1].executors = vec!["echo".into(), "shell".into()];
+        agents[2].executors = vec!["*".into()];
+        let req = Requirements {
+            executor: Some("shell".into()),
+            ..Requirements::default()
+        };
+        let mut got = names(&agents, &req);
+        got.sort();
+        assert_eq!(got, vec!["anything", "shell"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use super::ServiceError;
 use crate::bus::EventBus;
 use crate::db::agents::{self, AgentRecord, NewAgent, StatusChange};
-use crate::domain::agent::normalize_capabilities;
+use crate::domain::agent::{normalize_capabilities, normalize_executors};
 use crate::domain::event::{
     AgentCapabilityUpdated, AgentDeregistered, AgentRegistered, AgentStatusChanged,
 };
@@ -29,7 +29,11 @@ fn default_capacity() -> i32 {
 
 /// `POST /api/v1/agents/register` and `<ns>.registry.register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub name: String,
     #[serde(default = "default_agent_type")]
     pub agent_type: String,
@@ -42,6 +46,10 @@ pub struct RegisterRequest {
     pub tags: Vec<String>,
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// The executors the agent runs (a task goes only to an agent offering its executor);
+    /// none named: any (`*`).
+    #[serde(default)]
+    pub executors: Vec<String>,
 }
 
 /// `PATCH /api/v1/agents/{id}` and `<ns>.registry.update`: only the fields present change.
@@ -58,6 +66,8 @@ pub struct AgentUpdate {
     pub tags: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executors: Option<Vec<String>>,
 }
 
 /// `<ns>.registry.update`: `{"agent_id": "…", "capabilities"?, "capacity"?, "status"?, "tags"?, "metadata"?}`.
@@ -85,6 +95,9 @@ pub struct SearchQuery {
     pub partial: bool,
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Only agents that run this executor.
+    #[serde(default)]
+    pub executor: Option<String>,
 }
 
 /// One search result, in upstream's shape.
@@ -220,9 +233,15 @@ impl Registry {
         &self,
         req: RegisterRequest,
     ) -> Result<(AgentRecord, bool), ServiceError> {
+        if let Some(v) = req.v {
+            crate::protocol::check_version("registration", v)
+                .map_err(|e| ServiceError::validation("v", e))?;
+        }
         validate_name(&req.name)?;
         validate_capacity(req.capacity)?;
         let capabilities = normalize("capabilities", &req.capabilities)?;
+        let executors = normalize_executors(&req.executors)
+            .map_err(|e| ServiceError::validation("executors", e.to_string()))?;
         let tags = normalize("tags", &req.tags)?;
         if req.agent_type.trim().is_empty() {
             return Err(ServiceError::validation("agent_type", "must not be empty"));
@@ -260,6 +279,7 @@ impl Registry {
                         capacity: req.capacity,
                         tags,
                         metadata,
+                        executors,
                     },
                 )
                 .await?;
@@ -268,7 +288,7 @@ impl Registry {
             Some(old) if matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
                 let agent = sqlx::query_as::<_, AgentRecord>(
                     "UPDATE agents SET agent_type = $2, phase_id = $3, capabilities = $4,
-                         capacity = $5, tags = $6, metadata = $7, status = 'idle',
+                         capacity = $5, tags = $6, metadata = $7, executors = $8, status = 'idle',
                          health_status = 'healthy', current_load = 0, last_heartbeat = now(),
                          updated_at = now()
                      WHERE id = $1 RETURNING *",
@@ -280,6 +300,7 @@ impl Registry {
                 .bind(req.capacity)
                 .bind(&tags)
                 .bind(&metadata)
+                .bind(&executors)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(crate::db::DbError::from)?;
@@ -360,6 +381,12 @@ impl Registry {
             .as_ref()
             .map(|t| normalize("tags", t))
             .transpose()?;
+        let executors = update
+            .executors
+            .as_ref()
+            .map(|e| normalize_executors(e))
+            .transpose()
+            .map_err(|e| ServiceError::validation("executors", e.to_string()))?;
         if let Some(c) = update.capacity {
             validate_capacity(c)?;
         }
@@ -382,7 +409,8 @@ impl Registry {
         let agent = sqlx::query_as::<_, AgentRecord>(
             "UPDATE agents SET capabilities = COALESCE($2, capabilities),
                  capacity = COALESCE($3, capacity), status = COALESCE($4, status),
-                 tags = COALESCE($5, tags), metadata = COALESCE($6, metadata), updated_at = now()
+                 tags = COALESCE($5, tags), metadata = COALESCE($6, metadata),
+                 executors = COALESCE($7, executors), updated_at = now()
              WHERE id = $1 RETURNING *",
         )
         .bind(id)
@@ -391,6 +419,7 @@ impl Registry {
         .bind(update.status)
         .bind(&tags)
         .bind(&update.metadata)
+        .bind(&executors)
         .fetch_one(&mut *tx)
         .await
         .map_err(crate::db::DbError::from)?;
@@ -471,6 +500,7 @@ impl Registry {
             agent_type: query.agent_type.clone(),
             phase_id: query.phase_id.clone(),
             partial: query.partial,
+            executor: query.executor.clone(),
         };
         let limit = query.limit.unwrap_or(DEFAULT_SEARCH_LIMIT);
         if limit == 0 || limit > 1_000 {
@@ -753,6 +783,7 @@ pub fn snapshot(a: &AgentRecord) -> crate::domain::matching::AgentSnapshot<'_> {
         phase_id: a.phase_id.as_deref(),
         capabilities: &a.capabilities,
         tags: &a.tags,
+        executors: &a.executors,
         capacity: a.capacity,
         load: a.current_load,
         status: a.status,

@@ -27,10 +27,31 @@ pub struct Submitted {
     pub unschedulable: Vec<Unschedulable>,
 }
 
+/// A task no live agent can take: capabilities none has, or an executor none offers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unschedulable {
     pub key: String,
     pub missing_capabilities: Vec<String>,
+    /// Its executor, when no live agent offers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_executor: Option<String>,
+}
+
+impl Unschedulable {
+    /// What is missing, for people: `capabilities [a, b]`, `executor `shell``, or both.
+    pub fn missing(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.missing_capabilities.is_empty() {
+            parts.push(format!(
+                "capabilities [{}]",
+                self.missing_capabilities.join(", ")
+            ));
+        }
+        if let Some(e) = &self.missing_executor {
+            parts.push(format!("executor `{e}`"));
+        }
+        parts.join(" and ")
+    }
 }
 
 /// A workflow with every task.
@@ -166,13 +187,18 @@ impl Workflows {
         })
     }
 
-    /// Unfinished tasks needing a capability that no live agent has.
+    /// Unfinished tasks needing a capability that no live agent has, or an executor that no
+    /// live agent offers (coordination nodes run on the coordinator: only capabilities count).
     async fn unschedulable(&self, id: WorkflowId) -> Result<Vec<Unschedulable>, ServiceError> {
-        let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        let rows: Vec<(String, Vec<String>, Option<String>)> = sqlx::query_as(
             "SELECT t.key, ARRAY(
                  SELECT c FROM unnest(t.capabilities) AS c
                  WHERE NOT EXISTS (SELECT 1 FROM agents a
-                                   WHERE a.status <> 'terminated' AND c = ANY(a.capabilities)))
+                                   WHERE a.status <> 'terminated' AND c = ANY(a.capabilities))),
+                 CASE WHEN t.kind = 'task' AND NOT EXISTS (
+                          SELECT 1 FROM agents a WHERE a.status <> 'terminated'
+                            AND (t.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
+                      THEN t.executor END
              FROM tasks t
              WHERE t.workflow_id = $1 AND t.status NOT IN ('completed', 'failed', 'cancelled')
              ORDER BY t.key",
@@ -183,11 +209,14 @@ impl Workflows {
         .map_err(DbError::from)?;
         Ok(rows
             .into_iter()
-            .filter(|(_, missing)| !missing.is_empty())
-            .map(|(key, missing_capabilities)| Unschedulable {
-                key,
-                missing_capabilities,
-            })
+            .filter(|(_, missing, executor)| !missing.is_empty() || executor.is_some())
+            .map(
+                |(key, missing_capabilities, missing_executor)| Unschedulable {
+                    key,
+                    missing_capabilities,
+                    missing_executor,
+                },
+            )
             .collect())
     }
 

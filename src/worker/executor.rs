@@ -1,11 +1,13 @@
 //! Executors run a task's work. A failure is data ([`TaskFailure`]), never a worker crash.
+//! A worker offers only the executors its policy enables (policy.rs); every one reads at most
+//! [`MAX_OUTPUT_BYTES`] of output and runs under the task's timeout (or `executor_timeout_ms`).
 //!
 //! | executor | input | output |
 //! |---|---|---|
 //! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
 //! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
-//! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON | the response body as JSON (or text); a non-2xx status fails |
+//! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON, only to addresses `http_executor_allow` permits (policy.rs) | the response body as JSON (or text); a non-2xx status fails |
 //! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "index": 0, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[index]` or `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …, "simulated_ms": …}` |
 //!
 //! A task asks to be handed to another agent by returning [`TaskFailure::handoff`]: a `shell`
@@ -94,15 +96,36 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// `echo`, `sleep`, `shell`, `http` and `sim`.
-    pub fn builtin() -> Self {
+    /// The builtin executors named in `enabled` (of [`super::policy::BUILTIN_EXECUTORS`]), the
+    /// `http` one connecting only where `http_allow` permits.
+    pub fn builtin(enabled: &[String], http_allow: super::policy::HttpAllow) -> Self {
         let mut e = Self::default();
-        e.register("echo", Arc::new(Echo));
-        e.register("sleep", Arc::new(Sleep));
-        e.register("shell", Arc::new(Shell));
-        e.register("http", Arc::new(Http));
-        e.register("sim", Arc::new(Sim));
+        for name in enabled {
+            let executor: Arc<dyn Executor> = match name.as_str() {
+                "echo" => Arc::new(Echo),
+                "sleep" => Arc::new(Sleep),
+                "shell" => Arc::new(Shell),
+                "http" => Arc::new(Http {
+                    allow: http_allow.clone(),
+                }),
+                "sim" => Arc::new(Sim),
+                _ => continue,
+            };
+            e.register(name, executor);
+        }
         e
+    }
+
+    /// What `settings` enable (`worker_executors`, `http_executor_allow`).
+    pub fn from_settings(settings: &crate::config::Settings) -> Result<Self, String> {
+        let enabled = super::policy::parse_executors(&settings.worker_executors)?;
+        let allow = super::policy::HttpAllow::parse(&settings.http_executor_allow)?;
+        Ok(Self::builtin(&enabled, allow))
+    }
+
+    /// The names offered, sorted: what the worker registers its agents with.
+    pub fn names(&self) -> Vec<String> {
+        self.by_name.keys().cloned().collect()
     }
 
     pub fn register(&mut self, name: &str, executor: Arc<dyn Executor>) {
@@ -338,9 +361,13 @@ async fn read_limited<R: tokio::io::AsyncRead + Unpin>(
 /// How long the `http` executor waits for a connection.
 pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Http;
+struct Http {
+    allow: super::policy::HttpAllow,
+}
+
 impl Executor for Http {
     fn run(&self, ctx: TaskContext) -> BoxFuture<'static, Result<Value, TaskFailure>> {
+        let allow = self.allow.clone();
         Box::pin(async move {
             let Some(url) = ctx.input.get("url").and_then(Value::as_str) else {
                 return Err(TaskFailure::new("http executor: input.url is required"));
@@ -359,9 +386,32 @@ impl Executor for Http {
                 Some(q) => format!("{}?{q}", url.path()),
                 None => url.path().to_string(),
             };
+            // Resolve, vet every address, connect to a vetted one (never re-resolve).
+            let resolved: Vec<std::net::SocketAddr> = match url.host() {
+                Some(url::Host::Ipv4(ip)) => vec![(ip, port).into()],
+                Some(url::Host::Ipv6(ip)) => vec![(ip, port).into()],
+                _ => tokio::time::timeout(
+                    HTTP_CONNECT_TIMEOUT,
+                    tokio::net::lookup_host((host.as_str(), port)),
+                )
+                .await
+                .map_err(|_| TaskFailure::new(format!("resolve {host}: timed out")))?
+                .map_err(|e| TaskFailure::new(format!("resolve {host}: {e}")))?
+                .collect(),
+            };
+            let Some(target) = resolved.iter().find(|a| allow.permits(&host, a.ip())) else {
+                return Err(TaskFailure::new(format!(
+                    "http executor: {host} ({}) is not allowed by this worker's http_executor_allow",
+                    resolved
+                        .iter()
+                        .map(|a| a.ip().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
             let mut stream = tokio::time::timeout(
                 HTTP_CONNECT_TIMEOUT,
-                tokio::net::TcpStream::connect((host.as_str(), port)),
+                tokio::net::TcpStream::connect(*target),
             )
             .await
             .map_err(|_| TaskFailure::new(format!("connect {host}:{port}: timed out")))?

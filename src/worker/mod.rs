@@ -8,6 +8,7 @@
 
 pub mod executor;
 pub mod inbox;
+pub mod policy;
 pub mod runner;
 
 use std::sync::Arc;
@@ -71,7 +72,8 @@ pub async fn run(
     agents: Vec<AgentSpec>,
     shutdown: Shutdown,
 ) -> Result<(), WorkerError> {
-    run_with(settings, agents, executor::Executors::builtin(), shutdown).await
+    let executors = executor::Executors::from_settings(settings).map_err(WorkerError::Config)?;
+    run_with(settings, agents, executors, shutdown).await
 }
 
 /// [`run`] with a custom set of executors.
@@ -111,8 +113,13 @@ pub async fn run_with(
     let heartbeats = TaskTracker::new();
     let mut hosted = Vec::new();
     let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Every hosted agent offers the worker's executors: tasks of others never come here.
+    let offered = executors.names();
+    tracing::info!(executors = %offered.join(","), "executors offered");
     for spec in agents {
-        let Some(record) = register_until_accepted(&registry, &spec, &shutdown.token).await? else {
+        let Some(record) =
+            register_until_accepted(&registry, &spec, &offered, &shutdown.token).await?
+        else {
             break; // stopped while registering
         };
         tracing::info!(agent.id = %record.id, agent.name = %record.name, "agent registered");
@@ -133,6 +140,7 @@ pub async fn run_with(
         heartbeats.spawn(heartbeat_loop(
             registry.clone(),
             spec.clone(),
+            offered.clone(),
             tx,
             load.clone(),
             settings.heartbeat_interval(),
@@ -211,9 +219,12 @@ pub async fn run_with(
 async fn register_until_accepted(
     registry: &AgentRegistryClient,
     spec: &AgentSpec,
+    executors: &[String],
     stop: &CancellationToken,
 ) -> Result<Option<AgentRecord>, WorkerError> {
     let request = RegisterRequest {
+        v: None,
+        executors: executors.to_vec(),
         name: spec.name.clone(),
         agent_type: spec.agent_type.clone(),
         phase_id: None,
@@ -275,9 +286,14 @@ impl Dropped {
 
 /// Heartbeats for one agent every `interval`; re-registers if the control plane forgot it;
 /// stops hosting it if it was deregistered.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one agent's whole heartbeat context"
+)]
 async fn heartbeat_loop(
     registry: AgentRegistryClient,
     spec: AgentSpec,
+    executors: Vec<String>,
     id: watch::Sender<AgentId>,
     load: Arc<AtomicI32>,
     interval: Duration,
@@ -306,7 +322,7 @@ async fn heartbeat_loop(
             }
             Err(ClientError::Service(ServiceError::UnknownAgent(_))) => {
                 tracing::warn!(agent.id = %agent_id, "control plane does not know this agent; re-registering");
-                match register_until_accepted(&registry, &spec, &stop).await {
+                match register_until_accepted(&registry, &spec, &executors, &stop).await {
                     Ok(Some(record)) => {
                         if record.id != agent_id {
                             // Its dispatch consumer is bound to the old id; a restart picks up the new one.

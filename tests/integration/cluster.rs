@@ -85,6 +85,17 @@ impl Cluster {
             .await;
     }
 
+    /// [`Cluster::spawn_worker`] for a worker that also offers the `shell` executor.
+    pub async fn spawn_shell_worker(&mut self, name: &str, capabilities: &str, capacity: u32) {
+        self.spawn_worker_with(
+            name,
+            capabilities,
+            capacity,
+            &[("OMOI_WORKER_EXECUTORS", "echo,sleep,shell")],
+        )
+        .await;
+    }
+
     /// [`Cluster::spawn_worker`] with extra environment variables.
     pub async fn spawn_worker_with(
         &mut self,

@@ -276,7 +276,7 @@ async fn handoffs_keep_their_state_reason_and_refuse_a_second_decision() {
 #[tokio::test]
 async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("alice", "x", 1).await;
+    c.spawn_shell_worker("alice", "x", 1).await;
     let wf = c
         .submit(json!({"name": "move", "tasks": [{"key": "job", "executor": "shell", "capabilities": ["x"],
             "input": {"command": "sleep 2; echo \"{\\\"by\\\": \\\"$OMOI_AGENT\\\", \\\"attempt\\\": $OMOI_ATTEMPT}\""}}]}))
@@ -287,7 +287,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
         (t.status == TaskStatus::Running).then_some(t)
     })
     .await;
-    c.spawn_worker("bob", "x", 1).await;
+    c.spawn_shell_worker("bob", "x", 1).await;
     let http = Http::new(c.http_addr.unwrap());
     let (alice, bob) = (agent_id(&c, "alice").await, agent_id(&c, "bob").await);
     assert_eq!(running.agent_id.unwrap().to_string(), alice);
@@ -378,7 +378,7 @@ async fn two_agents_racing_to_accept_an_open_handoff_get_exactly_one_winner() {
 #[tokio::test]
 async fn an_expired_handoff_returns_the_task_to_scheduling() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w1", "x", 1).await;
+    c.spawn_shell_worker("w1", "x", 1).await;
     let wf = c
         .submit(json!({"name": "exp", "tasks": [{"key": "job", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 1500}}]}))
         .await;
@@ -551,7 +551,7 @@ async fn next_event(ws: &mut Socket) -> Value {
 #[tokio::test]
 async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_acceptor() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("generalist", "x", 1).await;
+    c.spawn_shell_worker("generalist", "x", 1).await;
     let script = format!(
         "if [ \"$OMOI_AGENT\" = generalist ]; then echo '{{\"handoff\": {{\"capabilities\": [\"y\"], \"reason\": \"needs y\", \"context\": {{\"tried\": 1}}}}}}'; exit {}; fi; echo \"{{\\\"by\\\": \\\"$OMOI_AGENT\\\"}}\"",
         omoi::worker::executor::SHELL_HANDOFF_EXIT
@@ -580,7 +580,7 @@ async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_
         (h["reason"].as_str(), h["capabilities"].clone()),
         (Some("needs y"), json!(["y"]))
     );
-    c.spawn_worker("specialist", "x,y", 1).await;
+    c.spawn_shell_worker("specialist", "x,y", 1).await;
     let specialist = agent_id(&c, "specialist").await;
     let (status, v) = http
         .post(

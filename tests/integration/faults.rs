@@ -63,7 +63,7 @@ async fn a_worker_killed_mid_task_has_its_task_finished_by_another_exactly_once(
 #[tokio::test]
 async fn a_killed_lock_holder_loses_its_lock_at_expiry_and_the_waiter_proceeds() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("holder", "shell", 1).await;
+    c.spawn_shell_worker("holder", "shell", 1).await;
     let stamp = "s=$(date +%s%N); sleep 0.1; e=$(date +%s%N); echo \"{\\\"start\\\": $s, \\\"end\\\": $e}\"";
     let first = c
         .submit(json!({"name": "hold", "tasks": [
@@ -81,7 +81,7 @@ async fn a_killed_lock_holder_loses_its_lock_at_expiry_and_the_waiter_proceeds()
         (!held.is_empty()).then_some(())
     })
     .await;
-    c.spawn_worker("waiter", "shell", 1).await;
+    c.spawn_shell_worker("waiter", "shell", 1).await;
     let second = c
         .submit(json!({"name": "wait", "tasks": [
             {"key": "b", "executor": "shell", "capabilities": ["shell"], "input": {"command": stamp},
@@ -123,8 +123,8 @@ async fn a_killed_lock_holder_loses_its_lock_at_expiry_and_the_waiter_proceeds()
 async fn a_coordinator_killed_mid_workflow_is_replaced_and_nothing_is_lost_or_run_twice() {
     let mut c = Cluster::without_control_plane().await;
     let mut coordinator = c.spawn_coordinator();
-    c.spawn_worker("w1", "shell", 3).await;
-    c.spawn_worker("w2", "shell", 3).await;
+    c.spawn_shell_worker("w1", "shell", 3).await;
+    c.spawn_shell_worker("w2", "shell", 3).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("runs.log");
     // Each run appends "<key> <attempt>" once it has succeeded.

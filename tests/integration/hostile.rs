@@ -592,7 +592,7 @@ async fn a_worker_dead_letters_dispatches_not_addressed_to_its_agent_or_of_anoth
 #[tokio::test]
 async fn a_command_writing_more_than_the_output_limit_fails_its_attempt() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w", "shell", 1).await;
+    c.spawn_shell_worker("w", "shell", 1).await;
     let wf = c
         .submit(
             json!({"name": "flood", "tasks": [{"key": "a", "executor": "shell",

@@ -15,6 +15,8 @@ use crate::env::{TestEnv, eventually};
 
 fn register_req(name: &str) -> RegisterRequest {
     RegisterRequest {
+        v: None,
+        executors: vec![],
         name: name.into(),
         agent_type: "worker".into(),
         phase_id: None,

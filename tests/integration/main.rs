@@ -16,6 +16,7 @@ mod control_plane;
 mod liveness;
 mod locks;
 mod patterns;
+mod policy;
 mod processes;
 mod provisioning;
 mod registry;

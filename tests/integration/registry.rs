@@ -406,6 +406,8 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let bad = r
         .client
         .register(&RegisterRequest {
+            v: None,
+            executors: vec![],
             name: "n".into(),
             agent_type: "worker".into(),
             phase_id: None,

@@ -96,8 +96,8 @@ async fn a_cyclic_or_broken_dag_is_rejected_whole_with_its_path() {
 #[tokio::test]
 async fn chains_diamonds_fan_out_and_fan_in_respect_every_dependency_and_pass_outputs() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w1", "shell,echo", 4).await;
-    c.spawn_worker("w2", "shell,echo", 4).await;
+    c.spawn_shell_worker("w1", "shell,echo", 4).await;
+    c.spawn_shell_worker("w2", "shell,echo", 4).await;
     let mut tasks = vec![timed("root", 50, &[])];
     // chain
     tasks.push(timed("c1", 30, &["root"]));
@@ -210,8 +210,8 @@ async fn tasks_go_only_to_capable_agents_and_missing_capabilities_are_reported()
 #[tokio::test]
 async fn an_agent_never_runs_more_tasks_than_its_capacity() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("small", "shell", 2).await;
-    c.spawn_worker("big", "shell", 3).await;
+    c.spawn_shell_worker("small", "shell", 2).await;
+    c.spawn_shell_worker("big", "shell", 3).await;
     let tasks: Vec<Value> = (0..24).map(|i| timed(&format!("t{i}"), 120, &[])).collect();
     let view = c
         .run(
@@ -352,8 +352,8 @@ async fn cancelling_a_workflow_stops_its_running_task_and_frees_the_agent() {
 #[tokio::test]
 async fn tasks_on_one_exclusive_resource_never_overlap_and_shared_readers_do() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w1", "shell", 3).await;
-    c.spawn_worker("w2", "shell", 3).await;
+    c.spawn_shell_worker("w1", "shell", 3).await;
+    c.spawn_shell_worker("w2", "shell", 3).await;
     let with = |key: String, resource: &str, mode: &str, ms: u64| {
         let mut t = timed(&key, ms, &[]);
         t["resources"] = json!([{"name": resource, "mode": mode}]);
@@ -407,7 +407,16 @@ async fn tasks_on_one_exclusive_resource_never_overlap_and_shared_readers_do() {
 #[tokio::test]
 async fn the_http_executor_posts_the_input_and_returns_the_reply() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w", "http", 1).await;
+    c.spawn_worker_with(
+        "w",
+        "http",
+        1,
+        &[
+            ("OMOI_WORKER_EXECUTORS", "http"),
+            ("OMOI_HTTP_EXECUTOR_ALLOW", "127.0.0.1"),
+        ],
+    )
+    .await;
     // A tiny endpoint that answers with what it got.
     let app = axum::Router::new().route(
         "/hook",

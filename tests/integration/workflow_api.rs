@@ -79,12 +79,13 @@ async fn submit_read_list_retry_and_inspect_locks_over_http() {
 #[tokio::test]
 async fn the_cli_submits_a_yaml_workflow_waits_for_it_and_lists_locks() {
     let mut c = Cluster::start().await;
-    c.spawn_worker("w", "shell,echo", 2).await;
+    // The README's first workflow, on a worker with the default executors.
+    c.spawn_worker("w", "echo", 2).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hello.yaml");
     std::fs::write(
         &file,
-        "name: hello\ntasks:\n  - {key: greet, executor: shell, capabilities: [shell], input: {command: \"echo '{\\\"msg\\\": \\\"hi\\\"}'\"}}\n  - {key: shout, depends_on: [greet], input: {said: \"${deps.greet.output.msg}\"}}\n",
+        "name: hello\ntasks:\n  - {key: greet, input: {msg: hi}}\n  - {key: shout, depends_on: [greet], input: {said: \"${deps.greet.output.input.msg}\"}}\n",
     )
     .unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))

@@ -385,13 +385,16 @@ impl Scheduler {
             }
             let req = Requirements {
                 capabilities: task.capabilities.clone(),
+                executor: Some(task.executor.clone()),
                 ..Requirements::default()
             };
             // A task handed off to an agent waits for that agent only.
             let choice = match task.pinned_agent_id {
-                Some(pin) => snapshots
-                    .iter()
-                    .position(|s| s.id == pin && s.is_available()),
+                Some(pin) => snapshots.iter().position(|s| {
+                    s.id == pin
+                        && s.is_available()
+                        && crate::domain::agent::offers(s.executors, &task.executor)
+                }),
                 None => rank(&snapshots, &req, now, self.config.stale_after_ms)
                     .first()
                     .map(|r| r.index),
