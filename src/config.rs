@@ -93,6 +93,23 @@ pub struct Settings {
     /// API requests handled at once; more get 503 `unavailable` at once (health checks and
     /// metrics are exempt).
     pub http_max_in_flight: u32,
+    /// `token`: every API request, WebSocket and `/metrics` needs a bearer token; `open`: no
+    /// authentication at all (trusted networks only; the control plane warns at start).
+    pub http_auth: HttpAuth,
+    /// An admin token kept in the database under the name `bootstrap` (a secret, at least 24
+    /// characters; set it from a secret store as `OMOI_BOOTSTRAP_ADMIN_TOKEN`).
+    pub bootstrap_admin_token: String,
+    /// Origins (`https://dash.example.com`) whose pages may open the WebSockets, besides the
+    /// control plane's own; comma-separated.
+    pub http_allowed_origins: String,
+}
+
+/// How the HTTP API authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpAuth {
+    Token,
+    Open,
 }
 
 impl Settings {
@@ -138,6 +155,9 @@ impl Default for Settings {
             http_request_timeout_ms: 30_000,
             http_max_body_bytes: 16 * 1024 * 1024,
             http_max_in_flight: 256,
+            http_auth: HttpAuth::Token,
+            bootstrap_admin_token: String::new(),
+            http_allowed_origins: String::new(),
         }
     }
 }
@@ -306,6 +326,28 @@ impl Settings {
                 reason,
             }
         })?;
+        if !self.bootstrap_admin_token.is_empty()
+            && self.bootstrap_admin_token.chars().count()
+                < crate::service::tokens::MIN_BOOTSTRAP_CHARS
+        {
+            return Err(ConfigError::Invalid {
+                key: "bootstrap_admin_token",
+                reason: format!(
+                    "must be at least {} characters",
+                    crate::service::tokens::MIN_BOOTSTRAP_CHARS
+                ),
+            });
+        }
+        for origin in self.allowed_origins() {
+            let ok = url::Url::parse(&origin)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/");
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "http_allowed_origins",
+                    reason: format!("`{origin}` is not an origin like https://host[:port]"),
+                });
+            }
+        }
         if self.retry_max_delay_ms < self.retry_base_delay_ms {
             return Err(ConfigError::Invalid {
                 key: "retry_max_delay_ms",
@@ -315,13 +357,30 @@ impl Settings {
         Ok(())
     }
 
-    /// A copy safe to print: passwords in URLs are replaced by `***`.
+    /// A copy safe to print: passwords in URLs and secrets are replaced by `***`.
     pub fn redacted(&self) -> Self {
+        let secret = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                "***".into()
+            }
+        };
         Self {
             nats_url: mask_url_password(&self.nats_url),
             database_url: mask_url_password(&self.database_url),
+            bootstrap_admin_token: secret(&self.bootstrap_admin_token),
             ..self.clone()
         }
+    }
+
+    /// The origins of `http_allowed_origins`.
+    pub fn allowed_origins(&self) -> Vec<String> {
+        self.http_allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|o| !o.is_empty())
+            .collect()
     }
 
     /// The effective settings as `key = value` lines (valid TOML), secrets masked.
@@ -513,6 +572,13 @@ mod tests {
             !printed.contains("hunter2") && !printed.contains("p4ss"),
             "{printed}"
         );
+        let with_token = Settings {
+            bootstrap_admin_token: "a-very-secret-bootstrap-token".into(),
+            ..Settings::default()
+        };
+        let shown = with_token.render_toml();
+        assert!(!shown.contains("a-very-secret"), "{shown}");
+        assert!(shown.contains("bootstrap_admin_token = \"***\""), "{shown}");
         assert!(
             printed.contains("postgres://omoi:***@db:5432/omoi"),
             "{printed}"

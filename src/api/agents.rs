@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Deserialize;
 
+use super::auth::Acting;
 use super::{ApiError, ApiResult, AppState, Json, Path};
 use crate::db::agents::AgentRecord;
 use crate::domain::AgentId;
@@ -40,8 +41,10 @@ fn agent_id(raw: &str) -> Result<AgentId, ApiError> {
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
+    caller: Acting,
     Json(req): Json<RegisterRequest>,
 ) -> ApiResult<(StatusCode, Json<AgentRecord>)> {
+    caller.as_name(&req.name)?;
     let (agent, _) = state.registry.register(req).await?;
     Ok((StatusCode::CREATED, Json(agent)))
 }
@@ -60,17 +63,23 @@ async fn get_one(
 #[tracing::instrument(skip_all, fields(agent.id = %id))]
 async fn update(
     State(state): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     Json(update): Json<AgentUpdate>,
 ) -> ApiResult<Json<AgentRecord>> {
-    Ok(Json(state.registry.update(agent_id(&id)?, update).await?))
+    let id = agent_id(&id)?;
+    caller.as_agent(&state.registry, id).await?;
+    Ok(Json(state.registry.update(id, update).await?))
 }
 
 async fn deregister(
     State(state): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentRecord>> {
-    Ok(Json(state.registry.deregister(agent_id(&id)?).await?))
+    let id = agent_id(&id)?;
+    caller.as_agent(&state.registry, id).await?;
+    Ok(Json(state.registry.deregister(id).await?))
 }
 
 #[derive(Deserialize)]
@@ -80,14 +89,14 @@ struct Availability {
 
 async fn availability(
     State(state): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     Json(body): Json<Availability>,
 ) -> ApiResult<Json<AgentRecord>> {
+    let id = agent_id(&id)?;
+    caller.as_agent(&state.registry, id).await?;
     Ok(Json(
-        state
-            .registry
-            .set_availability(agent_id(&id)?, body.available)
-            .await?,
+        state.registry.set_availability(id, body.available).await?,
     ))
 }
 
@@ -99,9 +108,11 @@ struct HeartbeatBody {
 
 async fn heartbeat(
     State(state): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<AgentHealth>> {
+    caller.as_agent(&state.registry, agent_id(&id)?).await?;
     // The body is optional: an empty POST is a heartbeat with load 0.
     let load = if body.iter().all(u8::is_ascii_whitespace) {
         0

@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::auth::Acting;
 use super::{ApiError, ApiResult, AppState, Json, Path};
 use crate::domain::{AgentId, TaskId};
 use crate::service::ServiceError;
@@ -78,16 +79,36 @@ fn actor(raw: &Option<String>, body: &Bytes) -> Result<Actor, ApiError> {
     Ok(actor)
 }
 
+/// The caller takes part in the thread (an admin may act on any).
+async fn participant(s: &AppState, caller: &Acting, thread: Uuid) -> Result<(), ApiError> {
+    if caller.0.role == crate::domain::access::Role::Admin {
+        return Ok(());
+    }
+    let t = s.collaboration.get_thread(thread).await?;
+    caller.as_any_of(&s.registry, &t.participants).await?;
+    Ok(())
+}
+
 fn required(actor: &Actor) -> Result<AgentId, ApiError> {
     actor
         .agent_id
         .ok_or_else(|| ServiceError::validation("agent_id", "is required (query or body)").into())
 }
 
+/// The agent the request acts as (`agent_id`), which the caller must be allowed to act as.
+async fn acting(s: &AppState, caller: &Acting, actor: &Actor) -> Result<AgentId, ApiError> {
+    let agent = required(actor)?;
+    caller.as_agent(&s.registry, agent).await?;
+    Ok(agent)
+}
+
 async fn create_thread(
     State(s): State<AppState>,
+    caller: Acting,
     Json(req): Json<CreateThread>,
 ) -> ApiResult<(StatusCode, Json<Thread>)> {
+    // An agent opens threads it takes part in.
+    caller.as_any_of(&s.registry, &req.participants).await?;
     Ok((
         StatusCode::CREATED,
         Json(s.collaboration.create_thread(req).await?),
@@ -96,6 +117,7 @@ async fn create_thread(
 
 async fn list_threads(
     State(s): State<AppState>,
+    caller: Acting,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Vec<Thread>>> {
     let (mut agent, mut task, mut status, mut limit) = (None, None, None, 100);
@@ -109,6 +131,17 @@ async fn list_threads(
             other => return Err(ServiceError::validation(other, "unknown query parameter").into()),
         }
     }
+    if !caller.0.reads_all() {
+        // An agent token sees the threads of the agents it acts as.
+        let Some(a) = agent else {
+            return Err(ServiceError::validation(
+                "agent_id",
+                "an agent token lists its own threads: give agent_id",
+            )
+            .into());
+        };
+        caller.as_agent(&s.registry, a).await?;
+    }
     Ok(Json(
         s.collaboration
             .list_threads(agent, task, status, limit)
@@ -118,20 +151,20 @@ async fn list_threads(
 
 async fn close_thread(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> ApiResult<Json<Thread>> {
     let a = actor(&raw, &body)?;
-    Ok(Json(
-        s.collaboration
-            .close_thread(uuid("thread", &id)?, a.status)
-            .await?,
-    ))
+    let id = uuid("thread", &id)?;
+    participant(&s, &caller, id).await?;
+    Ok(Json(s.collaboration.close_thread(id, a.status).await?))
 }
 
 async fn list_messages(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<MessagePage>> {
@@ -144,17 +177,23 @@ async fn list_messages(
             other => return Err(ServiceError::validation(other, "unknown query parameter").into()),
         }
     }
+    let id = uuid("thread", &id)?;
+    if !caller.0.reads_all() {
+        participant(&s, &caller, id).await?;
+    }
     Ok(Json(
         s.collaboration
-            .list_messages(uuid("thread", &id)?, before, unread_for, limit)
+            .list_messages(id, before, unread_for, limit)
             .await?,
     ))
 }
 
 async fn send_message(
     State(s): State<AppState>,
+    caller: Acting,
     Json(req): Json<SendMessage>,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
+    caller.as_agent(&s.registry, req.sender_id).await?;
     Ok((
         StatusCode::CREATED,
         Json(s.collaboration.send_message(req).await?),
@@ -163,22 +202,26 @@ async fn send_message(
 
 async fn mark_read(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> ApiResult<Json<Message>> {
     let a = actor(&raw, &body)?;
+    let agent = acting(&s, &caller, &a).await?;
     Ok(Json(
         s.collaboration
-            .mark_read(uuid("message", &id)?, required(&a)?)
+            .mark_read(uuid("message", &id)?, agent)
             .await?,
     ))
 }
 
 async fn request_handoff(
     State(s): State<AppState>,
+    caller: Acting,
     Json(req): Json<HandoffRequest>,
 ) -> ApiResult<(StatusCode, Json<Handoff>)> {
+    caller.as_agent(&s.registry, req.from_agent_id).await?;
     Ok((
         StatusCode::CREATED,
         Json(s.collaboration.request_handoff(req).await?),
@@ -187,26 +230,27 @@ async fn request_handoff(
 
 async fn accept(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> ApiResult<Json<Handoff>> {
     let a = actor(&raw, &body)?;
+    let agent = acting(&s, &caller, &a).await?;
     Ok(Json(
-        s.collaboration
-            .accept(uuid("handoff", &id)?, required(&a)?)
-            .await?,
+        s.collaboration.accept(uuid("handoff", &id)?, agent).await?,
     ))
 }
 
 async fn decline(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> ApiResult<Json<Handoff>> {
     let a = actor(&raw, &body)?;
-    let agent = required(&a)?;
+    let agent = acting(&s, &caller, &a).await?;
     Ok(Json(
         s.collaboration
             .decline(uuid("handoff", &id)?, agent, a.reason)
@@ -216,23 +260,31 @@ async fn decline(
 
 async fn cancel(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> ApiResult<Json<Handoff>> {
     let a = actor(&raw, &body)?;
+    let agent = acting(&s, &caller, &a).await?;
     Ok(Json(
-        s.collaboration
-            .cancel(uuid("handoff", &id)?, required(&a)?)
-            .await?,
+        s.collaboration.cancel(uuid("handoff", &id)?, agent).await?,
     ))
 }
 
 async fn get_handoff(
     State(s): State<AppState>,
+    caller: Acting,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Handoff>> {
-    Ok(Json(
-        s.collaboration.get_handoff(uuid("handoff", &id)?).await?,
-    ))
+    let h = s.collaboration.get_handoff(uuid("handoff", &id)?).await?;
+    // An agent token reads handoffs it is part of, and open ones (offered to whoever fits).
+    if !caller.0.reads_all() && h.to_agent_id.is_some() {
+        let involved: Vec<AgentId> = [Some(h.from_agent_id), h.to_agent_id, h.decided_by]
+            .into_iter()
+            .flatten()
+            .collect();
+        caller.as_any_of(&s.registry, &involved).await?;
+    }
+    Ok(Json(h))
 }

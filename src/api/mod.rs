@@ -2,7 +2,9 @@
 //! field?}}`), routes per resource.
 
 pub mod agents;
+pub mod auth;
 pub mod collaboration;
+pub mod tokens;
 pub mod workflows;
 pub mod ws;
 
@@ -33,6 +35,7 @@ pub struct AppState {
     /// Where named patterns are looked up after the built-in ones.
     pub pattern_dirs: Vec<std::path::PathBuf>,
     pub limits: ApiLimits,
+    pub auth: auth::Auth,
 }
 
 /// Request-level limits of the API.
@@ -76,15 +79,19 @@ impl ApiLimits {
 /// The `/api/v1` router.
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
+    let auth = state.auth.clone();
     Router::new()
         .nest(
             "/api/v1",
             agents::routes()
                 .merge(workflows::routes())
                 .merge(collaboration::routes())
+                .merge(tokens::routes())
                 .merge(ws::routes()),
         )
         .route("/api/v1/openapi.json", axum::routing::get(openapi))
+        // After routing: the rule is the matched route's.
+        .route_layer(axum::middleware::from_fn_with_state(auth, auth::authorize))
         // Large workflows (tens of thousands of tasks) are submitted over HTTP.
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn(refuse_nul_in_uri))
@@ -210,13 +217,20 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
+        let mut response = (
             status,
             axum::Json(ErrorReply {
                 error: self.0.body(),
             }),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"omoi\""),
+            );
+        }
+        response
     }
 }
 

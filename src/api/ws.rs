@@ -3,6 +3,10 @@
 //! * `/api/v1/collaboration/ws?agent_id=…` — messages, handoffs and threads involving the agent;
 //! * `/api/v1/ws/events?types=task.>&agent_id=&task_id=&workflow_id=` — any events, filtered.
 //!
+//! Both need a token (a `viewer` one, or for the collaboration stream an `agent` token of that
+//! agent) as `Authorization: Bearer` or the subprotocol `omoi.token.<token>` beside `omoi.v1`,
+//! and refuse pages of origins not allowed (api/auth.rs).
+//!
 //! Each server frame is an event envelope (docs/protocol.md) as JSON text. A client changes its
 //! filters by sending `{"filters": {"types": [...], "agent_id": …, "task_id": …, "workflow_id": …}}`
 //! (answered `{"type": "filters", …}`); a malformed frame is answered with
@@ -21,10 +25,12 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::auth::{Acting, WS_PROTOCOL, check_origin};
 use super::{ApiError, AppState};
 use crate::bus::provision::subjects_overlap;
 use crate::domain::{AgentId, Envelope, TaskId, WorkflowId};
 use crate::service::ServiceError;
+use axum::http::HeaderMap;
 
 /// Frames queued for one client before it is dropped as too slow.
 pub const OUTBOX: usize = 256;
@@ -123,14 +129,20 @@ impl Filters {
 
 async fn collaboration_ws(
     State(state): State<AppState>,
+    caller: Acting,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    check_origin(&headers, &state.auth.allowed_origins)?;
     let mut filters = Filters::from_query(&raw)?;
     let Some(agent) = filters.agent_id else {
         return Err(ServiceError::validation("agent_id", "is required").into());
     };
     state.registry.get(agent).await?;
+    if !caller.0.reads_all() {
+        caller.as_agent(&state.registry, agent).await?;
+    }
     if filters.types.is_empty() {
         filters.types = vec![
             "agent.message.sent".into(),
@@ -151,17 +163,21 @@ fn upgrade(ws: WebSocketUpgrade, state: AppState, filters: Filters) -> Result<Re
         .map_err(|_| {
             ServiceError::Unavailable("too many WebSockets open; try again later".into())
         })?;
-    Ok(ws.on_upgrade(move |socket| async move {
-        serve(socket, state, filters).await;
-        drop(slot);
-    }))
+    Ok(ws
+        .protocols([WS_PROTOCOL])
+        .on_upgrade(move |socket| async move {
+            serve(socket, state, filters).await;
+            drop(slot);
+        }))
 }
 
 async fn events_ws(
     State(state): State<AppState>,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    check_origin(&headers, &state.auth.allowed_origins)?;
     let filters = Filters::from_query(&raw)?;
     upgrade(ws, state, filters)
 }

@@ -58,6 +58,8 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<()> {
         );
     }
 
+    let token = dev_token(&settings).await?;
+
     // Workers stop first (so their goodbyes reach a live control plane), then the control plane.
     let shutdown = Shutdown::new();
     shutdown.cancel_on_signals();
@@ -69,6 +71,14 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<()> {
         "omoi dev: control plane on http://{} (namespace `{}`), {} worker(s); Ctrl-C to stop",
         running.http_addr, settings.namespace, args.workers
     );
+    if let Some(token) = token {
+        eprintln!(
+            "omoi dev: admin token for the HTTP API (replaced when omoi dev starts again):\n  \
+             export OMOI_TOKEN={token}\n  \
+             curl -H \"Authorization: Bearer $OMOI_TOKEN\" http://{}/api/v1/agents",
+            running.http_addr
+        );
+    }
     for i in 1..=args.workers {
         let spec = AgentSpec {
             name: format!("dev-worker-{i}"),
@@ -150,4 +160,29 @@ fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
             .map(|p| p.join(name))
             .find(|p| p.is_file())
     })
+}
+
+/// With token authentication: a fresh admin token named `dev` (the previous one revoked), so
+/// the API can be used at once. `None` when the control plane runs open.
+async fn dev_token(settings: &Settings) -> anyhow::Result<Option<String>> {
+    if settings.http_auth == crate::config::HttpAuth::Open {
+        return Ok(None);
+    }
+    let pool = crate::db::connect(&settings.database_url, 1).await?;
+    crate::db::migrate(&pool).await?;
+    let tokens = crate::service::tokens::Tokens::new(pool.clone());
+    match tokens.revoke("dev").await {
+        Ok(_) | Err(crate::service::ServiceError::NotFound(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let issued = tokens
+        .create(crate::service::tokens::CreateToken {
+            name: "dev".into(),
+            role: crate::domain::access::Role::Admin,
+            agents: vec![],
+            expires_in_seconds: None,
+        })
+        .await?;
+    pool.close().await;
+    Ok(Some(issued.token))
 }

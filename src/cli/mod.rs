@@ -5,6 +5,7 @@ mod dev;
 mod patterns;
 mod scratch;
 mod simulate;
+mod token;
 
 use std::path::PathBuf;
 
@@ -77,6 +78,9 @@ pub enum Command {
     Run(patterns::RunArgs),
     /// Run a pattern with simulated agents (scratch namespace and database) and report on it.
     Simulate(simulate::SimulateArgs),
+    /// Create, list and revoke API tokens (in the database).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patterns(command) => patterns::run_patterns(&settings, command),
         Command::Run(args) => patterns::run(&settings, args).await,
         Command::Simulate(args) => simulate::run(settings, args).await,
+        Command::Token(command) => token::run(&settings, command).await,
     }
 }
 

@@ -30,6 +30,9 @@ impl Scratch {
             namespace: ns,
             database_url: db_url.to_string(),
             http_addr: "127.0.0.1:0".into(),
+            // Secured like any control plane, by a token nobody is told.
+            http_auth: crate::config::HttpAuth::Token,
+            bootstrap_admin_token: crate::service::tokens::generate(),
             ..settings.clone()
         };
         crate::db::ensure_database(&scratch_settings.database_url).await?;

@@ -82,6 +82,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
     let instance_id = format!("coordinator-{}", uuid::Uuid::now_v7().simple());
     let (pool, nats) = prepare(settings, &instance_id).await?;
+    check_auth(settings, &pool).await?;
     let js = jetstream::new(nats.clone());
 
     let bus = EventBus::new(js.clone(), names.clone());
@@ -160,12 +161,22 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
             addr: settings.http_addr.clone(),
             source,
         })?;
+    let auth = crate::api::auth::Auth {
+        mode: settings.http_auth,
+        tokens: crate::service::tokens::Tokens::new(pool.clone()),
+        allowed_origins: settings.allowed_origins(),
+    };
     // Readiness has a connection of its own: a busy pool must not make the process look dead.
     let health_pool = crate::db::connect(&settings.database_url, 1).await?;
-    let app = health::router(HealthState {
+    let metrics = health::metrics_router().layer(axum::middleware::from_fn_with_state(
+        auth.clone(),
+        crate::api::auth::authorize,
+    ));
+    let app = health::probes(HealthState {
         nats: nats.clone(),
         db: Some(health_pool),
     })
+    .merge(metrics)
     .merge(crate::api::router(crate::api::AppState {
         registry: registry.clone(),
         workflows,
@@ -175,6 +186,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         names: names.clone(),
         pattern_dirs: settings.pattern_dirs(),
         limits: crate::api::ApiLimits::from_settings(settings),
+        auth,
     }))
     .layer(tower_http::timeout::TimeoutLayer::with_status_code(
         axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -199,6 +211,40 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         leader: leader_rx,
         instance_id,
     })
+}
+
+/// With token authentication, keeps the bootstrap token of the configuration and refuses to
+/// start when no token could authenticate (nobody could use the API); running open is said
+/// loudly.
+async fn check_auth(settings: &Settings, pool: &PgPool) -> Result<(), CoordinatorError> {
+    let tokens = crate::service::tokens::Tokens::new(pool.clone());
+    let failed = |e: crate::service::ServiceError| CoordinatorError::Config(e.to_string());
+    match settings.http_auth {
+        crate::config::HttpAuth::Open => {
+            tracing::warn!(
+                "http_auth = open: the HTTP API, WebSockets and /metrics take no token; anyone who reaches {} acts as admin",
+                settings.http_addr
+            );
+        }
+        crate::config::HttpAuth::Token => {
+            if !settings.bootstrap_admin_token.is_empty() {
+                tokens
+                    .bootstrap(&settings.bootstrap_admin_token)
+                    .await
+                    .map_err(failed)?;
+            }
+            if !tokens.any_live().await.map_err(failed)? {
+                return Err(CoordinatorError::Config(
+                    "no API token exists, so nobody could use the HTTP API: create one with \
+                     `omoi token create --name admin --role admin`, or set \
+                     OMOI_BOOTSTRAP_ADMIN_TOKEN (a secret of 24+ characters), or run without \
+                     authentication with OMOI_HTTP_AUTH=open (trusted networks only)"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs a coordinator until `shutdown` is cancelled, then drains within the grace period.

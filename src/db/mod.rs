@@ -5,6 +5,7 @@ pub mod agents;
 pub mod coordination;
 pub mod scheduling;
 pub mod tasks;
+pub mod tokens;
 pub mod workflows;
 
 use std::time::Duration;

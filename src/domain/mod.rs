@@ -1,6 +1,7 @@
 //! Pure types of omoi — ids, tasks and their state machine, agents, workflows, events.
 //! No I/O here: the database and the bus translate to and from these types.
 
+pub mod access;
 pub mod agent;
 pub mod coordination;
 pub mod dag;

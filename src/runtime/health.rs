@@ -19,12 +19,17 @@ pub struct HealthState {
     pub db: Option<PgPool>,
 }
 
-pub fn router(state: HealthState) -> Router {
+/// `/healthz` and `/readyz`: open (load balancers and orchestrators probe them).
+pub fn probes(state: HealthState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// `/metrics` (the control plane puts it behind a `viewer` token).
+pub fn metrics_router() -> Router {
+    Router::new().route("/metrics", get(metrics))
 }
 
 async fn readyz(State(state): State<HealthState>) -> Response {

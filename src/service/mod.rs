@@ -4,6 +4,7 @@
 pub mod collaboration;
 pub mod registry;
 pub mod scheduler;
+pub mod tokens;
 pub mod workflows;
 
 use crate::bus::BusError;

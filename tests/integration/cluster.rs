@@ -54,6 +54,31 @@ impl Cluster {
         cluster
     }
 
+    /// An HTTP client of the in-process control plane, with the admin token.
+    pub fn http(&self) -> crate::http::Http {
+        crate::http::Http::with_token(
+            self.http_addr.expect("an in-process control plane"),
+            &self.env.admin_token,
+        )
+    }
+
+    /// A WebSocket to the in-process control plane (`path` with its query), with the admin
+    /// token as a bearer header.
+    pub async fn ws(
+        &self,
+        path: &str,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}{path}", self.http_addr.expect("a control plane"));
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.env.admin_token).parse().unwrap(),
+        );
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    }
+
     /// A cluster with no control plane yet (see [`Cluster::spawn_coordinator`]).
     pub async fn without_control_plane() -> Self {
         let env = TestEnv::new().await;

@@ -34,7 +34,7 @@ async fn agent_id(c: &Cluster, name: &str) -> String {
 #[tokio::test]
 async fn threads_messages_cursors_and_read_receipts() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x"]).await;
     let outsider = register(&http, "outsider", &["x"]).await;
@@ -195,7 +195,7 @@ async fn threads_messages_cursors_and_read_receipts() {
 #[tokio::test]
 async fn handoffs_keep_their_state_reason_and_refuse_a_second_decision() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x", "y"]).await;
     let z = register(&http, "z", &["z"]).await;
@@ -288,7 +288,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
     })
     .await;
     c.spawn_shell_worker("bob", "x", 1).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (alice, bob) = (agent_id(&c, "alice").await, agent_id(&c, "bob").await);
     assert_eq!(running.agent_id.unwrap().to_string(), alice);
     let (_, h) = http
@@ -342,7 +342,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
 #[tokio::test]
 async fn two_agents_racing_to_accept_an_open_handoff_get_exactly_one_winner() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["review"]).await;
     let d = register(&http, "d", &["review"]).await;
@@ -388,7 +388,7 @@ async fn an_expired_handoff_returns_the_task_to_scheduling() {
         (t.status == TaskStatus::Running).then_some(t)
     })
     .await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (_, h) = http
         .post("/api/v1/collaboration/handoff/request", &json!({"task_id": running.id, "from_agent_id": running.agent_id, "capabilities": ["nobody-has-this"], "ttl_seconds": 1, "on_decline": "reschedule"}))
         .await;
@@ -421,7 +421,7 @@ async fn a_message_to_a_stopped_workers_agent_is_delivered_in_order_when_it_rest
     c.spawn_worker_with("talker", "x", 1, &env).await;
     let (sleeper, talker) = (agent_id(&c, "sleeper").await, agent_id(&c, "talker").await);
     c.stop_worker("sleeper").await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (_, thread) = http
         .post(
             "/api/v1/collaboration/threads",
@@ -468,7 +468,7 @@ async fn a_message_to_a_stopped_workers_agent_is_delivered_in_order_when_it_rest
 #[tokio::test]
 async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x"]).await;
     let (_, thread) = http
@@ -477,11 +477,9 @@ async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
             &json!({"thread_type": "discussion", "participants": [a, b]}),
         )
         .await;
-    let url = format!(
-        "ws://{}/api/v1/collaboration/ws?agent_id={b}",
-        c.http_addr.unwrap()
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut ws = c
+        .ws(&format!("/api/v1/collaboration/ws?agent_id={b}"))
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     http.post(
@@ -559,7 +557,7 @@ async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_
     let wf = c
         .submit(json!({"name": "ask", "tasks": [{"key": "job", "executor": "shell", "capabilities": ["x"], "input": {"command": script}}]}))
         .await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     // The worker asked: the task waits for the decision instead of running anywhere.
     let handoff = eventually(Duration::from_secs(15), "handoff requested", || async {
         let rows: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM handoffs")
@@ -600,20 +598,19 @@ async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_
 #[tokio::test]
 async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtered_stream_works() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let b = register(&http, "b", &["x"]).await;
-    let addr = c.http_addr.unwrap();
 
     // A general event stream filtered to one workflow's events.
     let wf = c
         .submit(json!({"name": "watched", "tasks": [{"key": "t", "capabilities": ["nobody"]}]}))
         .await;
-    let (mut events, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{addr}/api/v1/ws/events?types=workflow.*&workflow_id={}",
-        wf.workflow_id
-    ))
-    .await
-    .unwrap();
+    let mut events = c
+        .ws(&format!(
+            "/api/v1/ws/events?types=workflow.*&workflow_id={}",
+            wf.workflow_id
+        ))
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.submit(json!({"name": "other", "tasks": [{"key": "t"}]}))
         .await;
@@ -625,11 +622,9 @@ async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtere
     );
 
     // A client that never reads while a flood of 10 KiB messages arrives.
-    let (mut slow, _) = tokio_tungstenite::connect_async(format!(
-        "ws://{addr}/api/v1/collaboration/ws?agent_id={b}"
-    ))
-    .await
-    .unwrap();
+    let mut slow = c
+        .ws(&format!("/api/v1/collaboration/ws?agent_id={b}"))
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let agent: omoi::domain::AgentId = b.parse().unwrap();
     let flood: Vec<omoi::domain::Event> = (0..4_000)

@@ -16,7 +16,7 @@ async fn health_readiness_and_metrics_answer() {
     let running = omoi::coordinator::start(&env.settings(), &shutdown)
         .await
         .unwrap();
-    let http = Http::new(running.http_addr);
+    let http = Http::with_token(running.http_addr, &env.admin_token);
     let (status, v) = http.get("/healthz").await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ok")));
     let (status, v) = http.get("/readyz").await;

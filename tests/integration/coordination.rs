@@ -10,7 +10,6 @@ use omoi::service::workflows::WorkflowView;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, task};
-use crate::http::Http;
 
 /// A `sleep` task returning `output` after `ms`.
 fn sleeper(key: &str, ms: u64, output: Value) -> Value {
@@ -358,7 +357,7 @@ async fn a_dynamic_split_over_a_100_item_output_makes_100_tasks_and_joins_them()
 async fn invalid_splits_and_joins_are_rejected_or_fail_with_their_reason() {
     let mut c = Cluster::start().await;
     c.spawn_worker("w1", "general", 4).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     for (spec, field) in [
         // A split reading a task it does not depend on.
         (

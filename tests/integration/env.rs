@@ -21,6 +21,8 @@ pub fn admin_database_url() -> String {
 
 pub struct TestEnv {
     pub names: Names,
+    /// The admin token the control planes of this environment are bootstrapped with.
+    pub admin_token: String,
     pub database_url: String,
     db_name: String,
     pub pool: PgPool,
@@ -53,6 +55,7 @@ impl TestEnv {
         let bus = EventBus::new(js.clone(), names.clone());
         Self {
             names,
+            admin_token: omoi::service::tokens::generate(),
             database_url,
             db_name,
             pool,
@@ -79,6 +82,7 @@ impl TestEnv {
             lock_lease_ms: 2_000,
             lock_wait_ms: 5_000,
             task_start_timeout_ms: 5_000,
+            bootstrap_admin_token: self.admin_token.clone(),
             ..Settings::default()
         }
     }

@@ -107,7 +107,7 @@ async fn task_status(c: &Cluster, id: TaskId) -> omoi::db::tasks::TaskRecord {
 #[tokio::test]
 async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
     let c = Cluster::start_with(patient).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     register(&http, "fake", &["x"]).await;
     let wf = c
         .submit(
@@ -176,7 +176,7 @@ async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
 #[tokio::test]
 async fn reports_with_an_unsupported_version_are_dead_lettered_never_applied() {
     let c = Cluster::start_with(patient).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     register(&http, "fake", &["x"]).await;
     let wf = c
         .submit(json!({"name": "v", "tasks": [{"key": "a", "capabilities": ["x"]}]}))
@@ -247,7 +247,7 @@ async fn nats_error(c: &Cluster, subject: String, body: Vec<u8>) -> Option<Strin
 #[tokio::test]
 async fn nul_characters_are_refused_at_every_edge_with_a_validation_error() {
     let c = Cluster::start_with(patient).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let alice = register(&http, "alice", &["x"]).await;
     let bob = register(&http, "bob", &["x"]).await;
     let (_, thread) = http
@@ -343,7 +343,7 @@ async fn nul_characters_are_refused_at_every_edge_with_a_validation_error() {
 #[tokio::test]
 async fn an_out_of_range_ttl_is_refused_and_the_endpoint_keeps_answering() {
     let c = Cluster::start_with(patient).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let alice = register(&http, "alice", &["x"]).await;
     let bob = register(&http, "bob", &["x"]).await;
     let wf = c
@@ -400,7 +400,7 @@ async fn unsupported_versions_and_oversized_names_get_bounded_error_replies() {
     .expect("a reply, not a timeout")
     .unwrap();
     assert!(reply.payload.len() < 4_096, "{} bytes", reply.payload.len());
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (status, body) = http
         .post(
             "/api/v1/workflows/from-pattern",
@@ -423,10 +423,10 @@ async fn unsupported_versions_and_oversized_names_get_bounded_error_replies() {
 
 /// POSTs `size` bytes of a JSON string in chunks (no declared length), tolerating the server
 /// closing early, and returns its answer.
-async fn chunked_post(addr: std::net::SocketAddr, path: &str, size: usize) -> String {
+async fn chunked_post(addr: std::net::SocketAddr, token: &str, path: &str, size: usize) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let chunk = "x".repeat(64 * 1024);
@@ -466,9 +466,15 @@ async fn a_body_over_the_limit_is_refused_before_it_is_read_and_health_stays_rea
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("too_large"), "{answer}");
     // A body over the limit without a declared length is cut off as it is read.
-    let answer = chunked_post(addr, "/api/v1/workflows", 2 * 1024 * 1024).await;
+    let answer = chunked_post(
+        addr,
+        &c.env.admin_token,
+        "/api/v1/workflows",
+        2 * 1024 * 1024,
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    let http = Http::new(addr);
+    let http = c.http();
     let (status, _) = http.get("/readyz").await;
     assert_eq!(status, 200);
     c.stop().await;
@@ -502,7 +508,7 @@ async fn idle_and_slow_clients_are_disconnected_after_the_header_timeout() {
         .await;
         assert!(closed.is_ok(), "an idle or slow connection stayed open");
     }
-    let (status, _) = Http::new(addr).get("/healthz").await;
+    let (status, _) = c.http().get("/healthz").await;
     assert_eq!(status, 200);
     c.stop().await;
 }
@@ -520,7 +526,7 @@ async fn connections_past_the_limit_are_closed_on_arrival() {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     // Each held connection is accepted (served) before the next test connection is made.
-    let http = Http::new(addr);
+    let http = c.http();
     let answer = head_only(
         addr,
         "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -619,9 +625,7 @@ async fn a_worker_whose_only_agent_is_deregistered_stops_instead_of_coming_back(
     let mut c = Cluster::start().await;
     c.spawn_worker("w", "echo", 1).await;
     let id = agent_of(&c, "w").await;
-    let (status, _) = Http::new(c.http_addr.unwrap())
-        .delete(&format!("/api/v1/agents/{id}"))
-        .await;
+    let (status, _) = c.http().delete(&format!("/api/v1/agents/{id}")).await;
     assert_eq!(status, 200);
     let mut child = c.workers.remove("w").unwrap();
     let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;

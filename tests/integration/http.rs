@@ -7,11 +7,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub struct Http {
     addr: SocketAddr,
+    token: Option<String>,
 }
 
 impl Http {
+    /// A client that presents no token.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr }
+        Self { addr, token: None }
+    }
+
+    /// A client that presents `token` as a bearer token.
+    pub fn with_token(addr: SocketAddr, token: &str) -> Self {
+        Self {
+            addr,
+            token: Some(token.to_string()),
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -46,12 +56,17 @@ impl Http {
     }
 
     async fn raw(&self, method: &str, path: &str, body: Option<String>) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
+        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr).await else {
+            return (0, String::new());
+        };
         let body = body.unwrap_or_default();
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         // A server that refuses the connection or closes early answers nothing: status 0.

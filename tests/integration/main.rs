@@ -11,6 +11,7 @@ mod faults;
 mod hostile;
 mod http;
 
+mod auth;
 mod bus;
 mod control_plane;
 mod liveness;

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use crate::cluster::{Cluster, task};
 use crate::env::{TestEnv, admin_database_url};
-use crate::http::Http;
 
 async fn omoi(env: &TestEnv, args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
@@ -185,7 +184,7 @@ async fn omoi_run_submits_a_pattern_and_follows_it_to_the_end() {
     );
     // With echo agents the review has no verdict: one round, stopped by the condition.
     let list: Vec<serde_json::Value> = {
-        let http = Http::new(c.http_addr.unwrap());
+        let http = c.http();
         let (status, v) = http.get("/api/v1/workflows").await;
         assert_eq!(status, 200);
         serde_json::from_value(v).unwrap()
@@ -220,7 +219,7 @@ async fn omoi_run_submits_a_pattern_and_follows_it_to_the_end() {
 async fn the_from_pattern_api_submits_by_name_or_source_and_locates_errors() {
     let mut c = Cluster::start().await;
     c.spawn_worker("w1", "review", 3).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (status, v) = http
         .post(
             "/api/v1/workflows/from-pattern",

@@ -36,7 +36,7 @@ async fn start() -> Registry {
         .unwrap();
     let client = AgentRegistryClient::new(env.nats.clone(), env.names.clone());
     Registry {
-        http: Http::new(running.http_addr),
+        http: Http::with_token(running.http_addr, &env.admin_token),
         env,
         client,
         _shutdown: ShutdownOnDrop(shutdown),

@@ -43,7 +43,13 @@ fn the_openapi_document_lists_every_route_of_the_router() {
     let doc: serde_json::Value = serde_json::from_str(omoi::api::OPENAPI_JSON).unwrap();
     let paths = doc["paths"].as_object().unwrap();
     let mut routes = 0;
-    for file in ["agents.rs", "workflows.rs", "collaboration.rs", "ws.rs"] {
+    for file in [
+        "agents.rs",
+        "workflows.rs",
+        "collaboration.rs",
+        "tokens.rs",
+        "ws.rs",
+    ] {
         let src = std::fs::read_to_string(format!("{}/src/api/{file}", env!("CARGO_MANIFEST_DIR")))
             .unwrap();
         // Every `.route("<path>", …)`, however rustfmt wrapped it.
@@ -61,4 +67,32 @@ fn the_openapi_document_lists_every_route_of_the_router() {
         paths.len(),
         "docs/openapi.json lists a path the router does not serve"
     );
+}
+
+#[test]
+fn every_route_has_an_access_rule_and_every_rule_a_route() {
+    let doc: serde_json::Value = serde_json::from_str(omoi::api::OPENAPI_JSON).unwrap();
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let route = path.strip_prefix("/api/v1").unwrap_or(path).to_string();
+            documented.push((method.to_uppercase(), route));
+        }
+    }
+    for (method, route) in &documented {
+        assert!(
+            omoi::domain::access::ROUTES
+                .iter()
+                .any(|(m, p, _)| m == method && p == route),
+            "{method} {route} has no access rule (it would be admin-only)"
+        );
+    }
+    for (m, p, _) in omoi::domain::access::ROUTES {
+        assert!(
+            // Served outside the documented paths: /metrics and this document itself.
+            ["/metrics", "/openapi.json"].contains(p)
+                || documented.iter().any(|(dm, dp)| dm == m && dp == p),
+            "the access rule for {m} {p} names no route"
+        );
+    }
 }

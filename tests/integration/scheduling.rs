@@ -7,7 +7,6 @@ use omoi::domain::{TaskStatus, WorkflowStatus};
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, max_overlap, task};
-use crate::http::Http;
 
 type Instant = chrono::DateTime<chrono::Utc>;
 
@@ -43,7 +42,7 @@ fn span(t: &omoi::db::tasks::TaskRecord) -> (Instant, Instant) {
 #[tokio::test]
 async fn a_cyclic_or_broken_dag_is_rejected_whole_with_its_path() {
     let c = Cluster::start().await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (status, v) = http
         .post(
             "/api/v1/workflows",

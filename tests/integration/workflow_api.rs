@@ -6,13 +6,12 @@ use omoi::domain::{TaskStatus, WorkflowStatus};
 use serde_json::json;
 
 use crate::cluster::{Cluster, task};
-use crate::http::Http;
 
 #[tokio::test]
 async fn submit_read_list_retry_and_inspect_locks_over_http() {
     let mut c = Cluster::start().await;
     c.spawn_worker("w", "sleep,echo", 2).await;
-    let http = Http::new(c.http_addr.unwrap());
+    let http = c.http();
     let (status, v) = http
         .post(
             "/api/v1/workflows",
