@@ -8,13 +8,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
+use crate::bus::names::{ACT_HEARTBEAT, ACT_REGISTER, ACT_UPDATE};
 use crate::db::agents::AgentRecord;
 use crate::domain::AgentId;
 use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
 use crate::service::ServiceError;
-use crate::service::registry::{
-    AgentMatch, AgentUpdate, RegisterRequest, SearchQuery, UpdateRequest,
-};
+use crate::service::registry::{AgentMatch, AgentUpdate, RegisterRequest, SearchQuery};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +84,8 @@ pub async fn request_raw<Resp: DeserializeOwned>(
     })
 }
 
-/// Client of the agent registry service (`<ns>.registry.*`) and of heartbeats.
+/// Client of the agent registry service: an agent's `register`, `update` and `heartbeat` on
+/// `<ns>.act.<agent_id>.<verb>`, and the reads `<ns>.registry.search|best_fit`.
 #[derive(Clone)]
 pub struct AgentRegistryClient {
     nats: async_nats::Client,
@@ -102,36 +102,58 @@ impl AgentRegistryClient {
         }
     }
 
-    fn subject(&self, endpoint: &str) -> String {
-        format!("{}.{endpoint}", self.names.registry_prefix())
-    }
-
+    /// Registers, as the agent the request names (on that agent's own subject).
     pub async fn register(&self, req: &RegisterRequest) -> Result<AgentRecord, ClientError> {
-        request(&self.nats, self.subject("register"), req, self.timeout).await
+        let agent = AgentId::for_name(self.names.namespace(), &req.name);
+        request(
+            &self.nats,
+            self.names.act(agent, ACT_REGISTER),
+            req,
+            self.timeout,
+        )
+        .await
     }
 
+    /// Changes agent `agent_id`, acting as it.
     pub async fn update(
         &self,
         agent_id: AgentId,
         update: AgentUpdate,
     ) -> Result<AgentRecord, ClientError> {
-        let body = UpdateRequest { agent_id, update };
-        request(&self.nats, self.subject("update"), &body, self.timeout).await
+        request(
+            &self.nats,
+            self.names.act(agent_id, ACT_UPDATE),
+            &update,
+            self.timeout,
+        )
+        .await
     }
 
     pub async fn search(&self, query: &SearchQuery) -> Result<Vec<AgentMatch>, ClientError> {
-        request(&self.nats, self.subject("search"), query, self.timeout).await
+        request(
+            &self.nats,
+            self.names.registry("search"),
+            query,
+            self.timeout,
+        )
+        .await
     }
 
     /// The best available agent; `Err(Service(NotFound))` when none fits.
     pub async fn best_fit(&self, query: &SearchQuery) -> Result<AgentMatch, ClientError> {
-        request(&self.nats, self.subject("best_fit"), query, self.timeout).await
+        request(
+            &self.nats,
+            self.names.registry("best_fit"),
+            query,
+            self.timeout,
+        )
+        .await
     }
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAck, ClientError> {
         request(
             &self.nats,
-            self.names.heartbeat(hb.agent_id),
+            self.names.act(hb.agent_id, ACT_HEARTBEAT),
             hb,
             self.timeout,
         )

@@ -34,6 +34,10 @@ pub struct Settings {
     /// Prefix of every subject, stream and KV bucket (`<ns>.task.completed`, `<ns>_events`).
     pub namespace: String,
     pub nats_url: String,
+    /// An NKEY seed file to sign in to NATS with (`omoi nats-auth` writes them).
+    pub nats_nkey_file: String,
+    /// A NATS credentials (JWT) file, for operator-mode servers.
+    pub nats_creds_file: String,
     pub database_url: String,
     pub http_addr: String,
     pub log_format: LogFormat,
@@ -128,6 +132,8 @@ impl Default for Settings {
         Self {
             namespace: "omoi".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_nkey_file: String::new(),
+            nats_creds_file: String::new(),
             database_url: "postgres://postgres@127.0.0.1:5432/omoi".into(),
             http_addr: "127.0.0.1:8080".into(),
             log_format: LogFormat::Human,
@@ -347,6 +353,12 @@ impl Settings {
                     reason: format!("`{origin}` is not an origin like https://host[:port]"),
                 });
             }
+        }
+        if !self.nats_nkey_file.is_empty() && !self.nats_creds_file.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "nats_creds_file",
+                reason: "give either nats_nkey_file or nats_creds_file, not both".into(),
+            });
         }
         if self.retry_max_delay_ms < self.retry_base_delay_ms {
             return Err(ConfigError::Invalid {

@@ -13,7 +13,7 @@ fn v1() -> u32 {
     PROTOCOL_VERSION
 }
 
-/// Sent by a worker on `<ns>.agent.heartbeat.<agent_id>` for each hosted agent.
+/// Sent by a worker on `<ns>.act.<agent_id>.heartbeat` for each hosted agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     #[serde(default = "v1")]
@@ -32,6 +32,28 @@ pub struct Heartbeat {
 pub struct HeartbeatAck {
     pub agent_id: AgentId,
     pub status: crate::domain::AgentStatus,
+}
+
+/// `<ns>.act.<agent_id>.read`: the acting agent has read a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRead {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub message_id: uuid::Uuid,
+}
+
+/// `<ns>.act.<agent_id>.accept|decline|cancel`: the acting agent decides on (or, as its
+/// requester, withdraws) a handoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffDecision {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub handoff_id: uuid::Uuid,
+    /// Why (a decline), kept as the handoff's `decision_reason`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A failure, as carried in a reply body and in HTTP error responses.
@@ -80,7 +102,8 @@ pub struct Dispatch {
     pub timeout_seconds: Option<i32>,
 }
 
-/// What a worker reports about one attempt, on `<ns>.result.<task_id>` (stream `<ns>_results`).
+/// What an agent reports about one attempt, on `<ns>.result.<agent_id>.<task_id>` (stream
+/// `<ns>_results`); `agent_id` must be the subject's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskReport {
     #[serde(default = "v1")]

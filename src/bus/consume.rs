@@ -201,6 +201,22 @@ impl<T: DeserializeOwned> TypedConsumer<T> {
     }
 }
 
+/// Binds to the durable pull consumer `consumer` of `stream`, which the control plane created:
+/// this needs only `$JS.API.CONSUMER.INFO.<stream>.<consumer>` (and then `MSG.NEXT` and acks on
+/// it), never the right to create or change consumers.
+pub async fn bind(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+    js.get_consumer_from_stream(consumer, stream)
+        .await
+        .map_err(|e| BusError::Consumer {
+            stream: stream.to_string(),
+            reason: format!("bind to {consumer}: {e}"),
+        })
+}
+
 /// Publishes `payload` to the dead-letter subject for `subject`, with the reason in headers.
 pub async fn dead_letter(
     js: &jetstream::Context,

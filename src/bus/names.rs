@@ -2,17 +2,20 @@
 //! are a public contract (docs/protocol.md): users publish to the subjects and inspect the
 //! streams and buckets with the `nats` CLI.
 //!
+//! Where identity matters the acting agent is in the subject, so a NATS server's permissions —
+//! not a JSON field — decide who may act as whom (docs/security.md): everything an agent does
+//! goes to `<ns>.act.<agent_id>.<verb>` or `<ns>.result.<agent_id>.<task_id>`.
+//!
 //! | what | name |
 //! |---|---|
 //! | event of type `T` (e.g. `task.completed`) | `<ns>.T` |
-//! | agent heartbeat (request/reply) | `<ns>.agent.heartbeat.<agent_id>` |
-//! | registry service endpoints | `<ns>.registry.<endpoint>` |
+//! | an agent acting (request/reply): register, heartbeat, update, send, read, thread, handoff, accept, decline, cancel | `<ns>.act.<agent_id>.<verb>` |
+//! | registry reads (request/reply) | `<ns>.registry.search`, `<ns>.registry.best_fit` |
 //! | dead letter of a message first sent on `<ns>.S` | `<ns>.deadletter.S` |
 //! | task for an agent | `<ns>.dispatch.<agent_id>` |
-//! | a worker's report on a task | `<ns>.result.<task_id>` |
+//! | an agent's report on a task | `<ns>.result.<agent_id>.<task_id>` |
 //! | workflow endpoints (request/reply) | `<ns>.workflow.submit`, `.run`, `.get`, `.cancel` |
 //! | an agent's inbox | `<ns>.agent.inbox.<agent_id>` |
-//! | collaboration endpoints (request/reply) | `<ns>.collab.send`, `<ns>.collab.handoff` |
 //! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_inbox`, `<ns>_deadletter` |
 //! | KV buckets | `<ns>_agents`, `<ns>_locks`, `<ns>_leases` |
 
@@ -30,6 +33,33 @@ pub const CONSUMER_SCHEDULER: &str = "scheduler";
 pub const BUCKET_AGENTS: &str = "agents";
 pub const BUCKET_LEASES: &str = "leases";
 pub const BUCKET_LOCKS: &str = "locks";
+
+/// What an agent does on `<ns>.act.<agent_id>.<verb>`.
+pub const ACT_REGISTER: &str = "register";
+pub const ACT_HEARTBEAT: &str = "heartbeat";
+pub const ACT_UPDATE: &str = "update";
+pub const ACT_SEND: &str = "send";
+pub const ACT_READ: &str = "read";
+pub const ACT_THREAD: &str = "thread";
+pub const ACT_HANDOFF: &str = "handoff";
+pub const ACT_ACCEPT: &str = "accept";
+pub const ACT_DECLINE: &str = "decline";
+pub const ACT_CANCEL: &str = "cancel";
+/// Every verb of `<ns>.act.<agent_id>.<verb>`.
+pub const ACT_VERBS: &[&str] = &[
+    ACT_REGISTER,
+    ACT_HEARTBEAT,
+    ACT_UPDATE,
+    ACT_SEND,
+    ACT_READ,
+    ACT_THREAD,
+    ACT_HANDOFF,
+    ACT_ACCEPT,
+    ACT_DECLINE,
+    ACT_CANCEL,
+];
+/// The workflow endpoints `<ns>.workflow.<verb>`.
+pub const WORKFLOW_VERBS: &[&str] = &["submit", "run", "get", "cancel"];
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DEADLETTER_REASON: &str = "Omoi-Deadletter-Reason";
@@ -70,14 +100,30 @@ impl Names {
         format!("{}.{kind}", self.ns)
     }
 
-    /// `<ns>.agent.heartbeat.<agent_id>`.
-    pub fn heartbeat(&self, agent: AgentId) -> String {
-        format!("{}.agent.heartbeat.{agent}", self.ns)
+    /// `<ns>.act.<agent_id>.<verb>`: `agent` acting (see [`ACT_VERBS`]).
+    pub fn act(&self, agent: AgentId, verb: &str) -> String {
+        format!("{}.act.{agent}.{verb}", self.ns)
     }
 
-    /// `<ns>.agent.heartbeat.*`: every agent's heartbeat.
-    pub fn heartbeats(&self) -> String {
-        format!("{}.agent.heartbeat.*", self.ns)
+    /// `<ns>.act.*.<verb>`: every agent's `verb` (what the control plane serves).
+    pub fn acts(&self, verb: &str) -> String {
+        format!("{}.act.*.{verb}", self.ns)
+    }
+
+    /// `<ns>.act.<agent_id>.>`: everything `agent` may do (a permission).
+    pub fn acts_of(&self, agent: AgentId) -> String {
+        format!("{}.act.{agent}.>", self.ns)
+    }
+
+    /// The acting agent of `<ns>.act.<agent_id>.<verb>`.
+    pub fn acting_agent(&self, subject: &str) -> Option<AgentId> {
+        let rest = subject.strip_prefix(&format!("{}.act.", self.ns))?;
+        rest.split('.').next()?.parse().ok()
+    }
+
+    /// `<ns>.registry.<verb>`: the registry's reads (`search`, `best_fit`).
+    pub fn registry(&self, verb: &str) -> String {
+        format!("{}.registry.{verb}", self.ns)
     }
 
     /// `<ns>.dispatch.<agent_id>`: tasks for one agent.
@@ -90,9 +136,20 @@ impl Names {
         format!("agent-{agent}")
     }
 
-    /// `<ns>.result.<task_id>`: a worker's report on a task.
-    pub fn result(&self, task: crate::domain::TaskId) -> String {
-        format!("{}.result.{task}", self.ns)
+    /// `<ns>.result.<agent_id>.<task_id>`: `agent`'s report on a task.
+    pub fn result(&self, agent: AgentId, task: crate::domain::TaskId) -> String {
+        format!("{}.result.{agent}.{task}", self.ns)
+    }
+
+    /// `<ns>.result.<agent_id>.>`: every report `agent` may send (a permission).
+    pub fn results_of(&self, agent: AgentId) -> String {
+        format!("{}.result.{agent}.>", self.ns)
+    }
+
+    /// The reporting agent of `<ns>.result.<agent_id>.<task_id>`.
+    pub fn result_agent(&self, subject: &str) -> Option<AgentId> {
+        let rest = subject.strip_prefix(&format!("{}.result.", self.ns))?;
+        rest.split('.').next()?.parse().ok()
     }
 
     /// `<ns>.workflow.<verb>`: workflow request/reply endpoints (`submit`, `get`, `cancel`).
@@ -110,16 +167,6 @@ impl Names {
         format!("inbox-{agent}")
     }
 
-    /// `<ns>.collab.<verb>`: collaboration request/reply endpoints (`send`).
-    pub fn collab_endpoint(&self, verb: &str) -> String {
-        format!("{}.collab.{verb}", self.ns)
-    }
-
-    /// `<ns>.registry`: prefix of the registry service's endpoints.
-    pub fn registry_prefix(&self) -> String {
-        format!("{}.registry", self.ns)
-    }
-
     /// `<ns>.deadletter.<rest>` for a message first sent on `<ns>.<rest>` (or on any other
     /// subject, kept whole).
     pub fn deadletter(&self, original: &str) -> String {
@@ -130,15 +177,12 @@ impl Names {
 
     /// Every request/reply subject: none of these may be captured by a stream.
     pub fn request_subjects(&self) -> Vec<String> {
-        vec![
-            format!("{}.agent.heartbeat.>", self.ns),
+        let mut subjects = vec![
+            format!("{}.act.>", self.ns),
             format!("{}.registry.>", self.ns),
-            format!("{}.workflow.submit", self.ns),
-            format!("{}.workflow.run", self.ns),
-            format!("{}.workflow.get", self.ns),
-            format!("{}.workflow.cancel", self.ns),
-            format!("{}.collab.>", self.ns),
-        ]
+        ];
+        subjects.extend(WORKFLOW_VERBS.iter().map(|v| self.workflow_endpoint(v)));
+        subjects
     }
 }
 
@@ -160,7 +204,15 @@ mod tests {
             "fleet-a.deadletter.task.completed"
         );
         let a = AgentId::new();
-        assert_eq!(n.heartbeat(a), format!("fleet-a.agent.heartbeat.{a}"));
+        assert_eq!(
+            n.act(a, ACT_HEARTBEAT),
+            format!("fleet-a.act.{a}.heartbeat")
+        );
+        assert_eq!(n.acting_agent(&n.act(a, ACT_ACCEPT)), Some(a));
+        assert_eq!(n.acting_agent("fleet-a.act.nope.accept"), None);
+        let t = crate::domain::TaskId::new();
+        assert_eq!(n.result(a, t), format!("fleet-a.result.{a}.{t}"));
+        assert_eq!(n.result_agent(&n.result(a, t)), Some(a));
         assert!(Names::new("bad.ns").is_err());
     }
 }

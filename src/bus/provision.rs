@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use serde::Deserialize;
 
 use super::{BusError, Names};
@@ -164,6 +164,105 @@ pub async fn open_bucket(
             bucket,
             reason: e.to_string(),
         })
+}
+
+/// Ack deadline of an agent's dispatch consumer; its worker extends it while a task runs.
+pub const DISPATCH_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Ack deadline of an agent's inbox consumer.
+pub const INBOX_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// The durable consumer `agent-<agent_id>` of `<ns>_dispatch`: the agent's tasks, explicit
+/// acks, at most twice its capacity unacknowledged.
+pub fn dispatch_consumer(
+    names: &Names,
+    agent: crate::domain::AgentId,
+    agent_name: &str,
+    capacity: i32,
+) -> consumer::pull::Config {
+    let name = names.dispatch_consumer(agent);
+    consumer::pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("omoi dispatches for agent {agent_name}")),
+        filter_subject: names.dispatch(agent),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: DISPATCH_ACK_WAIT,
+        max_ack_pending: i64::from(capacity.max(1)) * 2,
+        ..Default::default()
+    }
+}
+
+/// The durable consumer `inbox-<agent_id>` of `<ns>_inbox`: the agent's messages and handoff
+/// offers in order, one unacknowledged at a time.
+pub fn inbox_consumer(
+    names: &Names,
+    agent: crate::domain::AgentId,
+    agent_name: &str,
+) -> consumer::pull::Config {
+    let name = names.inbox_consumer(agent);
+    consumer::pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("omoi inbox of agent {agent_name}")),
+        filter_subject: names.inbox(agent),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: INBOX_ACK_WAIT,
+        max_ack_pending: 1,
+        ..Default::default()
+    }
+}
+
+/// Creates (or updates, e.g. for a new capacity) an agent's dispatch and inbox consumers: the
+/// control plane does this at registration, so an agent only binds to them.
+pub async fn ensure_agent_consumers(
+    js: &jetstream::Context,
+    names: &Names,
+    agent: crate::domain::AgentId,
+    agent_name: &str,
+    capacity: i32,
+) -> Result<(), BusError> {
+    for (stream, config) in [
+        (
+            names.stream(super::names::STREAM_DISPATCH),
+            dispatch_consumer(names, agent, agent_name, capacity),
+        ),
+        (
+            names.stream(super::names::STREAM_INBOX),
+            inbox_consumer(names, agent, agent_name),
+        ),
+    ] {
+        let err = |e: String| BusError::Consumer {
+            stream: stream.clone(),
+            reason: e,
+        };
+        js.get_stream_no_info(&stream)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .create_consumer(config)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Deletes an agent's dispatch and inbox consumers (it was deregistered); missing ones are fine.
+pub async fn delete_agent_consumers(
+    js: &jetstream::Context,
+    names: &Names,
+    agent: crate::domain::AgentId,
+) {
+    for (stream, consumer) in [
+        (
+            names.stream(super::names::STREAM_DISPATCH),
+            names.dispatch_consumer(agent),
+        ),
+        (
+            names.stream(super::names::STREAM_INBOX),
+            names.inbox_consumer(agent),
+        ),
+    ] {
+        if let Ok(s) = js.get_stream_no_info(&stream).await {
+            let _ = s.delete_consumer(&consumer).await;
+        }
+    }
 }
 
 /// Deletes every stream and bucket of the namespace (tests and `omoi` teardown tooling).

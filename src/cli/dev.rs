@@ -35,9 +35,12 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<()> {
     }
     // Kept alive (and killed on drop) for the whole run.
     let mut _private_nats = None;
-    if crate::bus::connect_once(&settings.nats_url, "omoi-dev-probe")
-        .await
-        .is_err()
+    if crate::bus::connect_once(
+        crate::bus::NatsAccess::from_settings(&settings),
+        "omoi-dev-probe",
+    )
+    .await
+    .is_err()
     {
         let (child, url) = start_private_nats(&settings.nats_url).await?;
         eprintln!(
@@ -128,7 +131,7 @@ async fn start_private_nats(tried: &str) -> anyhow::Result<(PrivateNats, String)
         .with_context(|| format!("start {}", binary.display()))?;
     let url = format!("nats://127.0.0.1:{port}");
     for _ in 0..50 {
-        if crate::bus::connect_once(&url, "omoi-dev-probe")
+        if crate::bus::connect_once(crate::bus::NatsAccess::anonymous(&url), "omoi-dev-probe")
             .await
             .is_ok()
         {

@@ -235,7 +235,9 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
         serde_norway::from_str(&text).with_context(|| format!("parse {}", args.file.display()))?
     };
     let names = crate::bus::Names::new(&settings.namespace).map_err(anyhow::Error::msg)?;
-    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-cli").await?;
+    let nats =
+        crate::bus::connect_once(crate::bus::NatsAccess::from_settings(settings), "omoi-cli")
+            .await?;
     let client = crate::client::WorkflowClient::new(nats, names);
     let submitted = client.submit(&spec).await?;
     if !args.wait {
@@ -262,7 +264,9 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
 
 async fn locks(settings: &Settings, args: LocksArgs) -> anyhow::Result<()> {
     let names = crate::bus::Names::new(&settings.namespace).map_err(anyhow::Error::msg)?;
-    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-cli").await?;
+    let nats =
+        crate::bus::connect_once(crate::bus::NatsAccess::from_settings(settings), "omoi-cli")
+            .await?;
     let js = async_nats::jetstream::new(nats);
     let kv =
         crate::bus::provision::open_bucket(&js, &names, crate::bus::names::BUCKET_LOCKS).await?;

@@ -133,7 +133,9 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
     let params = pattern.parse_assignments(args.params.iter().map(String::as_str))?;
     let instantiated = pattern.instantiate(&params)?;
     let names = crate::bus::Names::new(&settings.namespace).map_err(anyhow::Error::msg)?;
-    let nats = crate::bus::connect_once(&settings.nats_url, "omoi-cli").await?;
+    let nats =
+        crate::bus::connect_once(crate::bus::NatsAccess::from_settings(settings), "omoi-cli")
+            .await?;
     let client = crate::client::WorkflowClient::new(nats, names);
     let submitted = client.submit(&instantiated.spec).await?;
     if args.detach {

@@ -36,7 +36,11 @@ impl Scratch {
             ..settings.clone()
         };
         crate::db::ensure_database(&scratch_settings.database_url).await?;
-        let nats = crate::bus::connect_once(&settings.nats_url, "omoi-scratch").await?;
+        let nats = crate::bus::connect_once(
+            crate::bus::NatsAccess::from_settings(settings),
+            "omoi-scratch",
+        )
+        .await?;
         let js = jetstream::new(nats.clone());
         let scratch = Self {
             settings: scratch_settings,

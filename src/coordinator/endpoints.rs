@@ -1,8 +1,11 @@
 //! The control plane's NATS micro services (`nats micro ls` lists them): `omoi-registry`
-//! (`<ns>.registry.*`, and heartbeats on `<ns>.agent.heartbeat.<agent_id>`, answered in batches
-//! so a fleet's heartbeats cost one database statement per batch), `omoi-workflows`
-//! (`<ns>.workflow.*`) and `omoi-collaboration` (`<ns>.collab.*`). Replies follow
-//! docs/protocol.md: the result as JSON, or an error body with the service error headers.
+//! (an agent's `register`, `update` and `heartbeat` on `<ns>.act.<agent_id>.<verb>` —
+//! heartbeats answered in batches, so a fleet's heartbeats cost one database statement per
+//! batch — and the reads `<ns>.registry.search|best_fit`), `omoi-workflows`
+//! (`<ns>.workflow.*`) and `omoi-collaboration` (an agent's `send`, `read`, `thread`,
+//! `handoff`, `accept`, `decline`, `cancel` on `<ns>.act.<agent_id>.<verb>`). The acting agent
+//! is the one in the subject. Replies follow docs/protocol.md: the result as JSON, or an error
+//! body with the service error headers.
 
 use std::time::Duration;
 
@@ -12,13 +15,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
+use crate::bus::names::{
+    ACT_ACCEPT, ACT_CANCEL, ACT_DECLINE, ACT_HANDOFF, ACT_HEARTBEAT, ACT_READ, ACT_REGISTER,
+    ACT_SEND, ACT_THREAD, ACT_UPDATE,
+};
 use crate::domain::AgentId;
 use crate::domain::dag::WorkflowSpec;
-use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
+use crate::protocol::{ErrorReply, HandoffDecision, Heartbeat, HeartbeatAck, MarkRead};
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
-use crate::service::collaboration::{Collaboration, HandoffRequest, SendMessage};
-use crate::service::registry::{RegisterRequest, Registry, SearchQuery, UpdateRequest};
+use crate::service::collaboration::{Collaboration, CreateThread, HandoffRequest, SendMessage};
+use crate::service::registry::{AgentUpdate, RegisterRequest, Registry, SearchQuery};
 use crate::service::workflows::{WorkflowRef, Workflows};
 
 /// Name shown by `nats micro ls`.
@@ -161,6 +168,75 @@ where
     F: Fn(Req) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
 {
+    subject_endpoint(
+        service,
+        service_name,
+        endpoint,
+        subject,
+        shutdown,
+        move |_, req| handle(req),
+    )
+    .await
+}
+
+/// Adds an endpoint on `<ns>.act.*.<verb>` whose handler gets the acting agent — the id in
+/// the subject, which the NATS server's permissions tie to the sender's credentials — and the
+/// request. A subject without a valid agent id is answered with a validation error.
+async fn act_endpoint<Req, Resp, F, Fut>(
+    service: &service::Service,
+    service_name: &str,
+    names: &Names,
+    verb: &str,
+    shutdown: &Shutdown,
+    handle: F,
+) -> Result<(), crate::bus::BusError>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(AgentId, Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+{
+    let handle = std::sync::Arc::new(handle);
+    let parser = names.clone();
+    subject_endpoint(
+        service,
+        service_name,
+        verb,
+        names.acts(verb),
+        shutdown,
+        move |subject: String, req: Req| {
+            let handle = handle.clone();
+            let acting = parser.acting_agent(&subject);
+            async move {
+                match acting {
+                    Some(agent) => handle(agent, req).await,
+                    None => Err(ServiceError::validation(
+                        "subject",
+                        "expected <ns>.act.<agent_id>.<verb> with an agent id",
+                    )),
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Adds an endpoint on `subject` whose handler gets the subject a request came on and the
+/// request.
+async fn subject_endpoint<Req, Resp, F, Fut>(
+    service: &service::Service,
+    service_name: &str,
+    endpoint: &str,
+    subject: String,
+    shutdown: &Shutdown,
+    handle: F,
+) -> Result<(), crate::bus::BusError>
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(String, Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+{
     let endpoint = service
         .endpoint_builder()
         .name(endpoint)
@@ -172,13 +248,24 @@ where
         let handle = handle.clone();
         async move {
             let result = match parse::<Req>(&req) {
-                Ok(body) => guarded(handle(body)).await,
+                Ok(body) => guarded(handle(req.message.subject.to_string(), body)).await,
                 Err(e) => Err(e),
             };
             respond(&req, result).await;
         }
     }));
     Ok(())
+}
+
+/// `Err(Forbidden)` unless the body names the acting agent where it names one.
+fn same_agent(field: &str, acting: AgentId, named: AgentId) -> Result<(), ServiceError> {
+    if acting == named {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(format!(
+            "{field} {named} differs from the acting agent {acting} of the subject"
+        )))
+    }
 }
 
 fn stop_on_shutdown(service: service::Service, shutdown: &Shutdown) {
@@ -189,8 +276,8 @@ fn stop_on_shutdown(service: service::Service, shutdown: &Shutdown) {
     });
 }
 
-/// Starts `omoi-registry`: `<ns>.registry.register|update|search|best_fit`, and heartbeats on
-/// `<ns>.agent.heartbeat.<agent_id>`.
+/// Starts `omoi-registry`: an agent's `register`, `update` and `heartbeat` on
+/// `<ns>.act.<agent_id>.<verb>`, and the reads `<ns>.registry.search|best_fit`.
 pub async fn start(
     nats: async_nats::Client,
     names: Names,
@@ -198,30 +285,32 @@ pub async fn start(
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
     let service = start_service(&nats, SERVICE_NAME, "agent registry", &names).await?;
-    let subject = |e: &str| format!("{}.{e}", names.registry_prefix());
     let reg = registry.clone();
-    json_endpoint(
+    act_endpoint(
         &service,
         SERVICE_NAME,
-        "register",
-        subject("register"),
+        &names,
+        ACT_REGISTER,
         shutdown,
-        move |body: RegisterRequest| {
+        move |agent, body: RegisterRequest| {
             let reg = reg.clone();
-            async move { reg.register(body).await.map(|(agent, _)| agent) }
+            async move {
+                reg.check_identity(agent, &body.name)?;
+                reg.register(body).await.map(|(agent, _)| agent)
+            }
         },
     )
     .await?;
     let reg = registry.clone();
-    json_endpoint(
+    act_endpoint(
         &service,
         SERVICE_NAME,
-        "update",
-        subject("update"),
+        &names,
+        ACT_UPDATE,
         shutdown,
-        move |body: UpdateRequest| {
+        move |agent, update: AgentUpdate| {
             let reg = reg.clone();
-            async move { reg.update(body.agent_id, body.update).await }
+            async move { reg.update(agent, update).await }
         },
     )
     .await?;
@@ -230,7 +319,7 @@ pub async fn start(
         &service,
         SERVICE_NAME,
         "search",
-        subject("search"),
+        names.registry("search"),
         shutdown,
         move |q: SearchQuery| {
             let reg = reg.clone();
@@ -243,7 +332,7 @@ pub async fn start(
         &service,
         SERVICE_NAME,
         "best_fit",
-        subject("best_fit"),
+        names.registry("best_fit"),
         shutdown,
         move |q: SearchQuery| {
             let reg = reg.clone();
@@ -259,13 +348,14 @@ pub async fn start(
     .await?;
     let heartbeat = service
         .endpoint_builder()
-        .name("heartbeat")
-        .add(names.heartbeats())
+        .name(ACT_HEARTBEAT)
+        .add(names.acts(ACT_HEARTBEAT))
         .await
         .map_err(|e| service_error(SERVICE_NAME, e))?;
     shutdown.spawn(serve_heartbeats(
         heartbeat,
         registry,
+        names,
         shutdown.token.clone(),
     ));
     stop_on_shutdown(service, shutdown);
@@ -343,8 +433,9 @@ pub async fn start_workflows(
 /// Name shown by `nats micro ls` for the collaboration endpoints.
 pub const COLLAB_SERVICE_NAME: &str = "omoi-collaboration";
 
-/// Starts `omoi-collaboration`: `<ns>.collab.send` (send a message without the HTTP API) and
-/// `<ns>.collab.handoff` (request a handoff, e.g. from a worker whose executor asked for one).
+/// Starts `omoi-collaboration`: what an agent does with others, each on
+/// `<ns>.act.<agent_id>.<verb>` — `send` a message, `read` (mark read), open a `thread`,
+/// request a `handoff`, `accept`, `decline` or `cancel` one.
 pub async fn start_collaboration(
     nats: async_nats::Client,
     names: Names,
@@ -353,30 +444,91 @@ pub async fn start_collaboration(
 ) -> Result<(), crate::bus::BusError> {
     let service = start_service(&nats, COLLAB_SERVICE_NAME, "collaboration", &names).await?;
     let c = collaboration.clone();
-    json_endpoint(
+    act_endpoint(
         &service,
         COLLAB_SERVICE_NAME,
-        "send",
-        names.collab_endpoint("send"),
+        &names,
+        ACT_SEND,
         shutdown,
-        move |m: SendMessage| {
+        move |agent, m: SendMessage| {
             let c = c.clone();
-            async move { c.send_message(m).await }
+            async move {
+                same_agent("sender_id", agent, m.sender_id)?;
+                c.send_message(m).await
+            }
         },
     )
     .await?;
-    json_endpoint(
+    let c = collaboration.clone();
+    act_endpoint(
         &service,
         COLLAB_SERVICE_NAME,
-        "handoff",
-        names.collab_endpoint("handoff"),
+        &names,
+        ACT_READ,
         shutdown,
-        move |h: HandoffRequest| {
-            let c = collaboration.clone();
-            async move { c.request_handoff(h).await }
+        move |agent, r: MarkRead| {
+            let c = c.clone();
+            async move { c.mark_read(r.message_id, agent).await }
         },
     )
     .await?;
+    let c = collaboration.clone();
+    act_endpoint(
+        &service,
+        COLLAB_SERVICE_NAME,
+        &names,
+        ACT_THREAD,
+        shutdown,
+        move |agent, t: CreateThread| {
+            let c = c.clone();
+            async move {
+                if !t.participants.contains(&agent) {
+                    return Err(ServiceError::Forbidden(format!(
+                        "agent {agent} opens only threads it takes part in"
+                    )));
+                }
+                c.create_thread(t).await
+            }
+        },
+    )
+    .await?;
+    let c = collaboration.clone();
+    act_endpoint(
+        &service,
+        COLLAB_SERVICE_NAME,
+        &names,
+        ACT_HANDOFF,
+        shutdown,
+        move |agent, h: HandoffRequest| {
+            let c = c.clone();
+            async move {
+                same_agent("from_agent_id", agent, h.from_agent_id)?;
+                c.request_handoff(h).await
+            }
+        },
+    )
+    .await?;
+    for verb in [ACT_ACCEPT, ACT_DECLINE, ACT_CANCEL] {
+        let c = collaboration.clone();
+        act_endpoint(
+            &service,
+            COLLAB_SERVICE_NAME,
+            &names,
+            verb,
+            shutdown,
+            move |agent, d: HandoffDecision| {
+                let c = c.clone();
+                async move {
+                    match verb {
+                        ACT_ACCEPT => c.accept(d.handoff_id, agent).await,
+                        ACT_DECLINE => c.decline(d.handoff_id, agent, d.reason).await,
+                        _ => c.cancel(d.handoff_id, agent).await,
+                    }
+                }
+            },
+        )
+        .await?;
+    }
     stop_on_shutdown(service, shutdown);
     Ok(())
 }
@@ -423,6 +575,7 @@ async fn serve<F, Fut>(
 async fn serve_heartbeats(
     mut endpoint: service::endpoint::Endpoint,
     registry: Registry,
+    names: Names,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -440,7 +593,7 @@ async fn serve_heartbeats(
             }
         }
         use futures::FutureExt;
-        if std::panic::AssertUnwindSafe(handle_heartbeats(&registry, batch))
+        if std::panic::AssertUnwindSafe(handle_heartbeats(&registry, &names, batch))
             .catch_unwind()
             .await
             .is_err()
@@ -451,11 +604,10 @@ async fn serve_heartbeats(
     }
 }
 
-/// Parses a heartbeat; its subject's last token must be the agent id it carries.
-fn parse_heartbeat(req: &service::Request) -> Result<Heartbeat, ServiceError> {
+/// Parses a heartbeat; the agent of its subject must be the agent id it carries.
+fn parse_heartbeat(names: &Names, req: &service::Request) -> Result<Heartbeat, ServiceError> {
     let hb: Heartbeat = parse(req)?;
-    let subject_id = req.message.subject.rsplit('.').next().unwrap_or_default();
-    if subject_id.parse::<AgentId>().ok() != Some(hb.agent_id) {
+    if names.acting_agent(&req.message.subject) != Some(hb.agent_id) {
         return Err(ServiceError::validation(
             "agent_id",
             format!(
@@ -468,11 +620,11 @@ fn parse_heartbeat(req: &service::Request) -> Result<Heartbeat, ServiceError> {
     Ok(hb)
 }
 
-async fn handle_heartbeats(registry: &Registry, batch: Vec<service::Request>) {
+async fn handle_heartbeats(registry: &Registry, names: &Names, batch: Vec<service::Request>) {
     let mut beats = Vec::with_capacity(batch.len());
     let mut pending = Vec::with_capacity(batch.len());
     for req in batch {
-        match parse_heartbeat(&req) {
+        match parse_heartbeat(names, &req) {
             Ok(hb) if hb.leaving => {
                 let result = registry.leave(hb.agent_id).await.map(|a| HeartbeatAck {
                     agent_id: a.id,

@@ -72,7 +72,8 @@ async fn prepare(
     let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
     let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
     crate::db::migrate(&pool).await?;
-    let nats = crate::bus::connect(&settings.nats_url, client_name).await?;
+    let nats =
+        crate::bus::connect(crate::bus::NatsAccess::from_settings(settings), client_name).await?;
     provision::ensure_all(&jetstream::new(nats.clone()), &names).await?;
     Ok((pool, nats))
 }

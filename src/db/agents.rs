@@ -220,3 +220,148 @@ pub async fn sweep_silent(
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
+
+/// The live agent named `name`, its row locked for the rest of the transaction.
+pub async fn lock_live_by_name(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    name: &str,
+) -> Result<Option<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE name = $1 AND status <> 'terminated' FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Agent `id` in any status (a deregistered one too), its row locked.
+pub async fn lock_any(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: AgentId,
+) -> Result<Option<AgentRecord>, DbError> {
+    Ok(
+        sqlx::query_as::<_, AgentRecord>("SELECT * FROM agents WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?,
+    )
+}
+
+/// The live agent `id`, its row locked.
+pub async fn lock_live(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: AgentId,
+) -> Result<Option<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE id = $1 AND status <> 'terminated' FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Registers agent `new.id` again over its existing row (stale, offline or deregistered):
+/// the new fields, idle, healthy, its registration a first heartbeat.
+pub async fn reregister(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    new: &NewAgent,
+) -> Result<AgentRecord, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "UPDATE agents SET name = $2, agent_type = $3, phase_id = $4, capabilities = $5,
+             capacity = $6, tags = $7, metadata = $8, executors = $9, status = 'idle',
+             health_status = 'healthy', current_load = 0, last_heartbeat = now(),
+             updated_at = now()
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(new.id)
+    .bind(&new.name)
+    .bind(&new.agent_type)
+    .bind(&new.phase_id)
+    .bind(&new.capabilities)
+    .bind(new.capacity)
+    .bind(&new.tags)
+    .bind(&new.metadata)
+    .bind(&new.executors)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// The fields a partial update may change (`None`: unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct AgentChanges {
+    pub capabilities: Option<Vec<String>>,
+    pub capacity: Option<i32>,
+    pub status: Option<AgentStatus>,
+    pub tags: Option<Vec<String>>,
+    pub metadata: Option<serde_json::Value>,
+    pub executors: Option<Vec<String>>,
+}
+
+/// Applies `changes` to agent `id`.
+pub async fn update(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: AgentId,
+    changes: &AgentChanges,
+) -> Result<AgentRecord, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "UPDATE agents SET capabilities = COALESCE($2, capabilities),
+             capacity = COALESCE($3, capacity), status = COALESCE($4, status),
+             tags = COALESCE($5, tags), metadata = COALESCE($6, metadata),
+             executors = COALESCE($7, executors), updated_at = now()
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(&changes.capabilities)
+    .bind(changes.capacity)
+    .bind(changes.status)
+    .bind(&changes.tags)
+    .bind(&changes.metadata)
+    .bind(&changes.executors)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// Dispatchable agents having every one of `capabilities` (served by the GIN index).
+pub async fn live_with_capabilities(
+    pool: &PgPool,
+    capabilities: &[String],
+) -> Result<Vec<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE capabilities @> $1
+           AND status IN ('idle', 'running', 'degraded')",
+    )
+    .bind(capabilities)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A worker stopping its agent: offline now. Returns the change, or `None` if the agent is not
+/// registered.
+pub async fn leave(pool: &PgPool, id: AgentId) -> Result<Option<StatusChange>, DbError> {
+    Ok(sqlx::query_as::<_, ChangedRow>(
+        "WITH prev AS (SELECT id, status FROM agents WHERE id = $1 AND status <> 'terminated'
+                       FOR UPDATE)
+         UPDATE agents a SET status = 'offline', health_status = 'unknown', current_load = 0,
+             updated_at = now()
+         FROM prev WHERE a.id = prev.id
+         RETURNING a.*, prev.status AS prev_status",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .map(Into::into))
+}
+
+/// Deregisters: `terminated` (kept for history, its name free). `None` if it was not live.
+pub async fn terminate(
+    db: impl PgExecutor<'_>,
+    id: AgentId,
+) -> Result<Option<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "UPDATE agents SET status = 'terminated', health_status = 'unknown', updated_at = now()
+         WHERE id = $1 AND status <> 'terminated' RETURNING *",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}

@@ -116,52 +116,72 @@ pub async fn unassign(pool: &PgPool, tasks: &[(TaskId, i32)]) -> Result<Vec<Task
     .await?)
 }
 
-/// `assigned → running` for reports of the current attempt.
-pub async fn mark_started(
-    pool: &PgPool,
-    reports: &[(TaskId, i32)],
-) -> Result<Vec<TaskRecord>, DbError> {
+/// What a report's change is fenced by: the task, the attempt it names, and the agent that
+/// must hold it (`None`: whoever holds it — the scheduler's own requeues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub task: TaskId,
+    pub attempt: i32,
+    pub agent: Option<AgentId>,
+}
+
+fn fence_columns(fences: &[Fence]) -> (Vec<TaskId>, Vec<i32>, Vec<Option<AgentId>>) {
+    (
+        fences.iter().map(|f| f.task).collect(),
+        fences.iter().map(|f| f.attempt).collect(),
+        fences.iter().map(|f| f.agent).collect(),
+    )
+}
+
+/// `assigned → running` for reports of the current attempt by its holder.
+pub async fn mark_started(pool: &PgPool, reports: &[Fence]) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
-    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
+    let (ids, attempts, agents) = fence_columns(reports);
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'running', started_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
+         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[]) AS u(id, attempt, agent_id)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status = 'assigned'
+           AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
          RETURNING t.*",
     )
     .bind(&ids)
     .bind(&attempts)
+    .bind(&agents)
     .fetch_all(pool)
     .await?)
 }
 
 /// `assigned|running → completed` with outputs (and the lock wait, if reported), for reports of
-/// the current attempt only.
+/// the current attempt by its holder only.
 pub async fn mark_completed(
     pool: &PgPool,
-    reports: &[(TaskId, i32, serde_json::Value, Option<u64>)],
+    reports: &[(Fence, serde_json::Value, Option<u64>)],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
-    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
-    let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.2).collect();
-    let waits: Vec<Option<i64>> = reports.iter().map(|r| r.3.map(|w| w as i64)).collect();
+    let fences: Vec<Fence> = reports.iter().map(|r| r.0).collect();
+    let (ids, attempts, agents) = fence_columns(&fences);
+    let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.1).collect();
+    let waits: Vec<Option<i64>> = reports
+        .iter()
+        .map(|r| r.2.map(|w| i64::try_from(w).unwrap_or(i64::MAX)))
+        .collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
              lock_wait_ms = u.lock_wait_ms,
              started_at = COALESCE(t.started_at, now()), finished_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[], $3::jsonb[], $4::bigint[])
-              AS u(id, attempt, output, lock_wait_ms)
+         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::jsonb[], $5::bigint[])
+              AS u(id, attempt, agent_id, output, lock_wait_ms)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
+           AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
          RETURNING t.*",
     )
     .bind(&ids)
     .bind(&attempts)
+    .bind(&agents)
     .bind(&outputs)
     .bind(&waits)
     .fetch_all(pool)
@@ -169,30 +189,32 @@ pub async fn mark_completed(
 }
 
 /// `assigned|running → retry_wait` (blocked: due again after `delay_ms`) or `→ ready`
-/// (released), for the current attempt; neither counts as a failure.
+/// (released), for the current attempt (by its holder, where the fence names one); neither
+/// counts as a failure.
 pub async fn requeue(
     pool: &PgPool,
-    reports: &[(TaskId, i32)],
+    reports: &[Fence],
     delay_ms: i64,
     reason: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TaskId> = reports.iter().map(|r| r.0).collect();
-    let attempts: Vec<i32> = reports.iter().map(|r| r.1).collect();
+    let (ids, attempts, agents) = fence_columns(reports);
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET
-             status = CASE WHEN $3 > 0 THEN 'retry_wait' ELSE 'ready' END,
-             retry_at = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $3::float8 / 1000) END,
-             ready_at = CASE WHEN $3 > 0 THEN t.ready_at ELSE now() END,
-             agent_id = NULL, error = $4, updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
+             status = CASE WHEN $4 > 0 THEN 'retry_wait' ELSE 'ready' END,
+             retry_at = CASE WHEN $4 > 0 THEN now() + make_interval(secs => $4::float8 / 1000) END,
+             ready_at = CASE WHEN $4 > 0 THEN t.ready_at ELSE now() END,
+             agent_id = NULL, error = $5, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[]) AS u(id, attempt, agent_id)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
+           AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
          RETURNING t.*",
     )
     .bind(&ids)
     .bind(&attempts)
+    .bind(&agents)
     .bind(delay_ms)
     .bind(reason)
     .fetch_all(pool)

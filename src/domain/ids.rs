@@ -51,6 +51,41 @@ id_type!(
     WorkflowId
 );
 id_type!(
-    /// Identifies a registered agent.
+    /// Identifies a registered agent: derived from its namespace and name
+    /// ([`AgentId::for_name`]), so credentials can be made for an agent before it first runs.
     AgentId
 );
+
+/// The UUID namespace of agent ids: `uuid5(NAMESPACE_URL, "urn:omoi:agent")`.
+pub const AGENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0xd7a75749_d525_55b6_af74_48ecdea8f6e7);
+
+impl AgentId {
+    /// The id of the agent named `name` in `namespace`:
+    /// `uuid5(AGENT_ID_NAMESPACE, "<namespace>/<name>")` — the same in every language, so the
+    /// subjects an agent may use (which carry its id) are known from its name alone.
+    pub fn for_name(namespace: &str, name: &str) -> Self {
+        Self(Uuid::new_v5(
+            &AGENT_ID_NAMESPACE,
+            format!("{namespace}/{name}").as_bytes(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_derive_from_namespace_and_name() {
+        assert_eq!(
+            AGENT_ID_NAMESPACE,
+            Uuid::new_v5(&Uuid::NAMESPACE_URL, b"urn:omoi:agent")
+        );
+        let a = AgentId::for_name("omoi", "worker-1");
+        assert_eq!(a, AgentId::for_name("omoi", "worker-1"));
+        assert_ne!(a, AgentId::for_name("other", "worker-1"));
+        assert_ne!(a, AgentId::for_name("omoi", "worker-2"));
+        // The value other languages compute: uuid.uuid5(ns, "omoi/worker-1") in Python.
+        assert_eq!(a.to_string(), "52944496-d2fb-5894-be71-2d400c728d69");
+    }
+}

@@ -27,7 +27,7 @@ fn default_capacity() -> i32 {
     1
 }
 
-/// `POST /api/v1/agents/register` and `<ns>.registry.register`.
+/// `POST /api/v1/agents/register` and `<ns>.act.<agent_id>.register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
@@ -52,7 +52,7 @@ pub struct RegisterRequest {
     pub executors: Vec<String>,
 }
 
-/// `PATCH /api/v1/agents/{id}` and `<ns>.registry.update`: only the fields present change.
+/// `PATCH /api/v1/agents/{id}` and `<ns>.act.<agent_id>.update`: only the fields present change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentUpdate {
@@ -68,16 +68,6 @@ pub struct AgentUpdate {
     pub metadata: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executors: Option<Vec<String>>,
-}
-
-/// `<ns>.registry.update`: `{"agent_id": "…", "capabilities"?, "capacity"?, "status"?, "tags"?, "metadata"?}`.
-/// (No `deny_unknown_fields` here: serde cannot combine it with `flatten`; the inner
-/// [`AgentUpdate`] still rejects unknown fields.)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UpdateRequest {
-    pub agent_id: AgentId,
-    #[serde(flatten)]
-    pub update: AgentUpdate,
 }
 
 /// A search: `GET /api/v1/agents/search` and `<ns>.registry.search`.
@@ -257,63 +247,50 @@ impl Registry {
             ));
         }
 
+        let id = AgentId::for_name(self.bus.names().namespace(), &req.name);
+        let new = NewAgent {
+            id,
+            name: req.name.clone(),
+            agent_type: req.agent_type.clone(),
+            phase_id: req.phase_id.clone(),
+            capabilities: capabilities.clone(),
+            capacity: req.capacity,
+            tags,
+            metadata,
+            executors,
+        };
         let mut tx = self.pool.begin().await.map_err(crate::db::DbError::from)?;
-        let existing = sqlx::query_as::<_, AgentRecord>(
-            "SELECT * FROM agents WHERE name = $1 AND status <> 'terminated' FOR UPDATE",
-        )
-        .bind(&req.name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(crate::db::DbError::from)?;
-
-        let (agent, previous) = match existing {
-            None => {
-                let agent = agents::insert(
-                    &mut *tx,
-                    &NewAgent {
-                        id: AgentId::new(),
-                        name: req.name.clone(),
-                        agent_type: req.agent_type.clone(),
-                        phase_id: req.phase_id.clone(),
-                        capabilities: capabilities.clone(),
-                        capacity: req.capacity,
-                        tags,
-                        metadata,
-                        executors,
-                    },
-                )
-                .await?;
-                (agent, None)
-            }
-            Some(old) if matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
-                let agent = sqlx::query_as::<_, AgentRecord>(
-                    "UPDATE agents SET agent_type = $2, phase_id = $3, capabilities = $4,
-                         capacity = $5, tags = $6, metadata = $7, executors = $8, status = 'idle',
-                         health_status = 'healthy', current_load = 0, last_heartbeat = now(),
-                         updated_at = now()
-                     WHERE id = $1 RETURNING *",
-                )
-                .bind(old.id)
-                .bind(&req.agent_type)
-                .bind(&req.phase_id)
-                .bind(&capabilities)
-                .bind(req.capacity)
-                .bind(&tags)
-                .bind(&metadata)
-                .bind(&executors)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(crate::db::DbError::from)?;
-                (agent, Some(old))
-            }
-            Some(old) => {
+        let mut retired = None;
+        let (agent, previous) = match agents::lock_live_by_name(&mut tx, &req.name).await? {
+            Some(old) if !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
                 return Err(ServiceError::Conflict(format!(
                     "an agent named `{}` is already registered and {} (id {})",
                     old.name, old.status, old.id
                 )));
             }
+            // A silent agent's name is taken over: same id, new fields.
+            Some(old) if old.id == id => (agents::reregister(&mut tx, &new).await?, Some(old)),
+            // Registered before ids came from names: retired, and registered anew.
+            Some(old) => {
+                agents::terminate(&mut *tx, old.id).await?;
+                retired = Some(old);
+                (self.insert_or_revive(&mut tx, &new).await?, None)
+            }
+            None => (self.insert_or_revive(&mut tx, &new).await?, None),
         };
         tx.commit().await.map_err(crate::db::DbError::from)?;
+        if let Some(old) = retired {
+            self.clean_up_after(&old).await?;
+        }
+        // The agent binds to these; they exist before it hears it is registered.
+        crate::bus::provision::ensure_agent_consumers(
+            self.bus.jetstream(),
+            self.bus.names(),
+            agent.id,
+            &agent.name,
+            agent.capacity,
+        )
+        .await?;
 
         self.mirror(&agent).await?;
         let mut events = Vec::new();
@@ -353,6 +330,32 @@ impl Registry {
         self.bus.publish_all(events).await?;
         tracing::info!(agent.id = %agent.id, reactivated = previous.is_some(), "agent registered");
         Ok((agent, previous.is_none()))
+    }
+
+    /// A new agent, or a deregistered one (same name, so same id) registered again.
+    async fn insert_or_revive(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        new: &NewAgent,
+    ) -> Result<AgentRecord, ServiceError> {
+        Ok(match agents::lock_any(tx, new.id).await? {
+            Some(_) => agents::reregister(tx, new).await?,
+            None => agents::insert(&mut **tx, new).await?,
+        })
+    }
+
+    /// `Err(Forbidden)` unless `acting` — the agent in a request's subject — is the agent named
+    /// `name` (`AgentId::for_name`): a registration on NATS is made as the agent it registers.
+    pub fn check_identity(&self, acting: AgentId, name: &str) -> Result<(), ServiceError> {
+        let expected = AgentId::for_name(self.bus.names().namespace(), name);
+        if acting == expected {
+            Ok(())
+        } else {
+            Err(ServiceError::Forbidden(format!(
+                "agent `{}` has id {expected}; it registers on its own subject, not as {acting}",
+                crate::domain::text::bounded(name, 128)
+            )))
+        }
     }
 
     pub async fn get(&self, id: AgentId) -> Result<AgentRecord, ServiceError> {
@@ -397,7 +400,9 @@ impl Registry {
             ));
         }
         let mut tx = self.pool.begin().await.map_err(crate::db::DbError::from)?;
-        let old = lock_live(&mut tx, id).await?;
+        let old = agents::lock_live(&mut tx, id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))?;
         if let Some(to) = update.status {
             if !old.status.can_become(to) {
                 return Err(ServiceError::Conflict(format!(
@@ -406,24 +411,31 @@ impl Registry {
                 )));
             }
         }
-        let agent = sqlx::query_as::<_, AgentRecord>(
-            "UPDATE agents SET capabilities = COALESCE($2, capabilities),
-                 capacity = COALESCE($3, capacity), status = COALESCE($4, status),
-                 tags = COALESCE($5, tags), metadata = COALESCE($6, metadata),
-                 executors = COALESCE($7, executors), updated_at = now()
-             WHERE id = $1 RETURNING *",
+        let agent = agents::update(
+            &mut tx,
+            id,
+            &agents::AgentChanges {
+                capabilities,
+                capacity: update.capacity,
+                status: update.status,
+                tags,
+                metadata: update.metadata.clone(),
+                executors,
+            },
         )
-        .bind(id)
-        .bind(&capabilities)
-        .bind(update.capacity)
-        .bind(update.status)
-        .bind(&tags)
-        .bind(&update.metadata)
-        .bind(&executors)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(crate::db::DbError::from)?;
+        .await?;
         tx.commit().await.map_err(crate::db::DbError::from)?;
+        if old.capacity != agent.capacity {
+            // Its dispatch consumer lets twice the capacity be unacknowledged.
+            crate::bus::provision::ensure_agent_consumers(
+                self.bus.jetstream(),
+                self.bus.names(),
+                agent.id,
+                &agent.name,
+                agent.capacity,
+            )
+            .await?;
+        }
         self.mirror(&agent).await?;
         let mut events = Vec::new();
         if old.capabilities != agent.capabilities {
@@ -513,14 +525,7 @@ impl Registry {
         let candidates = if req.partial || req.capabilities.is_empty() {
             agents::list_live(&self.pool).await?
         } else {
-            sqlx::query_as::<_, AgentRecord>(
-                "SELECT * FROM agents WHERE capabilities @> $1
-                   AND status IN ('idle', 'running', 'degraded')",
-            )
-            .bind(&req.capabilities)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(crate::db::DbError::from)?
+            agents::live_with_capabilities(&self.pool, &req.capabilities).await?
         };
         let snapshots: Vec<_> = candidates.iter().map(snapshot).collect();
         let ranked = crate::domain::matching::rank(
@@ -633,78 +638,45 @@ impl Registry {
 
     /// A worker is stopping its agent: mark it offline now.
     pub async fn leave(&self, id: AgentId) -> Result<AgentRecord, ServiceError> {
-        let row = sqlx::query_as::<_, (AgentStatus,)>(
-            "SELECT status FROM agents WHERE id = $1 AND status <> 'terminated'",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(crate::db::DbError::from)?;
-        let Some((from,)) = row else {
-            return Err(ServiceError::UnknownAgent(format!(
-                "agent {id} is not registered"
-            )));
-        };
-        let agent = sqlx::query_as::<_, AgentRecord>(
-            "UPDATE agents SET status = 'offline', health_status = 'unknown', current_load = 0,
-                 updated_at = now()
-             WHERE id = $1 AND status <> 'terminated' RETURNING *",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(crate::db::DbError::from)?;
-        self.publish_changes(
-            &[StatusChange {
-                agent: agent.clone(),
-                from,
-            }],
-            "worker stopped",
-        )
-        .await?;
-        self.mirror(&agent).await?;
-        Ok(agent)
+        let change = agents::leave(&self.pool, id)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownAgent(format!("agent {id} is not registered")))?;
+        self.publish_changes(std::slice::from_ref(&change), "worker stopped")
+            .await?;
+        self.mirror(&change.agent).await?;
+        Ok(change.agent)
     }
 
     /// Deregisters an agent: it is terminated (kept for history), its name freed, its mirror
     /// entry and its dispatch and inbox consumers deleted.
     pub async fn deregister(&self, id: AgentId) -> Result<AgentRecord, ServiceError> {
-        let agent = sqlx::query_as::<_, AgentRecord>(
-            "UPDATE agents SET status = 'terminated', health_status = 'unknown', updated_at = now()
-             WHERE id = $1 AND status <> 'terminated' RETURNING *",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(crate::db::DbError::from)?
-        .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))?;
+        let agent = agents::terminate(&self.pool, id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))?;
+        self.clean_up_after(&agent).await?;
+        Ok(agent)
+    }
+
+    /// What a terminated agent leaves: its mirror entry and consumers go, and it is announced.
+    async fn clean_up_after(&self, agent: &AgentRecord) -> Result<(), ServiceError> {
         self.mirror
-            .delete(id.to_string())
+            .delete(agent.id.to_string())
             .await
             .map_err(|e| ServiceError::Internal(format!("mirror delete: {e}")))?;
         // Its durable consumers would otherwise stay on the server for good.
-        let names = self.bus.names();
-        for (stream, consumer) in [
-            (
-                names.stream(crate::bus::names::STREAM_DISPATCH),
-                names.dispatch_consumer(id),
-            ),
-            (
-                names.stream(crate::bus::names::STREAM_INBOX),
-                names.inbox_consumer(id),
-            ),
-        ] {
-            if let Ok(s) = self.bus.jetstream().get_stream(&stream).await {
-                let _ = s.delete_consumer(&consumer).await;
-            }
-        }
+        crate::bus::provision::delete_agent_consumers(
+            self.bus.jetstream(),
+            self.bus.names(),
+            agent.id,
+        )
+        .await;
         self.bus
             .publish(Event::AgentDeregistered(AgentDeregistered {
-                agent_id: id,
+                agent_id: agent.id,
                 name: agent.name.clone(),
             }))
             .await?;
-        Ok(agent)
+        Ok(())
     }
 
     /// Marks agents that missed heartbeats stale, then offline; announces each change.
@@ -757,21 +729,6 @@ impl Registry {
             .map_err(|e| ServiceError::Internal(format!("mirror agent {}: {e}", agent.id)))?;
         Ok(())
     }
-}
-
-/// Locks a live agent's row for the rest of the transaction.
-async fn lock_live(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    id: AgentId,
-) -> Result<AgentRecord, ServiceError> {
-    sqlx::query_as::<_, AgentRecord>(
-        "SELECT * FROM agents WHERE id = $1 AND status <> 'terminated' FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(crate::db::DbError::from)?
-    .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))
 }
 
 /// The ranking view of a record.

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::names::STREAM_INBOX;
@@ -28,27 +28,8 @@ pub async fn run(
         stream: stream_name.clone(),
         reason: e,
     };
-    let stream = js
-        .get_stream(&stream_name)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let name = names.inbox_consumer(agent_id);
-    let consumer = stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!("omoi inbox of agent {agent_name}")),
-                filter_subject: names.inbox(agent_id),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                // One at a time: items are handled in the order they were sent.
-                max_ack_pending: 1,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let consumer =
+        crate::bus::consume::bind(&js, &stream_name, &names.inbox_consumer(agent_id)).await?;
     let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
     let mut inbox: TypedConsumer<InboxItem> =
         TypedConsumer::new(messages, js.clone(), names.clone());

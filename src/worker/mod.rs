@@ -89,11 +89,17 @@ pub async fn run_with(
         ));
     }
     let names = Names::new(&settings.namespace).map_err(WorkerError::Config)?;
-    let nats = crate::bus::connect(&settings.nats_url, "omoi-worker").await?;
+    let nats = crate::bus::connect(
+        crate::bus::NatsAccess::from_settings(settings),
+        "omoi-worker",
+    )
+    .await?;
     let js = async_nats::jetstream::new(nats.clone());
-    crate::bus::provision::ensure_all(&js, &names).await?;
-    let locks_kv =
-        crate::bus::provision::open_bucket(&js, &names, crate::bus::names::BUCKET_LOCKS).await?;
+    // Streams, buckets and this worker's consumers are the control plane's to make: a worker
+    // only binds to them (and may hold no right to change them).
+    let Some(locks_kv) = wait_for_locks(&js, &names, &shutdown.token).await else {
+        return Ok(()); // stopped before a control plane provisioned the namespace
+    };
     let locks = crate::bus::kv_lock::LockManager::new(
         locks_kv,
         Duration::from_millis(settings.lock_lease_ms),
@@ -212,6 +218,34 @@ pub async fn run_with(
     let _ = nats.flush().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Opens the lock bucket, waiting (with backoff) until a control plane has provisioned the
+/// namespace. `None` if cancelled meanwhile.
+async fn wait_for_locks(
+    js: &async_nats::jetstream::Context,
+    names: &Names,
+    stop: &CancellationToken,
+) -> Option<async_nats::jetstream::kv::Store> {
+    let backoff = RetryPolicy {
+        base_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(5),
+    };
+    let mut failures = 0;
+    loop {
+        match crate::bus::provision::open_bucket(js, names, crate::bus::names::BUCKET_LOCKS).await {
+            Ok(kv) => return Some(kv),
+            Err(e) if failures == 0 => {
+                tracing::warn!(error = %e, "lock bucket not there yet (has a control plane run `omoi migrate`?); waiting");
+            }
+            Err(_) => {}
+        }
+        failures += 1;
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(backoff.delay(failures, &mut rand::rng())) => {}
+        }
+    }
 }
 
 /// Registers `spec`, retrying with backoff while no control plane answers or the name is still

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,9 @@ use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
 /// Largest report published (nats-server's default `max_payload` is 1 MiB).
 const MAX_REPORT_BYTES: usize = 1_000_000;
 
-/// Ack deadline of a dispatch; extended every third of it while the task runs.
-const DISPATCH_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Ack deadline of a dispatch (set on its consumer by the control plane); extended every
+/// third of it while the task runs.
+use crate::bus::provision::DISPATCH_ACK_WAIT;
 
 /// One agent's runner.
 #[derive(Clone)]
@@ -71,31 +72,8 @@ impl AgentRunner {
         hard_stop: CancellationToken,
     ) -> Result<(), BusError> {
         let stream_name = self.names.stream(STREAM_DISPATCH);
-        let err = |e: String| BusError::Consumer {
-            stream: stream_name.clone(),
-            reason: e,
-        };
-        let stream = self
-            .js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| err(e.to_string()))?;
         let consumer_name = self.names.dispatch_consumer(self.agent_id);
-        let consumer = stream
-            .get_or_create_consumer(
-                &consumer_name,
-                consumer::pull::Config {
-                    durable_name: Some(consumer_name.clone()),
-                    description: Some(format!("omoi dispatches for agent {}", self.agent_name)),
-                    filter_subject: self.names.dispatch(self.agent_id),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: DISPATCH_ACK_WAIT,
-                    max_ack_pending: (self.capacity as i64 * 2).max(2),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let consumer = crate::bus::consume::bind(&self.js, &stream_name, &consumer_name).await?;
         let cancel_listener = tokio::spawn(
             self.clone()
                 .listen_for_cancellations(stop_taking.clone(), hard_stop.clone()),
@@ -247,7 +225,8 @@ impl AgentRunner {
         };
         crate::client::request(
             &self.js.client(),
-            self.names.collab_endpoint("handoff"),
+            self.names
+                .act(self.agent_id, crate::bus::names::ACT_HANDOFF),
             &request,
             Duration::from_secs(10),
         )
@@ -270,7 +249,7 @@ impl AgentRunner {
         if let Some(reason) = report.make_storable() {
             tracing::warn!(task.id = %task_id, %reason, "output cannot be stored; reporting a failure");
         }
-        let subject = self.names.result(task_id);
+        let subject = self.names.result(self.agent_id, task_id);
         let encode = |r: &TaskReport| {
             serde_json::to_vec(r).map_err(|source| BusError::Encode {
                 what: "report",

@@ -318,7 +318,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
     c.env
         .js
         .publish(
-            c.env.names.result(running.id),
+            c.env.names.result(running.agent_id.unwrap(), running.id),
             serde_json::to_vec(&late).unwrap().into(),
         )
         .await
@@ -490,7 +490,9 @@ async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
     let over_nats = json!({"thread_id": thread["id"], "sender_id": a, "content": "over nats"});
     let _: omoi::service::collaboration::Message = omoi::client::request(
         &c.env.nats,
-        c.env.names.collab_endpoint("send"),
+        c.env
+            .names
+            .act(a.parse().unwrap(), omoi::bus::names::ACT_SEND),
         &over_nats,
         Duration::from_secs(5),
     )

@@ -49,7 +49,9 @@ impl TestEnv {
         let pool = omoi::db::connect(&database_url, 5).await.unwrap();
         omoi::db::migrate(&pool).await.unwrap();
         let names = Names::new(&ns).unwrap();
-        let nats = omoi::bus::connect(&nats_url(), "omoi-test").await.unwrap();
+        let nats = omoi::bus::connect(omoi::bus::NatsAccess::anonymous(&nats_url()), "omoi-test")
+            .await
+            .unwrap();
         let js = jetstream::new(nats.clone());
         provision::ensure_all(&js, &names).await.unwrap();
         let bus = EventBus::new(js.clone(), names.clone());

@@ -188,8 +188,9 @@ async fn a_malformed_report_is_dead_lettered_and_the_scheduler_keeps_going() {
     let mut c = Cluster::start().await;
     c.spawn_worker("w", "echo", 2).await;
     let subject = format!(
-        "{}.result.{}",
+        "{}.result.{}.{}",
         c.env.names.namespace(),
+        uuid::Uuid::new_v4(),
         uuid::Uuid::new_v4()
     );
     c.env

@@ -91,7 +91,7 @@ async fn publish_report(c: &Cluster, report: &TaskReport) {
     c.env
         .js
         .publish(
-            c.env.names.result(report.task_id),
+            c.env.names.result(report.agent_id, report.task_id),
             serde_json::to_vec(report).unwrap().into(),
         )
         .await
@@ -320,7 +320,9 @@ async fn nul_characters_are_refused_at_every_edge_with_a_validation_error() {
             json!({"name": "w", "tasks": [{"key": "a", "input": [nul]}]}),
         ),
         (
-            format!("{ns}.collab.send"),
+            c.env
+                .names
+                .act(alice.parse().unwrap(), omoi::bus::names::ACT_SEND),
             json!({"thread_id": thread, "sender_id": alice, "content": nul}),
         ),
         (
@@ -352,7 +354,10 @@ async fn an_out_of_range_ttl_is_refused_and_the_endpoint_keeps_answering() {
     let task = wf.tasks["a"];
     let body = json!({"task_id": task, "from_agent_id": alice, "to_agent_id": bob,
                       "reason": "r", "ttl_seconds": 10_000_000_000_000u64});
-    let subject = c.env.names.collab_endpoint("handoff");
+    let subject = c
+        .env
+        .names
+        .act(alice.parse().unwrap(), omoi::bus::names::ACT_HANDOFF);
     for _ in 0..3 {
         let code = nats_error(&c, subject.clone(), serde_json::to_vec(&body).unwrap()).await;
         assert_eq!(code.as_deref(), Some("validation"));

@@ -137,7 +137,7 @@ async fn bad_heartbeats_get_error_replies_and_store_nothing() {
 
     let malformed = request_raw::<HeartbeatAck>(
         &env.nats,
-        env.names.heartbeat(stranger),
+        env.names.act(stranger, omoi::bus::names::ACT_HEARTBEAT),
         "{\"agent_id\": 12".into(),
         Duration::from_secs(5),
     )
@@ -151,7 +151,7 @@ async fn bad_heartbeats_get_error_replies_and_store_nothing() {
     let agent = client.register(&register_req("a1")).await.unwrap();
     let mismatched = request_raw::<HeartbeatAck>(
         &env.nats,
-        env.names.heartbeat(stranger),
+        env.names.act(stranger, omoi::bus::names::ACT_HEARTBEAT),
         serde_json::to_vec(&beat(agent.id)).unwrap().into(),
         Duration::from_secs(5),
     )

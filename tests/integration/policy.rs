@@ -42,7 +42,7 @@ async fn a_default_worker_never_runs_shell_and_a_shell_task_is_unschedulable_unt
     let mut reports = c
         .env
         .nats
-        .subscribe(c.env.names.result(forged_task))
+        .subscribe(c.env.names.result(plain.id, forged_task))
         .await
         .unwrap();
     let forged = json!({"v": 1, "task_id": forged_task, "workflow_id": wf.workflow_id,

@@ -393,7 +393,10 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     // Over NATS: malformed JSON gets an error reply and stores nothing; the service survives.
     let err = omoi::client::request_raw::<AgentRecord>(
         &r.env.nats,
-        format!("{}.register", r.env.names.registry_prefix()),
+        r.env.names.act(
+            omoi::domain::AgentId::for_name(r.env.names.namespace(), "x"),
+            omoi::bus::names::ACT_REGISTER,
+        ),
         "{\"name\": 5".into(),
         Duration::from_secs(5),
     )

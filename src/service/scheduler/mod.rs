@@ -327,7 +327,14 @@ impl Scheduler {
         events.extend(task_events(&released));
         events.extend(task_events(&expired));
         failed.extend(expired);
-        let stuck: Vec<_> = never_started.iter().map(|t| (t.id, t.attempt)).collect();
+        let stuck: Vec<_> = never_started
+            .iter()
+            .map(|t| scheduling::Fence {
+                task: t.id,
+                attempt: t.attempt,
+                agent: None,
+            })
+            .collect();
         if !stuck.is_empty() {
             let requeued =
                 scheduling::requeue(&self.pool, &stuck, 0, "dispatch not started in time")
@@ -670,7 +677,7 @@ impl Scheduler {
         let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
         Ok(
             TypedConsumer::new(messages, self.js.clone(), self.names.clone())
-                .with_check(|_, r: &TaskReport| crate::protocol::check_version("report", r.v)),
+                .with_check(check_report),
         )
     }
 
@@ -682,21 +689,28 @@ impl Scheduler {
         let mut blocked = Vec::new();
         let mut released = Vec::new();
         let mut failures = Vec::new();
+        // Every statement applies a report only to the attempt it names, held by the agent
+        // that sent it.
         for r in reports {
+            let fence = scheduling::Fence {
+                task: r.task_id,
+                attempt: r.attempt,
+                agent: Some(r.agent_id),
+            };
             match &r.outcome {
-                Outcome::Started => started.push((r.task_id, r.attempt)),
+                Outcome::Started => started.push(fence),
                 Outcome::Completed {
                     output,
                     lock_wait_ms,
-                } => completed.push((r.task_id, r.attempt, output.clone(), *lock_wait_ms)),
-                Outcome::Blocked { .. } => blocked.push((r.task_id, r.attempt)),
-                Outcome::Released { .. } => released.push((r.task_id, r.attempt)),
+                } => completed.push((fence, output.clone(), *lock_wait_ms)),
+                Outcome::Blocked { .. } => blocked.push(fence),
+                Outcome::Released { .. } => released.push(fence),
                 Outcome::Failed { error, exit_code } => {
                     let error = match exit_code {
                         Some(code) => format!("{error} (exit code {code})"),
                         None => error.clone(),
                     };
-                    failures.push((r.task_id, r.attempt, error));
+                    failures.push((r.task_id, r.attempt, r.agent_id, error));
                 }
             }
         }
@@ -728,13 +742,16 @@ impl Scheduler {
         applied += rel.len();
         events.extend(task_events(&rel));
         let mut failed = Vec::new();
-        for (id, attempt, error) in failures {
+        for (id, attempt, agent, error) in failures {
             let current = match tasks::get(&self.pool, id).await {
                 Ok(t) => t,
                 Err(DbError::NotFound { .. }) => continue,
                 Err(e) => return Err(db(e)),
             };
-            if current.attempt != attempt || !current.status.occupies_agent() {
+            if current.attempt != attempt
+                || !current.status.occupies_agent()
+                || current.agent_id != Some(agent)
+            {
                 continue;
             }
             match tasks::record_failure(&self.pool, &current, &error, &self.config.retry).await {
@@ -838,6 +855,24 @@ impl Scheduler {
         }
         Ok(events)
     }
+}
+
+/// A report must be of this protocol version, and sent on `<ns>.result.<agent_id>.<task_id>`
+/// for its own agent and task: the subject is what the NATS server's permissions tie to the
+/// sender, so a report naming another agent than its subject's is a forgery.
+fn check_report(subject: &str, r: &TaskReport) -> Result<(), String> {
+    crate::protocol::check_version("report", r.v)?;
+    let mut tokens = subject.rsplit('.');
+    let (task, agent) = (tokens.next(), tokens.next());
+    if agent != Some(r.agent_id.to_string().as_str())
+        || task != Some(r.task_id.to_string().as_str())
+    {
+        return Err(format!(
+            "a report by agent {} on task {} sent on {subject}: the subject must be <ns>.result.<agent_id>.<task_id> of the report",
+            r.agent_id, r.task_id
+        ));
+    }
+    Ok(())
 }
 
 /// Largest dispatch published (nats-server's default `max_payload` is 1 MiB).
