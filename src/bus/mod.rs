@@ -1,11 +1,13 @@
 //! Everything that talks to NATS: names, provisioning, typed events, consumers with
-//! dead-lettering, and the KV lease.
+//! dead-lettering, the KV lease, connecting with credentials, and the permissions of each kind
+//! of user (permissions.rs).
 
 pub mod consume;
 pub mod events;
 pub mod kv_lock;
 pub mod lease;
 pub mod names;
+pub mod permissions;
 pub mod provision;
 
 pub use consume::{Delivery, TypedConsumer};

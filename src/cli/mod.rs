@@ -2,6 +2,7 @@
 
 mod bench;
 mod dev;
+mod nats_auth;
 mod patterns;
 mod scratch;
 mod simulate;
@@ -78,6 +79,8 @@ pub enum Command {
     Run(patterns::RunArgs),
     /// Run a pattern with simulated agents (scratch namespace and database) and report on it.
     Simulate(simulate::SimulateArgs),
+    /// Write least-privilege nats-server authorization (and NKEY seeds) for the namespace.
+    NatsAuth(nats_auth::NatsAuthArgs),
     /// Create, list and revoke API tokens (in the database).
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -222,6 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => patterns::run(&settings, args).await,
         Command::Simulate(args) => simulate::run(settings, args).await,
         Command::Token(command) => token::run(&settings, command).await,
+        Command::NatsAuth(args) => nats_auth::run(&settings, args),
     }
 }
 

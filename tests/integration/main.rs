@@ -16,6 +16,7 @@ mod bus;
 mod control_plane;
 mod liveness;
 mod locks;
+mod nats_auth;
 mod patterns;
 mod policy;
 mod processes;
