@@ -205,6 +205,7 @@ impl WorkflowClient {
         include_tasks: bool,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
         let body = crate::service::workflows::WorkflowRef {
+            v: None,
             workflow_id,
             include_tasks,
         };
@@ -222,6 +223,7 @@ impl WorkflowClient {
         workflow_id: crate::domain::WorkflowId,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
         let body = crate::service::workflows::WorkflowRef {
+            v: None,
             workflow_id,
             include_tasks: true,
         };

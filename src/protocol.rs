@@ -15,6 +15,7 @@ fn v1() -> u32 {
 
 /// Sent by a worker on `<ns>.act.<agent_id>.heartbeat` for each hosted agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     #[serde(default = "v1")]
     pub v: u32,

@@ -83,6 +83,7 @@ async fn deregister(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Availability {
     available: bool,
 }
@@ -101,6 +102,7 @@ async fn availability(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HeartbeatBody {
     #[serde(default)]
     load: i32,

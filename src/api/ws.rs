@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
@@ -132,8 +133,9 @@ async fn collaboration_ws(
     caller: Acting,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let ws = ws.map_err(not_an_upgrade)?;
     check_origin(&headers, &state.auth.allowed_origins)?;
     let mut filters = Filters::from_query(&raw)?;
     let Some(agent) = filters.agent_id else {
@@ -151,6 +153,15 @@ async fn collaboration_ws(
         ];
     }
     upgrade(ws, state, filters)
+}
+
+/// A plain request to a WebSocket endpoint: answered in the API's error format.
+fn not_an_upgrade(r: WebSocketUpgradeRejection) -> ApiError {
+    ServiceError::Malformed(format!(
+        "this endpoint is a WebSocket: send an Upgrade request ({})",
+        r.body_text()
+    ))
+    .into()
 }
 
 /// Upgrades within the WebSocket limit; the slot is held as long as the socket is open.
@@ -175,8 +186,9 @@ async fn events_ws(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let ws = ws.map_err(not_an_upgrade)?;
     check_origin(&headers, &state.auth.allowed_origins)?;
     let filters = Filters::from_query(&raw)?;
     upgrade(ws, state, filters)

@@ -75,6 +75,13 @@ pub async fn respond<T: Serialize>(req: &service::Request, result: Result<T, Ser
 /// one with an unsupported `"v"` or holding U+0000 with a `validation` error.
 pub fn parse<T: DeserializeOwned>(req: &service::Request) -> Result<T, ServiceError> {
     let payload = &req.message.payload;
+    // Every request is a JSON object (serde would read a struct from an array too).
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ServiceError::Malformed(format!(
+            "a request on {} is a JSON object",
+            req.message.subject
+        )));
+    }
     #[derive(serde::Deserialize)]
     struct Version {
         #[serde(default)]

@@ -53,7 +53,18 @@ pub async fn insert(
 
 /// Makes the live token `name` an admin token with `hash` (creating it, or replacing its hash
 /// when the configured secret changed): how a bootstrap token from configuration is kept.
-pub async fn upsert_admin(pool: &PgPool, name: &str, hash: &[u8]) -> Result<(), DbError> {
+/// Returns false, changing nothing, when a token with this hash was revoked: a revoked secret
+/// never comes back.
+pub async fn upsert_admin(pool: &PgPool, name: &str, hash: &[u8]) -> Result<bool, DbError> {
+    let revoked: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NOT NULL)",
+    )
+    .bind(hash)
+    .fetch_one(pool)
+    .await?;
+    if revoked {
+        return Ok(false);
+    }
     sqlx::query(
         "INSERT INTO api_tokens (id, name, role, token_hash) VALUES ($1, $2, 'admin', $3)
          ON CONFLICT (name) WHERE revoked_at IS NULL
@@ -65,7 +76,7 @@ pub async fn upsert_admin(pool: &PgPool, name: &str, hash: &[u8]) -> Result<(), 
     .bind(hash)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// The live (not revoked, not expired) token with this hash.

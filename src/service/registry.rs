@@ -72,6 +72,7 @@ pub struct AgentUpdate {
 
 /// A search: `GET /api/v1/agents/search` and `<ns>.registry.search`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SearchQuery {
     #[serde(default)]
     pub capabilities: Vec<String>,

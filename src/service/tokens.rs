@@ -157,7 +157,8 @@ impl Tokens {
         Ok(Issued { token, record })
     }
 
-    /// Keeps the admin token named [`BOOTSTRAP_NAME`] equal to `secret` (from configuration).
+    /// Keeps the admin token named [`BOOTSTRAP_NAME`] equal to `secret` (from configuration);
+    /// a secret that was revoked stays revoked (logged), whatever the configuration says.
     pub async fn bootstrap(&self, secret: &str) -> Result<(), ServiceError> {
         if secret.chars().count() < MIN_BOOTSTRAP_CHARS {
             return Err(ServiceError::validation(
@@ -165,7 +166,11 @@ impl Tokens {
                 format!("must be at least {MIN_BOOTSTRAP_CHARS} characters"),
             ));
         }
-        tokens::upsert_admin(&self.pool, BOOTSTRAP_NAME, &hash(secret)).await?;
+        if !tokens::upsert_admin(&self.pool, BOOTSTRAP_NAME, &hash(secret)).await? {
+            tracing::error!(
+                "the bootstrap_admin_token of the configuration was revoked and stays so; set a new secret"
+            );
+        }
         Ok(())
     }
 

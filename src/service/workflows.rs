@@ -70,7 +70,10 @@ fn yes() -> bool {
 
 /// `<ns>.workflow.get` / `.cancel` request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkflowRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub workflow_id: WorkflowId,
     /// Include every task (default). Without them the reply stays small for huge workflows.
     #[serde(default = "yes")]

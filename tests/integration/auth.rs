@@ -556,3 +556,26 @@ async fn omoi_dev_prints_an_admin_token_that_works() {
     assert_eq!(Http::new(sock).get("/api/v1/agents").await.0, 401);
     let _ = child.kill().await;
 }
+
+#[tokio::test]
+async fn a_revoked_bootstrap_token_stays_revoked_after_a_restart() {
+    let env = TestEnv::new().await;
+    let settings = env.settings();
+    let first = omoi::runtime::Shutdown::new();
+    let running = omoi::coordinator::start(&settings, &first).await.unwrap();
+    let admin = Http::with_token(running.http_addr, &env.admin_token);
+    assert_eq!(admin.get("/api/v1/agents").await.0, 200);
+    // Another admin first, so the control plane can still be used.
+    create_token(&admin, "second", "admin", &[]).await;
+    assert_eq!(admin.delete("/api/v1/tokens/bootstrap").await.0, 200);
+    first.drain(Duration::from_secs(5)).await;
+    let again = omoi::runtime::Shutdown::new();
+    let running = omoi::coordinator::start(&settings, &again).await.unwrap();
+    let same = Http::with_token(running.http_addr, &env.admin_token);
+    assert_eq!(
+        same.get("/api/v1/agents").await.0,
+        401,
+        "a revoked secret came back"
+    );
+    again.drain(Duration::from_secs(5)).await;
+}

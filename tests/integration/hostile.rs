@@ -644,3 +644,265 @@ async fn a_worker_whose_only_agent_is_deregistered_stops_instead_of_coming_back(
     assert!(again.is_none(), "the agent came back: {again:?}");
     c.stop().await;
 }
+
+/// Malformed, hostile and careless bodies, each sent to every subject omoi reads.
+fn malformed_payloads() -> Vec<Vec<u8>> {
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    vec![
+        b"".to_vec(),
+        b"{".to_vec(),
+        b"null".to_vec(),
+        b"[]".to_vec(),
+        b"42".to_vec(),
+        b"\"text\"".to_vec(),
+        br#"{"v": 99}"#.to_vec(),
+        br#"{"v": "one"}"#.to_vec(),
+        br#"{"agent_id": 5, "task_id": [], "name": {}}"#.to_vec(),
+        br#"{"name": "a\u0000b", "content": "\u0000"}"#.to_vec(),
+        deep.into_bytes(),
+        vec![0xff, 0xfe, 0x00, 0x80],
+        format!("{{\"name\": \"{}\"}}", "n".repeat(900_000)).into_bytes(),
+    ]
+}
+
+#[tokio::test]
+async fn a_sweep_of_malformed_messages_over_every_subject_gets_replies_or_dead_letters_and_nothing_falls_over()
+ {
+    let mut c = Cluster::without_control_plane().await;
+    let mut coordinator = c.spawn_coordinator();
+    let inbox_dir = tempfile::tempdir().unwrap();
+    let dir = inbox_dir.path().to_str().unwrap().to_string();
+    c.spawn_worker_with(
+        "sweeper",
+        "echo",
+        2,
+        &[("OMOI_WORKER_INBOX_DIR", dir.as_str())],
+    )
+    .await;
+    let agent = agent_of(&c, "sweeper").await;
+    let names = &c.env.names;
+    // Request/reply: every one answers with an error.
+    let mut requests: Vec<String> = omoi::bus::names::ACT_VERBS
+        .iter()
+        .map(|v| names.act(agent, v))
+        .collect();
+    requests.extend(["search", "best_fit"].iter().map(|v| names.registry(v)));
+    requests.extend(
+        omoi::bus::names::WORKFLOW_VERBS
+            .iter()
+            .map(|v| names.workflow_endpoint(v)),
+    );
+    let payloads = malformed_payloads();
+    for subject in &requests {
+        for body in &payloads {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(15),
+                c.env.nats.request(subject.clone(), body.clone().into()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("no reply on {subject}"))
+            .unwrap_or_else(|e| panic!("{subject}: {e}"));
+            let v: Value = serde_json::from_slice(&reply.payload).unwrap_or(Value::Null);
+            let code = v["error"]["code"].as_str().unwrap_or_default().to_string();
+            assert!(
+                [
+                    "malformed",
+                    "validation",
+                    "forbidden",
+                    "not_found",
+                    "unknown_agent"
+                ]
+                .contains(&code.as_str()),
+                "{subject} answered {} to {:?}",
+                crate::hostile::short(&reply.payload),
+                crate::hostile::short(body)
+            );
+            assert!(reply.payload.len() < 8_192, "{subject}: a bounded error");
+        }
+    }
+    // Streams omoi consumes: each bad message is dead-lettered with a reason.
+    let streamed = [
+        names.result(agent, TaskId::new()),
+        names.dispatch(agent),
+        names.inbox(agent),
+    ];
+    let mut sent = 0;
+    for subject in &streamed {
+        for body in &payloads {
+            if body.len() > 500_000 {
+                continue; // kept under the stream's message size
+            }
+            c.env
+                .js
+                .publish(subject.clone(), body.clone().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    let letters = eventually(
+        Duration::from_secs(60),
+        "every bad message dead-lettered",
+        || async {
+            let l = dead_letters(&c).await;
+            (l.len() >= sent).then_some(l)
+        },
+    )
+    .await;
+    for (subject, reason, _) in &letters {
+        assert!(
+            !reason.is_empty(),
+            "{subject} dead-lettered without a reason"
+        );
+    }
+    // Event subjects omoi listens to as notifications: bad ones are ignored.
+    for kind in [
+        "task.cancelled",
+        "task.ready",
+        "workflow.created",
+        "agent.registered",
+    ] {
+        for body in &payloads {
+            if body.len() < 500_000 {
+                c.env
+                    .nats
+                    .publish(names.event(kind), body.clone().into())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    c.env.nats.flush().await.unwrap();
+    // Everyone is still up and works.
+    assert!(
+        coordinator.try_wait().unwrap().is_none(),
+        "the control plane died"
+    );
+    let worker = c.workers.get_mut("sweeper").unwrap();
+    assert!(worker.try_wait().unwrap().is_none(), "the worker died");
+    c.run(
+        json!({"name": "after", "tasks": [{"key": "a"}, {"key": "b", "depends_on": ["a"]}]}),
+        Duration::from_secs(30),
+    )
+    .await;
+    c.stop().await;
+    let _ = coordinator.kill().await;
+}
+
+/// A short, printable view of a payload for assertion messages.
+pub fn short(bytes: &[u8]) -> String {
+    omoi::domain::text::bounded(&String::from_utf8_lossy(bytes), 120)
+}
+
+#[tokio::test]
+async fn a_forged_cancel_on_an_open_server_does_not_strand_the_task() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w", "echo", 1).await;
+    let wf = c
+        .submit(
+            json!({"name": "forged", "tasks": [{"key": "slow", "executor": "sleep",
+            "input": {"ms": 1500}}]}),
+        )
+        .await;
+    let id = wf.tasks["slow"];
+    let running = eventually(Duration::from_secs(20), "the task runs", || async {
+        let t = task_status(&c, id).await;
+        (t.status == TaskStatus::Running).then_some(t)
+    })
+    .await;
+    // Not from the control plane: the task is not cancelled at all.
+    let forged = omoi::domain::Envelope::new(omoi::domain::Event::TaskCancelled(
+        omoi::domain::event::TaskEvent {
+            task_id: id,
+            workflow_id: wf.workflow_id,
+            key: "slow".into(),
+            status: TaskStatus::Cancelled,
+            attempt: running.attempt,
+            agent_id: running.agent_id,
+            error: None,
+            retry_at: None,
+        },
+    ));
+    c.env
+        .nats
+        .publish(
+            c.env.names.event("task.cancelled"),
+            serde_json::to_vec(&forged).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    // The worker stopped it and handed it back; it runs again and completes.
+    let view = c.wait(wf.workflow_id, Duration::from_secs(30)).await;
+    let t = crate::cluster::task(&view, "slow");
+    assert_eq!(t.status, TaskStatus::Completed, "{t:?}");
+    assert!(
+        t.attempt > running.attempt,
+        "it was dispatched again: {t:?}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_submission_under_a_burst_of_requests_starves_neither_the_pool_nor_readiness() {
+    let c = Cluster::start().await;
+    let addr = c.http_addr.unwrap();
+    let token = c.env.admin_token.clone();
+    let tasks: Vec<Value> = (0..20_000)
+        .map(|i| json!({"key": format!("t{i}"), "capabilities": ["nobody"], "input": {"i": i}}))
+        .collect();
+    let big = json!({"name": "big", "tasks": tasks});
+    let submit = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            Http::with_token(addr, &token)
+                .post("/api/v1/workflows", &big)
+                .await
+                .0
+        })
+    };
+    let burst: Vec<_> = (0..300)
+        .map(|i| {
+            let token = token.clone();
+            tokio::spawn(async move {
+                let http = Http::with_token(addr, &token);
+                let path = if i % 2 == 0 {
+                    "/api/v1/agents/statistics"
+                } else {
+                    "/api/v1/workflows?limit=5"
+                };
+                http.get(path).await.0
+            })
+        })
+        .collect();
+    let ready = tokio::spawn(async move {
+        let http = Http::new(addr);
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            statuses.push(http.get("/readyz").await.0);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        statuses
+    });
+    let mut answered = Vec::new();
+    for b in burst {
+        answered.push(b.await.unwrap());
+    }
+    assert!(
+        answered.iter().all(|s| *s == 200 || *s == 503),
+        "every request is served or shed, never failed: {answered:?}"
+    );
+    assert!(answered.iter().filter(|s| **s == 200).count() > 0);
+    assert_eq!(
+        submit.await.unwrap(),
+        201,
+        "the large submission is accepted"
+    );
+    let ready = ready.await.unwrap();
+    assert!(
+        ready.iter().all(|s| *s == 200),
+        "readiness stayed: {ready:?}"
+    );
+    c.stop().await;
+}

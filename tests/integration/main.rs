@@ -24,5 +24,6 @@ mod provisioning;
 mod registry;
 mod repo;
 mod scheduling;
+mod schemathesis;
 mod tasks;
 mod workflow_api;
