@@ -191,11 +191,7 @@ async fn openapi() -> impl IntoResponse {
 /// What a request whose handler panicked gets: `500 internal` in the API's error format (the
 /// connection and the server carry on).
 pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
+    let what = crate::runtime::panic_message(panic.as_ref());
     tracing::error!(panic = %what, "request handler panicked");
     ApiError(ServiceError::Internal(
         "the request could not be handled".into(),

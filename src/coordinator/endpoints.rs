@@ -122,35 +122,13 @@ pub async fn guarded<T>(
     match std::panic::AssertUnwindSafe(work).catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = crate::runtime::panic_message(panic.as_ref());
             tracing::error!(panic = %what, "request handler panicked; answering internal");
             Err(ServiceError::Internal(
                 "the request could not be handled".into(),
             ))
         }
     }
-}
-
-/// Starts a NATS micro service whose endpoints run until `shutdown` is cancelled (then it is
-/// stopped, so `nats micro ls` no longer lists it).
-async fn start_service(
-    nats: &async_nats::Client,
-    name: &'static str,
-    what: &str,
-    names: &Names,
-) -> Result<service::Service, crate::bus::BusError> {
-    let service = nats
-        .service_builder()
-        .description(format!("omoi {what} for namespace `{}`", names.namespace()))
-        .queue_group(format!("{}-{name}", names.namespace()))
-        .start(name, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| service_error(name, e))?;
-    Ok(service)
 }
 
 fn service_error(name: &str, e: async_nats::Error) -> crate::bus::BusError {
@@ -160,108 +138,136 @@ fn service_error(name: &str, e: async_nats::Error) -> crate::bus::BusError {
     }
 }
 
-/// Adds an endpoint on `subject` whose JSON request `Req` is answered by `handle`.
-async fn json_endpoint<Req, Resp, F, Fut>(
-    service: &service::Service,
-    service_name: &str,
-    endpoint: &str,
-    subject: String,
-    shutdown: &Shutdown,
-    handle: F,
-) -> Result<(), crate::bus::BusError>
-where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-    F: Fn(Req) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
-{
-    subject_endpoint(
-        service,
-        service_name,
-        endpoint,
-        subject,
-        shutdown,
-        move |_, req| handle(req),
-    )
-    .await
+/// One NATS micro service being set up: its endpoints run until `shutdown` is cancelled, and
+/// then the service is stopped (so `nats micro ls` no longer lists it).
+struct Endpoints<'a> {
+    service: service::Service,
+    name: &'static str,
+    names: &'a Names,
+    shutdown: &'a Shutdown,
 }
 
-/// Adds an endpoint on `<ns>.act.*.<verb>` whose handler gets the acting agent — the id in
-/// the subject, which the NATS server's permissions tie to the sender's credentials — and the
-/// request. A subject without a valid agent id is answered with a validation error.
-async fn act_endpoint<Req, Resp, F, Fut>(
-    service: &service::Service,
-    service_name: &str,
-    names: &Names,
-    verb: &str,
-    shutdown: &Shutdown,
-    handle: F,
-) -> Result<(), crate::bus::BusError>
-where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-    F: Fn(AgentId, Req) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
-{
-    let handle = std::sync::Arc::new(handle);
-    let parser = names.clone();
-    subject_endpoint(
-        service,
-        service_name,
-        verb,
-        names.acts(verb),
-        shutdown,
-        move |subject: String, req: Req| {
-            let handle = handle.clone();
-            let acting = parser.acting_agent(&subject);
-            async move {
-                match acting {
-                    Some(agent) => handle(agent, req).await,
-                    None => Err(ServiceError::validation(
-                        "subject",
-                        "expected <ns>.act.<agent_id>.<verb> with an agent id",
-                    )),
+impl<'a> Endpoints<'a> {
+    async fn start(
+        nats: &async_nats::Client,
+        name: &'static str,
+        what: &str,
+        names: &'a Names,
+        shutdown: &'a Shutdown,
+    ) -> Result<Self, crate::bus::BusError> {
+        let service = nats
+            .service_builder()
+            .description(format!("omoi {what} for namespace `{}`", names.namespace()))
+            .queue_group(format!("{}-{name}", names.namespace()))
+            .start(name, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| service_error(name, e))?;
+        Ok(Self {
+            service,
+            name,
+            names,
+            shutdown,
+        })
+    }
+
+    /// An endpoint on `subject` whose JSON request `Req` is answered by `handle`.
+    async fn json<Req, Resp, F, Fut>(
+        &self,
+        endpoint: &str,
+        subject: String,
+        handle: F,
+    ) -> Result<(), crate::bus::BusError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        F: Fn(Req) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+    {
+        self.with_subject(endpoint, subject, move |_, req| handle(req))
+            .await
+    }
+
+    /// An endpoint on `<ns>.act.*.<verb>` whose handler gets the acting agent — the id in the
+    /// subject, which the NATS server's permissions tie to the sender's credentials — and the
+    /// request. A subject without a valid agent id is answered with a validation error.
+    async fn act<Req, Resp, F, Fut>(
+        &self,
+        verb: &str,
+        handle: F,
+    ) -> Result<(), crate::bus::BusError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        F: Fn(AgentId, Req) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+    {
+        let handle = std::sync::Arc::new(handle);
+        let parser = self.names.clone();
+        self.with_subject(
+            verb,
+            self.names.acts(verb),
+            move |subject: String, req: Req| {
+                let handle = handle.clone();
+                let acting = parser.acting_agent(&subject);
+                async move {
+                    match acting {
+                        Some(agent) => handle(agent, req).await,
+                        None => Err(ServiceError::validation(
+                            "subject",
+                            "expected <ns>.act.<agent_id>.<verb> with an agent id",
+                        )),
+                    }
                 }
-            }
-        },
-    )
-    .await
-}
-
-/// Adds an endpoint on `subject` whose handler gets the subject a request came on and the
-/// request.
-async fn subject_endpoint<Req, Resp, F, Fut>(
-    service: &service::Service,
-    service_name: &str,
-    endpoint: &str,
-    subject: String,
-    shutdown: &Shutdown,
-    handle: F,
-) -> Result<(), crate::bus::BusError>
-where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-    F: Fn(String, Req) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
-{
-    let endpoint = service
-        .endpoint_builder()
-        .name(endpoint)
-        .add(subject)
+            },
+        )
         .await
-        .map_err(|e| service_error(service_name, e))?;
-    let handle = std::sync::Arc::new(handle);
-    shutdown.spawn(serve(endpoint, shutdown.token.clone(), move |req| {
-        let handle = handle.clone();
-        async move {
-            let result = match parse::<Req>(&req) {
-                Ok(body) => guarded(handle(req.message.subject.to_string(), body)).await,
-                Err(e) => Err(e),
-            };
-            respond(&req, result).await;
-        }
-    }));
-    Ok(())
+    }
+
+    /// An endpoint on `subject` whose handler gets the subject a request came on and the
+    /// request.
+    async fn with_subject<Req, Resp, F, Fut>(
+        &self,
+        endpoint: &str,
+        subject: String,
+        handle: F,
+    ) -> Result<(), crate::bus::BusError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+        F: Fn(String, Req) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Resp, ServiceError>> + Send + 'static,
+    {
+        let endpoint = self
+            .service
+            .endpoint_builder()
+            .name(endpoint)
+            .add(subject)
+            .await
+            .map_err(|e| service_error(self.name, e))?;
+        let handle = std::sync::Arc::new(handle);
+        self.shutdown
+            .spawn(serve(endpoint, self.shutdown.token.clone(), move |req| {
+                let handle = handle.clone();
+                async move {
+                    let result = match parse::<Req>(&req) {
+                        Ok(body) => guarded(handle(req.message.subject.to_string(), body)).await,
+                        Err(e) => Err(e),
+                    };
+                    respond(&req, result).await;
+                }
+            }));
+        Ok(())
+    }
+
+    /// Every endpoint is added: stop the service when shutting down.
+    fn stop_on_shutdown(self) {
+        let token = self.shutdown.token.clone();
+        let service = self.service;
+        self.shutdown.spawn(async move {
+            token.cancelled().await;
+            let _ = service.stop().await;
+        });
+    }
 }
 
 /// `Err(Forbidden)` unless the body names the acting agent where it names one.
@@ -275,14 +281,6 @@ fn same_agent(field: &str, acting: AgentId, named: AgentId) -> Result<(), Servic
     }
 }
 
-fn stop_on_shutdown(service: service::Service, shutdown: &Shutdown) {
-    let token = shutdown.token.clone();
-    shutdown.spawn(async move {
-        token.cancelled().await;
-        let _ = service.stop().await;
-    });
-}
-
 /// Starts `omoi-registry`: an agent's `register`, `update` and `heartbeat` on
 /// `<ns>.act.<agent_id>.<verb>`, and the reads `<ns>.registry.search|best_fit`.
 pub async fn start(
@@ -291,69 +289,50 @@ pub async fn start(
     registry: Registry,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let service = start_service(&nats, SERVICE_NAME, "agent registry", &names).await?;
+    let service = Endpoints::start(&nats, SERVICE_NAME, "agent registry", &names, shutdown).await?;
     let reg = registry.clone();
-    act_endpoint(
-        &service,
-        SERVICE_NAME,
-        &names,
-        ACT_REGISTER,
-        shutdown,
-        move |agent, body: RegisterRequest| {
+    service
+        .act(ACT_REGISTER, move |agent, body: RegisterRequest| {
             let reg = reg.clone();
             async move {
                 reg.check_identity(agent, &body.name)?;
                 reg.register(body).await.map(|(agent, _)| agent)
             }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let reg = registry.clone();
-    act_endpoint(
-        &service,
-        SERVICE_NAME,
-        &names,
-        ACT_UPDATE,
-        shutdown,
-        move |agent, update: AgentUpdate| {
+    service
+        .act(ACT_UPDATE, move |agent, update: AgentUpdate| {
             let reg = reg.clone();
             async move { reg.update(agent, update).await }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let reg = registry.clone();
-    json_endpoint(
-        &service,
-        SERVICE_NAME,
-        "search",
-        names.registry("search"),
-        shutdown,
-        move |q: SearchQuery| {
+    service
+        .json("search", names.registry("search"), move |q: SearchQuery| {
             let reg = reg.clone();
             async move { reg.search(&q).await }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let reg = registry.clone();
-    json_endpoint(
-        &service,
-        SERVICE_NAME,
-        "best_fit",
-        names.registry("best_fit"),
-        shutdown,
-        move |q: SearchQuery| {
-            let reg = reg.clone();
-            async move {
-                reg.best_fit(&q).await?.ok_or_else(|| {
-                    ServiceError::NotFound(
-                        "no available agent has every required capability".into(),
-                    )
-                })
-            }
-        },
-    )
-    .await?;
+    service
+        .json(
+            "best_fit",
+            names.registry("best_fit"),
+            move |q: SearchQuery| {
+                let reg = reg.clone();
+                async move {
+                    reg.best_fit(&q).await?.ok_or_else(|| {
+                        ServiceError::NotFound(
+                            "no available agent has every required capability".into(),
+                        )
+                    })
+                }
+            },
+        )
+        .await?;
     let heartbeat = service
+        .service
         .endpoint_builder()
         .name(ACT_HEARTBEAT)
         .add(names.acts(ACT_HEARTBEAT))
@@ -362,10 +341,10 @@ pub async fn start(
     shutdown.spawn(serve_heartbeats(
         heartbeat,
         registry,
-        names,
+        names.clone(),
         shutdown.token.clone(),
     ));
-    stop_on_shutdown(service, shutdown);
+    service.stop_on_shutdown();
     Ok(())
 }
 
@@ -380,60 +359,53 @@ pub async fn start_workflows(
     pattern_dirs: Vec<std::path::PathBuf>,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let service = start_service(&nats, WORKFLOW_SERVICE_NAME, "workflows", &names).await?;
+    let service =
+        Endpoints::start(&nats, WORKFLOW_SERVICE_NAME, "workflows", &names, shutdown).await?;
     let wf = workflows.clone();
-    json_endpoint(
-        &service,
-        WORKFLOW_SERVICE_NAME,
-        "submit",
-        names.workflow_endpoint("submit"),
-        shutdown,
-        move |spec: WorkflowSpec| {
-            let wf = wf.clone();
-            async move { wf.submit(spec).await }
-        },
-    )
-    .await?;
+    service
+        .json(
+            "submit",
+            names.workflow_endpoint("submit"),
+            move |spec: WorkflowSpec| {
+                let wf = wf.clone();
+                async move { wf.submit(spec).await }
+            },
+        )
+        .await?;
     let wf = workflows.clone();
     let dirs = std::sync::Arc::new(pattern_dirs);
-    json_endpoint(
-        &service,
-        WORKFLOW_SERVICE_NAME,
-        "run",
-        names.workflow_endpoint("run"),
-        shutdown,
-        move |run: crate::service::workflows::PatternRun| {
-            let (wf, dirs) = (wf.clone(), dirs.clone());
-            async move { wf.submit_pattern(run, &dirs).await }
-        },
-    )
-    .await?;
+    service
+        .json(
+            "run",
+            names.workflow_endpoint("run"),
+            move |run: crate::service::workflows::PatternRun| {
+                let (wf, dirs) = (wf.clone(), dirs.clone());
+                async move { wf.submit_pattern(run, &dirs).await }
+            },
+        )
+        .await?;
     let wf = workflows.clone();
-    json_endpoint(
-        &service,
-        WORKFLOW_SERVICE_NAME,
-        "get",
-        names.workflow_endpoint("get"),
-        shutdown,
-        move |r: WorkflowRef| {
-            let wf = wf.clone();
-            async move { wf.view(r.workflow_id, r.include_tasks).await }
-        },
-    )
-    .await?;
-    json_endpoint(
-        &service,
-        WORKFLOW_SERVICE_NAME,
-        "cancel",
-        names.workflow_endpoint("cancel"),
-        shutdown,
-        move |r: WorkflowRef| {
-            let wf = workflows.clone();
-            async move { wf.cancel(r.workflow_id).await }
-        },
-    )
-    .await?;
-    stop_on_shutdown(service, shutdown);
+    service
+        .json(
+            "get",
+            names.workflow_endpoint("get"),
+            move |r: WorkflowRef| {
+                let wf = wf.clone();
+                async move { wf.view(r.workflow_id, r.include_tasks).await }
+            },
+        )
+        .await?;
+    service
+        .json(
+            "cancel",
+            names.workflow_endpoint("cancel"),
+            move |r: WorkflowRef| {
+                let wf = workflows.clone();
+                async move { wf.cancel(r.workflow_id).await }
+            },
+        )
+        .await?;
+    service.stop_on_shutdown();
     Ok(())
 }
 
@@ -449,44 +421,34 @@ pub async fn start_collaboration(
     collaboration: Collaboration,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
-    let service = start_service(&nats, COLLAB_SERVICE_NAME, "collaboration", &names).await?;
-    let c = collaboration.clone();
-    act_endpoint(
-        &service,
+    let service = Endpoints::start(
+        &nats,
         COLLAB_SERVICE_NAME,
+        "collaboration",
         &names,
-        ACT_SEND,
         shutdown,
-        move |agent, m: SendMessage| {
+    )
+    .await?;
+    let c = collaboration.clone();
+    service
+        .act(ACT_SEND, move |agent, m: SendMessage| {
             let c = c.clone();
             async move {
                 same_agent("sender_id", agent, m.sender_id)?;
                 c.send_message(m).await
             }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let c = collaboration.clone();
-    act_endpoint(
-        &service,
-        COLLAB_SERVICE_NAME,
-        &names,
-        ACT_READ,
-        shutdown,
-        move |agent, r: MarkRead| {
+    service
+        .act(ACT_READ, move |agent, r: MarkRead| {
             let c = c.clone();
             async move { c.mark_read(r.message_id, agent).await }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let c = collaboration.clone();
-    act_endpoint(
-        &service,
-        COLLAB_SERVICE_NAME,
-        &names,
-        ACT_THREAD,
-        shutdown,
-        move |agent, t: CreateThread| {
+    service
+        .act(ACT_THREAD, move |agent, t: CreateThread| {
             let c = c.clone();
             async move {
                 if !t.participants.contains(&agent) {
@@ -496,34 +458,22 @@ pub async fn start_collaboration(
                 }
                 c.create_thread(t).await
             }
-        },
-    )
-    .await?;
+        })
+        .await?;
     let c = collaboration.clone();
-    act_endpoint(
-        &service,
-        COLLAB_SERVICE_NAME,
-        &names,
-        ACT_HANDOFF,
-        shutdown,
-        move |agent, h: HandoffRequest| {
+    service
+        .act(ACT_HANDOFF, move |agent, h: HandoffRequest| {
             let c = c.clone();
             async move {
                 same_agent("from_agent_id", agent, h.from_agent_id)?;
                 c.request_handoff(h).await
             }
-        },
-    )
-    .await?;
+        })
+        .await?;
     for verb in [ACT_ACCEPT, ACT_DECLINE, ACT_CANCEL] {
         let c = collaboration.clone();
-        act_endpoint(
-            &service,
-            COLLAB_SERVICE_NAME,
-            &names,
-            verb,
-            shutdown,
-            move |agent, d: HandoffDecision| {
+        service
+            .act(verb, move |agent, d: HandoffDecision| {
                 let c = c.clone();
                 async move {
                     match verb {
@@ -532,11 +482,10 @@ pub async fn start_collaboration(
                         _ => c.cancel(d.handoff_id, agent).await,
                     }
                 }
-            },
-        )
-        .await?;
+            })
+            .await?;
     }
-    stop_on_shutdown(service, shutdown);
+    service.stop_on_shutdown();
     Ok(())
 }
 

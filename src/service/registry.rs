@@ -176,25 +176,33 @@ pub fn validate_name(name: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-pub fn validate_capacity(capacity: i32) -> Result<(), ServiceError> {
-    if !(1..=MAX_CAPACITY).contains(&capacity) {
-        return Err(ServiceError::validation(
-            "capacity",
-            format!("must be between 1 and {MAX_CAPACITY}, got {capacity}"),
-        ));
+fn in_range(
+    field: &str,
+    value: i32,
+    range: std::ops::RangeInclusive<i32>,
+) -> Result<(), ServiceError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(ServiceError::validation(
+            field,
+            format!(
+                "must be between {} and {}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ))
     }
-    Ok(())
+}
+
+/// An agent's capacity: 1 to [`MAX_CAPACITY`] tasks.
+pub fn validate_capacity(capacity: i32) -> Result<(), ServiceError> {
+    in_range("capacity", capacity, 1..=MAX_CAPACITY)
 }
 
 /// A heartbeat's load: 0 to [`MAX_CAPACITY`] tasks.
 pub fn validate_load(load: i32) -> Result<(), ServiceError> {
-    if !(0..=MAX_CAPACITY).contains(&load) {
-        return Err(ServiceError::validation(
-            "load",
-            format!("must be between 0 and {MAX_CAPACITY}, got {load}"),
-        ));
-    }
-    Ok(())
+    in_range("load", load, 0..=MAX_CAPACITY)
 }
 
 pub fn normalize(field: &str, tokens: &[String]) -> Result<Vec<String>, ServiceError> {

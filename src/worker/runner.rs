@@ -22,6 +22,9 @@ use super::executor::{Executors, TaskContext, TaskFailure};
 use crate::bus::consume::dead_letter;
 use crate::bus::kv_lock::{AcquireAll, HeldLock, LockManager, LockMode, ResourceRequest};
 use crate::bus::names::STREAM_DISPATCH;
+// The ack deadline the control plane gave the agent's consumer: extended every third of it
+// while a task runs.
+use crate::bus::provision::DISPATCH_ACK_WAIT;
 use crate::bus::{BusError, Names};
 use crate::domain::dag::ResourceMode;
 use crate::domain::{AgentId, Envelope, Event, TaskId};
@@ -29,10 +32,6 @@ use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
 
 /// Largest report published (nats-server's default `max_payload` is 1 MiB).
 const MAX_REPORT_BYTES: usize = 1_000_000;
-
-/// Ack deadline of a dispatch (set on its consumer by the control plane); extended every
-/// third of it while the task runs.
-use crate::bus::provision::DISPATCH_ACK_WAIT;
 
 /// One agent's runner.
 #[derive(Clone)]
