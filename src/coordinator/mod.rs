@@ -84,11 +84,6 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     let instance_id = format!("coordinator-{}", uuid::Uuid::now_v7().simple());
     let (pool, nats) = prepare(settings, &instance_id).await?;
     check_auth(settings, &pool).await?;
-    if settings.nats_nkey_file.is_empty() && settings.nats_creds_file.is_empty() {
-        tracing::warn!(
-            "connected to NATS without credentials: unless the server restricts clients otherwise, anyone who reaches it can act as any agent and forge state (docs/security.md: omoi nats-auth)"
-        );
-    }
     let js = jetstream::new(nats.clone());
 
     let bus = EventBus::new(js.clone(), names.clone());
@@ -255,6 +250,11 @@ async fn check_auth(settings: &Settings, pool: &PgPool) -> Result<(), Coordinato
 
 /// Runs a coordinator until `shutdown` is cancelled, then drains within the grace period.
 pub async fn run(settings: &Settings, shutdown: Shutdown) -> Result<(), CoordinatorError> {
+    if settings.nats_nkey_file.is_empty() && settings.nats_creds_file.is_empty() {
+        tracing::warn!(
+            "connecting to NATS without credentials: unless the server restricts clients otherwise, anyone who reaches it can act as any agent and forge state (docs/security.md: omoi nats-auth)"
+        );
+    }
     start(settings, &shutdown).await?;
     shutdown.token.cancelled().await;
     if !shutdown.drain(settings.shutdown_grace()).await {

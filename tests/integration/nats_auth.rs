@@ -351,7 +351,7 @@ async fn least_privilege_holds_on(server: PathBuf) {
     let wf = workflows
         .submit(
             &serde_json::from_value(json!({"name": "held", "tasks": [{"key": "long",
-                "executor": "sleep", "capabilities": ["b"], "input": {"ms": 3000}}]}))
+                "executor": "sleep", "capabilities": ["b"], "input": {"ms": 8000}}]}))
             .unwrap(),
         )
         .await
@@ -380,7 +380,7 @@ async fn least_privilege_holds_on(server: PathBuf) {
     assert_eq!(t.status, TaskStatus::Completed);
     assert_eq!(
         t.output,
-        Some(json!({"slept_ms": 3000})),
+        Some(json!({"slept_ms": 8000})),
         "a forged report was applied"
     );
 
