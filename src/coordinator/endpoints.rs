@@ -619,3 +619,16 @@ async fn handle_heartbeats(registry: &Registry, names: &Names, batch: Vec<servic
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal_and_the_next_request_is_served() {
+        let boom = guarded::<()>(async { panic!("handler bug") }).await;
+        assert!(matches!(boom, Err(ServiceError::Internal(_))), "{boom:?}");
+        let fine = guarded(async { Ok::<_, ServiceError>(7) }).await;
+        assert_eq!(fine.ok(), Some(7));
+    }
+}
