@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::bus::{BusError, Names};
 use crate::client::{AgentRegistryClient, ClientError};
@@ -130,7 +129,6 @@ pub async fn run_with(
         };
         tracing::info!(agent.id = %record.id, agent.name = %record.name, "agent registered");
         let load = Arc::new(AtomicI32::new(0));
-        let (tx, rx) = watch::channel(record.id);
         // This agent's own stops, so a deregistration ends it alone.
         let (agent_stop, agent_hard, agent_inbox) = (
             stop_taking.child_token(),
@@ -147,7 +145,7 @@ pub async fn run_with(
             registry.clone(),
             spec.clone(),
             offered.clone(),
-            tx,
+            record.id,
             load.clone(),
             settings.heartbeat_interval(),
             stop_heartbeats.clone(),
@@ -184,7 +182,7 @@ pub async fn run_with(
                 tracing::error!(error = %e, "agent runner failed");
             }
         });
-        hosted.push(rx);
+        hosted.push(record.id);
     }
 
     stop_taking.cancelled().await;
@@ -202,8 +200,7 @@ pub async fn run_with(
     heartbeats.close();
     heartbeats.wait().await;
     // Say goodbye so the agents go offline now instead of after the timeout.
-    for rx in hosted {
-        let id = *rx.borrow();
+    for id in hosted {
         let leaving = Heartbeat {
             v: PROTOCOL_VERSION,
             agent_id: id,
@@ -328,7 +325,7 @@ async fn heartbeat_loop(
     registry: AgentRegistryClient,
     spec: AgentSpec,
     executors: Vec<String>,
-    id: watch::Sender<AgentId>,
+    agent_id: AgentId,
     load: Arc<AtomicI32>,
     interval: Duration,
     stop: CancellationToken,
@@ -341,7 +338,6 @@ async fn heartbeat_loop(
             () = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let agent_id = *id.borrow();
         let hb = Heartbeat {
             v: PROTOCOL_VERSION,
             agent_id,
@@ -355,15 +351,11 @@ async fn heartbeat_loop(
                 break;
             }
             Err(ClientError::Service(ServiceError::UnknownAgent(_))) => {
+                // Its id comes from its name: registered again, it is the same agent, and the
+                // control plane makes its consumers anew.
                 tracing::warn!(agent.id = %agent_id, "control plane does not know this agent; re-registering");
                 match register_until_accepted(&registry, &spec, &executors, &stop).await {
-                    Ok(Some(record)) => {
-                        if record.id != agent_id {
-                            // Its dispatch consumer is bound to the old id; a restart picks up the new one.
-                            tracing::error!(old = %agent_id, new = %record.id, "agent re-registered under a new id; restart this worker");
-                        }
-                        id.send_replace(record.id);
-                    }
+                    Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "re-registration refused");
