@@ -1,10 +1,15 @@
 //! `omoi bench`: measures omoi against the raw NATS floor on the running NATS and PostgreSQL,
 //! in one run, in a scratch namespace and database that are removed afterwards.
 //!
-//! 1. floor: a JetStream publish → pull → ack → reply round trip, no omoi code;
-//! 2. throughput: no-op (`echo`) tasks of a wide DAG, run by N `omoi worker` processes;
-//! 3. hop latency: a chain, from a dependency's completion to its dependant's start;
-//! 4. lock acquire + release vs a raw KV create.
+//! 1. floors: a JetStream publish → pull → ack → reply round trip, and a raw pipelined fleet
+//!    (N worker processes pulling no-op messages, publishing a result, acking; as many in
+//!    flight as omoi has slots), no omoi code;
+//! 2. throughput: no-op (`echo`) tasks of a wide DAG, run by N `omoi worker` processes, as a
+//!    ratio to the fleet floor, with the CPU seconds per 1,000 tasks of every process involved;
+//! 3. the backlog curve: wide DAGs of several sizes, and control-plane memory per pending task
+//!    at the largest;
+//! 4. hop latency: a chain, from a dependency's completion to its dependant's start;
+//! 5. a dynamic split, and lock acquire + release vs a raw KV create.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -41,6 +46,9 @@ pub struct BenchArgs {
     /// Round trips for the floor and lock measurements.
     #[arg(long, default_value_t = 2_000)]
     pub samples: usize,
+    /// Sizes of the wide DAGs of the backlog curve (comma-separated; empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "2000,20000,100000")]
+    pub backlog: Vec<usize>,
 }
 
 struct Stats {
@@ -106,6 +114,25 @@ async fn measure(
         args.samples
     );
 
+    // The raw fleet: the same processes and slots as omoi will have, no omoi code.
+    let (fleet, fleet_cpu) = super::bench_floor::fleet_floor(
+        settings,
+        js,
+        names,
+        args.workers,
+        args.capacity.max(1) as usize,
+        args.tasks,
+    )
+    .await?;
+    println!(
+        "floor   raw pipelined fleet ({} processes × {} slots, {} no-op messages)   {:.0} messages/s  {}",
+        args.workers,
+        args.capacity,
+        args.tasks,
+        fleet,
+        fleet_cpu.per_thousand(args.tasks)
+    );
+
     // Control plane in this process, workers as processes.
     let shutdown = Shutdown::new();
     crate::coordinator::start(settings, &shutdown).await?;
@@ -167,30 +194,60 @@ async fn measure(
             .map(|i| echo(format!("t{i}"), vec![]))
             .collect(),
     };
-    let started = Instant::now();
-    let submitted = workflows.submit(wide).await?;
-    let submit_time = started.elapsed();
-    let view = client
-        .wait(submitted.workflow_id, Duration::from_secs(1_800))
-        .await?;
-    let wide_time = started.elapsed();
-    if view.workflow.status != WorkflowStatus::Completed {
-        bail!("wide workflow ended {}", view.workflow.status);
-    }
-    let per_task = wide_time / args.tasks.max(1) as u32;
+    let worker_pids: Vec<u32> = workers.iter().filter_map(|w| w.id()).collect();
+    let run = run_wide(&workflows, &client, wide, &worker_pids).await?;
+    let per_task = run.elapsed / args.tasks.max(1) as u32;
     println!(
-        "omoi    {}-task wide DAG, no-op tasks        {:.0} tasks/s  ({:.2} s total, submit {})",
+        "omoi    {}-task wide DAG, no-op tasks        {:.0} tasks/s  ({:.2} s total, submit {})  → {:.2} × the fleet floor",
         args.tasks,
-        args.tasks as f64 / wide_time.as_secs_f64(),
-        wide_time.as_secs_f64(),
-        ms(submit_time)
+        run.tasks_per_second,
+        run.elapsed.as_secs_f64(),
+        ms(run.submit),
+        run.tasks_per_second / fleet.max(1e-9)
     );
     println!(
-        "        per task {} vs floor {}  → ratio {:.2}",
+        "        per task {} vs floor {}  → ratio {:.2}; {}",
         ms(per_task),
         ms(floor.median),
-        per_task.as_secs_f64() / floor.median.as_secs_f64().max(1e-9)
+        per_task.as_secs_f64() / floor.median.as_secs_f64().max(1e-9),
+        run.cpu.per_thousand(args.tasks)
     );
+
+    // The backlog curve: does a task cost more when more are waiting?
+    let largest = args.backlog.iter().copied().max().unwrap_or(0);
+    let mut curve = Vec::new();
+    for &size in &args.backlog {
+        let spec = WorkflowSpec {
+            name: format!("bench-backlog-{size}"),
+            failure_policy: Default::default(),
+            tasks: (0..size).map(|i| echo(format!("b{i}"), vec![])).collect(),
+        };
+        let run = run_wide(&workflows, &client, spec, &worker_pids).await?;
+        let memory = if size == largest && size > 0 {
+            format!(
+                "; control plane +{:.0} bytes per pending task",
+                run.peak_rss_growth as f64 / size as f64
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "omoi    backlog {size:>7} tasks   {:.0} tasks/s  {}{memory}",
+            run.tasks_per_second,
+            run.cpu.per_thousand(size)
+        );
+        curve.push((size, run.tasks_per_second));
+    }
+    if let (Some(small), Some(large)) = (curve.first(), curve.last()) {
+        if curve.len() > 1 {
+            println!(
+                "        tasks/s at {} / at {}  → ratio {:.2}",
+                large.0,
+                small.0,
+                large.1 / small.1.max(1e-9)
+            );
+        }
+    }
 
     // 3. Hop latency along a chain.
     let chain = WorkflowSpec {
@@ -339,6 +396,63 @@ async fn measure(
         ms(cycle.p99)
     );
     Ok(())
+}
+
+/// What one wide DAG run measured.
+struct WideRun {
+    elapsed: Duration,
+    submit: Duration,
+    tasks_per_second: f64,
+    cpu: super::bench_floor::CpuTime,
+    /// Highest resident memory of this process while the tasks were pending, less what it was
+    /// before the submission.
+    peak_rss_growth: u64,
+}
+
+/// Submits a wide DAG and waits for it, measuring time, CPU and memory.
+async fn run_wide(
+    workflows: &crate::service::workflows::Workflows,
+    client: &crate::client::WorkflowClient,
+    spec: WorkflowSpec,
+    worker_pids: &[u32],
+) -> anyhow::Result<WideRun> {
+    let size = spec.tasks.len();
+    let before = super::bench_floor::rss_bytes();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(
+                    super::bench_floor::rss_bytes(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let meter = super::bench_floor::CpuMeter::start(worker_pids);
+    let started = Instant::now();
+    let submitted = workflows.submit(spec).await?;
+    let submit = started.elapsed();
+    let view = client
+        .wait(submitted.workflow_id, Duration::from_secs(3_600))
+        .await?;
+    let elapsed = started.elapsed();
+    let cpu = meter.stop(worker_pids);
+    sampler.abort();
+    if view.workflow.status != WorkflowStatus::Completed {
+        bail!("wide workflow of {size} ended {}", view.workflow.status);
+    }
+    Ok(WideRun {
+        elapsed,
+        submit,
+        tasks_per_second: size as f64 / elapsed.as_secs_f64().max(1e-9),
+        cpu,
+        peak_rss_growth: peak
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(before),
+    })
 }
 
 /// Publish (await the ack) → a responder pulls, acks and replies on a core subject.

@@ -1,6 +1,7 @@
 //! The command line: one subcommand per file. Data goes to stdout, diagnostics to stderr.
 
 mod bench;
+mod bench_floor;
 mod dev;
 mod nats_auth;
 mod patterns;
@@ -72,6 +73,9 @@ pub enum Command {
     Locks(LocksArgs),
     /// Measure omoi against the raw NATS floor (scratch namespace and database).
     Bench(bench::BenchArgs),
+    /// One process of `omoi bench`'s raw fleet floor (started by the bench).
+    #[command(hide = true)]
+    BenchFloorWorker(bench_floor::FloorWorkerArgs),
     /// List, show and validate pattern files (patterns/README.md).
     #[command(subcommand)]
     Patterns(patterns::PatternsCommand),
@@ -221,6 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Submit(args) => submit(&settings, args).await,
         Command::Locks(args) => locks(&settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::BenchFloorWorker(args) => bench_floor::run_worker(&settings, args).await,
         Command::Patterns(command) => patterns::run_patterns(&settings, command),
         Command::Run(args) => patterns::run(&settings, args).await,
         Command::Simulate(args) => simulate::run(settings, args).await,

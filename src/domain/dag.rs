@@ -17,7 +17,7 @@ use super::agent::normalize_capabilities;
 use super::coordination::{Join, LoopSpec, MergeSpec, NodeKind, SplitSpec, SyncSpec, check_node};
 
 /// Most tasks in one workflow.
-pub const MAX_TASKS: usize = 50_000;
+pub const MAX_TASKS: usize = 100_000;
 
 /// What to do with the rest of a workflow when a task fails for good.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
