@@ -175,9 +175,11 @@ async fn measure(
     // Submissions go straight to the workflow service: a 20,000-task submission is larger than
     // a NATS message (HTTP takes it too); the leader wakes on its `workflow.created` event.
     let bus = crate::bus::EventBus::new(js.clone(), names.clone());
+    let outbox = crate::service::outbox::Outbox::start(js.clone(), pool.clone(), &shutdown);
     let workflows = crate::service::workflows::Workflows::new(
         pool.clone(),
         bus,
+        outbox,
         std::sync::Arc::new(tokio::sync::Notify::new()),
     );
     let echo = |key: String, deps: Vec<String>| TaskSpec {

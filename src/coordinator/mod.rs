@@ -23,6 +23,7 @@ use crate::db::DbError;
 use crate::runtime::Shutdown;
 use crate::runtime::health::{self, HealthState};
 use crate::service::collaboration::Collaboration;
+use crate::service::outbox::Outbox;
 use crate::service::registry::Registry;
 use crate::service::scheduler::{Scheduler, SchedulerConfig};
 use crate::service::workflows::Workflows;
@@ -96,7 +97,8 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     );
     endpoints::start(nats.clone(), names.clone(), registry.clone(), shutdown).await?;
     let wake = Arc::new(Notify::new());
-    let workflows = Workflows::new(pool.clone(), bus.clone(), wake.clone());
+    let outbox = Outbox::start(js.clone(), pool.clone(), shutdown);
+    let workflows = Workflows::new(pool.clone(), bus.clone(), outbox.clone(), wake.clone());
     endpoints::start_workflows(
         nats.clone(),
         names.clone(),
@@ -140,6 +142,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
     let scheduler = Scheduler::new(
         pool.clone(),
         bus.clone(),
+        outbox,
         SchedulerConfig {
             retry: settings.retry_policy(),
             stale_after_ms: settings.agent_stale_after_ms as i64,

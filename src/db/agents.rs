@@ -143,6 +143,16 @@ pub async fn list_live(db: impl PgExecutor<'_>) -> Result<Vec<AgentRecord>, DbEr
     .await?)
 }
 
+/// The agents the scheduler may give work to: live, dispatchable and healthy.
+pub async fn dispatchable(db: impl PgExecutor<'_>) -> Result<Vec<AgentRecord>, DbError> {
+    Ok(sqlx::query_as::<_, AgentRecord>(
+        "SELECT * FROM agents WHERE status IN ('idle', 'running', 'degraded')
+           AND health_status = 'healthy'",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 /// Records a batch of heartbeats in one statement. Returns the agents that were found (with
 /// their status before): an id missing from the result is unknown or deregistered. A stale or
 /// offline agent comes back to idle/running; maintenance, degraded and quarantined keep their

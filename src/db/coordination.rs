@@ -3,7 +3,7 @@
 //! expanded, once even if two leaders overlap for a moment.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::DbError;
 use super::tasks::TaskRecord;
@@ -25,7 +25,7 @@ pub struct Source {
 }
 
 /// The node's dependencies in completion order (unfinished last, by key).
-pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, DbError> {
+pub async fn sources(db: &mut PgConnection, node: &TaskRecord) -> Result<Vec<Source>, DbError> {
     Ok(sqlx::query_as::<_, Source>(
         "SELECT key, status, output, finished_at, kind, expansion, depends_on FROM tasks
          WHERE workflow_id = $1 AND key = ANY($2)
@@ -33,13 +33,13 @@ pub async fn sources(pool: &PgPool, node: &TaskRecord) -> Result<Vec<Source>, Db
     )
     .bind(node.workflow_id)
     .bind(&node.depends_on)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// Outputs of the completed tasks among `keys`.
 pub async fn completed_outputs(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflow: WorkflowId,
     keys: &[String],
 ) -> Result<std::collections::HashMap<String, serde_json::Value>, DbError> {
@@ -49,7 +49,7 @@ pub async fn completed_outputs(
     )
     .bind(workflow)
     .bind(keys)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     Ok(rows
         .into_iter()
@@ -59,7 +59,7 @@ pub async fn completed_outputs(
 
 /// `ready → completed` with the node's result.
 pub async fn complete(
-    pool: &PgPool,
+    db: &mut PgConnection,
     id: TaskId,
     output: &serde_json::Value,
 ) -> Result<Option<TaskRecord>, DbError> {
@@ -71,13 +71,17 @@ pub async fn complete(
     )
     .bind(id)
     .bind(output)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *db)
     .await?)
 }
 
 /// `ready|pending → failed`: the node cannot produce a result (bad split items, no majority,
 /// a sync point's timeout).
-pub async fn fail(pool: &PgPool, id: TaskId, error: &str) -> Result<Option<TaskRecord>, DbError> {
+pub async fn fail(
+    db: &mut PgConnection,
+    id: TaskId,
+    error: &str,
+) -> Result<Option<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET status = 'failed', error = $2, failures = failures + 1,
              finished_at = now(), updated_at = now()
@@ -86,13 +90,13 @@ pub async fn fail(pool: &PgPool, id: TaskId, error: &str) -> Result<Option<TaskR
     )
     .bind(id)
     .bind(error)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *db)
     .await?)
 }
 
 /// `ready → pending` waiting for `quorum` completed dependencies (a vote without a majority yet).
 pub async fn wait_for_more(
-    pool: &PgPool,
+    db: &mut PgConnection,
     id: TaskId,
     quorum: i32,
 ) -> Result<Option<TaskRecord>, DbError> {
@@ -103,21 +107,20 @@ pub async fn wait_for_more(
     )
     .bind(id)
     .bind(quorum)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *db)
     .await?)
 }
 
-/// Inserts what a split or loop expands to and makes the node wait for it, in one transaction:
-/// the node's dependencies become `depends_on` (with `join_quorum`), it goes back to pending and
+/// Inserts what a split or loop expands to and makes the node wait for it (in the caller's
+/// transaction): the node's dependencies become `depends_on` (with `join_quorum`), it goes back to pending and
 /// its expansion count rises; its first expansion is when it started. `None` if the node was no longer ready at that expansion.
 pub async fn expand(
-    pool: &PgPool,
+    db: &mut PgConnection,
     node: &TaskRecord,
     inserted: &[NewTask],
     depends_on: &[String],
     join_quorum: Option<i32>,
 ) -> Result<Option<TaskRecord>, DbError> {
-    let mut tx = pool.begin().await?;
     let rewired = sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET depends_on = $2, join_quorum = $3, status = 'pending', ready_at = NULL,
              expansion = expansion + 1, started_at = COALESCE(started_at, now()), updated_at = now()
@@ -128,18 +131,17 @@ pub async fn expand(
     .bind(depends_on)
     .bind(join_quorum)
     .bind(node.expansion)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *db)
     .await?;
     let Some(rewired) = rewired else {
         return Ok(None);
     };
-    insert_tasks(&mut *tx, node.workflow_id, inserted).await?;
-    tx.commit().await?;
+    insert_tasks(&mut *db, node.workflow_id, inserted).await?;
     Ok(Some(rewired))
 }
 
 /// Pending sync points whose timeout has passed, counted from the first source's start.
-pub async fn expired_syncs(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
+pub async fn expired_syncs(db: &mut PgConnection) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "SELECT t.* FROM tasks t
          WHERE t.kind = 'sync' AND t.status = 'pending'
@@ -148,18 +150,21 @@ pub async fn expired_syncs(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
                 WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on))
                + make_interval(secs => (t.coordination->>'timeout_seconds')::float8) < now()",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// A timed-out sync point that continues: `pending → ready`, marked as released by its timeout.
-pub async fn release_sync(pool: &PgPool, id: TaskId) -> Result<Option<TaskRecord>, DbError> {
+pub async fn release_sync(
+    db: &mut PgConnection,
+    id: TaskId,
+) -> Result<Option<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET status = 'ready', timed_out = true, ready_at = now(), updated_at = now()
          WHERE id = $1 AND status = 'pending'
          RETURNING *",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *db)
     .await?)
 }

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod coordination;
+pub mod outbox;
 pub mod scheduling;
 pub mod tasks;
 pub mod tokens;

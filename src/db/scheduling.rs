@@ -1,104 +1,161 @@
 //! The scheduler's set-based statements: each moves a whole batch of tasks in one round trip,
 //! every row guarded by its expected status (and attempt, where a worker's report is applied).
 
-use std::collections::BTreeMap;
-
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
 use super::DbError;
 use super::tasks::TaskRecord;
 use super::workflows::WorkflowRecord;
 use crate::domain::{AgentId, TaskId, WorkflowId};
 
-const PRIORITY_RANK: &str =
-    "CASE priority WHEN 'CRITICAL' THEN 4 WHEN 'HIGH' THEN 3 WHEN 'MEDIUM' THEN 2 ELSE 1 END";
-
-/// Up to `limit` ready tasks (coordination nodes included) in fair order: round-robin across
-/// workflows (each workflow's first task, then each one's second, …), by priority then
-/// readiness within a workflow, and by priority then age across workflows within a round.
-pub async fn ready_fair(pool: &PgPool, limit: i64) -> Result<Vec<TaskRecord>, DbError> {
-    let sql = format!(
-        "SELECT s.* FROM (
-             SELECT t.*, {PRIORITY_RANK} AS prio,
-                    row_number() OVER (PARTITION BY t.workflow_id
-                                       ORDER BY {PRIORITY_RANK} DESC, t.ready_at, t.id) AS rn
-             FROM tasks t WHERE t.status = 'ready'
-         ) s
-         ORDER BY s.rn, s.prio DESC, s.ready_at, s.id
-         LIMIT $1"
-    );
-    Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(sql))
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
+/// What the scheduler keeps in memory of a task: enough to queue it, and to know who holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TaskState {
+    pub id: TaskId,
+    pub workflow_id: WorkflowId,
+    pub status: crate::domain::TaskStatus,
+    pub priority: crate::domain::Priority,
+    pub kind: crate::domain::coordination::NodeKind,
+    pub capabilities: Vec<String>,
+    pub executor: String,
+    pub pinned_agent_id: Option<AgentId>,
+    pub agent_id: Option<AgentId>,
 }
 
-/// Unfinished tasks held by each agent (the load capacity is checked against).
-pub async fn in_flight(pool: &PgPool) -> Result<BTreeMap<AgentId, i32>, DbError> {
-    let rows: Vec<(AgentId, i64)> = sqlx::query_as(
-        "SELECT agent_id, count(*) FROM tasks
-         WHERE status IN ('assigned', 'running') AND agent_id IS NOT NULL GROUP BY agent_id",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(a, n)| (a, n as i32)).collect())
+impl From<&TaskRecord> for TaskState {
+    fn from(t: &TaskRecord) -> Self {
+        Self {
+            id: t.id,
+            workflow_id: t.workflow_id,
+            status: t.status,
+            priority: t.priority,
+            kind: t.kind,
+            capabilities: t.capabilities.clone(),
+            executor: t.executor.clone(),
+            pinned_agent_id: t.pinned_agent_id,
+            agent_id: t.agent_id,
+        }
+    }
 }
 
-/// Assigns tasks to agents: `ready → assigned`, attempt + 1. Rows no longer ready are skipped.
-/// Stamps the agents' `last_assigned_at` in the same transaction.
-pub async fn assign(
-    pool: &PgPool,
-    pairs: &[(TaskId, AgentId)],
+const STATE_COLUMNS: &str = "id, workflow_id, status, priority, kind, capabilities, executor, \
+     pinned_agent_id, agent_id";
+
+/// Those of `ids` that are coordination nodes ready to run, oldest first.
+pub async fn ready_nodes(
+    db: &mut PgConnection,
+    ids: &[TaskId],
 ) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE id = ANY($1) AND status = 'ready' AND kind <> 'task'
+         ORDER BY ready_at, id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *db)
+    .await?)
+}
+
+/// Every task that is ready or held by an agent: what a new leader starts from.
+pub async fn active_states(db: &mut PgConnection) -> Result<Vec<TaskState>, DbError> {
+    Ok(sqlx::query_as::<_, TaskState>(sqlx::AssertSqlSafe(format!(
+        "SELECT {STATE_COLUMNS} FROM tasks WHERE status IN ('ready', 'assigned', 'running')"
+    )))
+    .fetch_all(&mut *db)
+    .await?)
+}
+
+/// The states of these tasks (in any status).
+pub async fn states_of(db: &mut PgConnection, ids: &[TaskId]) -> Result<Vec<TaskState>, DbError> {
+    Ok(sqlx::query_as::<_, TaskState>(sqlx::AssertSqlSafe(format!(
+        "SELECT {STATE_COLUMNS} FROM tasks WHERE id = ANY($1)"
+    )))
+    .bind(ids)
+    .fetch_all(&mut *db)
+    .await?)
+}
+
+/// The ready tasks of these workflows (just submitted).
+pub async fn ready_states_of_workflows(
+    db: &mut PgConnection,
+    workflows: &[WorkflowId],
+) -> Result<Vec<TaskState>, DbError> {
+    Ok(sqlx::query_as::<_, TaskState>(sqlx::AssertSqlSafe(format!(
+        "SELECT {STATE_COLUMNS} FROM tasks WHERE workflow_id = ANY($1) AND status = 'ready'"
+    )))
+    .bind(workflows)
+    .fetch_all(&mut *db)
+    .await?)
+}
+
+/// How many tasks are ready, and how many held by an agent: what a leader's memory must match.
+pub async fn count_active(db: &mut PgConnection) -> Result<(i64, i64), DbError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'ready'),
+                count(*) FILTER (WHERE status IN ('assigned', 'running'))
+         FROM tasks WHERE status IN ('ready', 'assigned', 'running')",
+    )
+    .fetch_one(&mut *db)
+    .await?)
+}
+
+/// An assigned task and its dependencies' outputs (key → output).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Assigned {
+    #[sqlx(flatten)]
+    pub task: TaskRecord,
+    pub dependency_outputs: serde_json::Value,
+}
+
+/// Assigns tasks to agents — `ready → assigned`, attempt + 1, stamping the agents'
+/// `last_assigned_at` — and reads each one's dependency outputs, in one statement. Rows no
+/// longer ready are skipped.
+pub async fn assign(
+    db: &mut PgConnection,
+    pairs: &[(TaskId, AgentId)],
+) -> Result<Vec<Assigned>, DbError> {
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
     let tasks: Vec<TaskId> = pairs.iter().map(|p| p.0).collect();
     let agents: Vec<AgentId> = pairs.iter().map(|p| p.1).collect();
-    let mut tx = pool.begin().await?;
-    let assigned = sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
-             error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
-         FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
-         WHERE t.id = u.id AND t.status = 'ready'
-         RETURNING t.*",
+    Ok(sqlx::query_as::<_, Assigned>(
+        "WITH a AS (
+             UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
+                 error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
+             FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
+             WHERE t.id = u.id AND t.status = 'ready'
+             RETURNING t.*
+         ), stamped AS (
+             UPDATE agents SET last_assigned_at = now() WHERE id = ANY($2)
+         )
+         SELECT a.*, COALESCE((SELECT jsonb_object_agg(d.key, d.output) FROM tasks d
+                               WHERE d.workflow_id = a.workflow_id AND d.key = ANY(a.depends_on)),
+                              '{}'::jsonb) AS dependency_outputs
+         FROM a",
     )
     .bind(&tasks)
     .bind(&agents)
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE agents SET last_assigned_at = now() WHERE id = ANY($1)")
-        .bind(&agents)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(assigned)
+    .fetch_all(&mut *db)
+    .await?)
 }
 
-/// Outputs of each task's dependencies: task id → (dependency key → output).
-pub async fn dependency_outputs(
-    pool: &PgPool,
-    tasks: &[TaskId],
-) -> Result<BTreeMap<TaskId, BTreeMap<String, serde_json::Value>>, DbError> {
-    let rows: Vec<(TaskId, String, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT t.id, d.key, d.output FROM tasks t
-         JOIN tasks d ON d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-         WHERE t.id = ANY($1)",
+/// The assigned tasks: dispatched, maybe not yet delivered (a new leader publishes them again).
+pub async fn assigned_tasks(db: &mut PgConnection) -> Result<Vec<Assigned>, DbError> {
+    Ok(sqlx::query_as::<_, Assigned>(
+        "SELECT a.*, COALESCE((SELECT jsonb_object_agg(d.key, d.output) FROM tasks d
+                               WHERE d.workflow_id = a.workflow_id AND d.key = ANY(a.depends_on)),
+                              '{}'::jsonb) AS dependency_outputs
+         FROM tasks a WHERE a.status = 'assigned'",
     )
-    .bind(tasks)
-    .fetch_all(pool)
-    .await?;
-    let mut out: BTreeMap<TaskId, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
-    for (id, key, output) in rows {
-        out.entry(id)
-            .or_default()
-            .insert(key, output.unwrap_or(serde_json::Value::Null));
-    }
-    Ok(out)
+    .fetch_all(&mut *db)
+    .await?)
 }
 
 /// Puts tasks whose dispatch could not be published back to ready (still at their attempt).
-pub async fn unassign(pool: &PgPool, tasks: &[(TaskId, i32)]) -> Result<Vec<TaskRecord>, DbError> {
+pub async fn unassign(
+    db: &mut PgConnection,
+    tasks: &[(TaskId, i32)],
+) -> Result<Vec<TaskRecord>, DbError> {
     if tasks.is_empty() {
         return Ok(Vec::new());
     }
@@ -112,7 +169,7 @@ pub async fn unassign(pool: &PgPool, tasks: &[(TaskId, i32)]) -> Result<Vec<Task
     )
     .bind(&ids)
     .bind(&attempts)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
@@ -134,7 +191,10 @@ fn fence_columns(fences: &[Fence]) -> (Vec<TaskId>, Vec<i32>, Vec<Option<AgentId
 }
 
 /// `assigned → running` for reports of the current attempt by its holder.
-pub async fn mark_started(pool: &PgPool, reports: &[Fence]) -> Result<Vec<TaskRecord>, DbError> {
+pub async fn mark_started(
+    db: &mut PgConnection,
+    reports: &[Fence],
+) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
@@ -149,14 +209,14 @@ pub async fn mark_started(pool: &PgPool, reports: &[Fence]) -> Result<Vec<TaskRe
     .bind(&ids)
     .bind(&attempts)
     .bind(&agents)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// `assigned|running → completed` with outputs (and the lock wait, if reported), for reports of
 /// the current attempt by its holder only.
 pub async fn mark_completed(
-    pool: &PgPool,
+    db: &mut PgConnection,
     reports: &[(Fence, serde_json::Value, Option<u64>)],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
@@ -184,7 +244,7 @@ pub async fn mark_completed(
     .bind(&agents)
     .bind(&outputs)
     .bind(&waits)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
@@ -192,7 +252,7 @@ pub async fn mark_completed(
 /// (released), for the current attempt (by its holder, where the fence names one); neither
 /// counts as a failure.
 pub async fn requeue(
-    pool: &PgPool,
+    db: &mut PgConnection,
     reports: &[Fence],
     delay_ms: i64,
     reason: &str,
@@ -217,7 +277,7 @@ pub async fn requeue(
     .bind(&agents)
     .bind(delay_ms)
     .bind(reason)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
@@ -238,7 +298,7 @@ const UNBLOCKED: &str = "AND t.status = 'pending'
 
 /// Pending tasks of `workflows` whose every dependency has completed become ready.
 pub async fn promote_unblocked(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflows: &[WorkflowId],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if workflows.is_empty() {
@@ -248,14 +308,14 @@ pub async fn promote_unblocked(
         "{PROMOTE} WHERE t.workflow_id = ANY($1) {UNBLOCKED}"
     )))
     .bind(workflows)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// The fast path of [`promote_unblocked`]: only the given pending tasks (the dependants of what
 /// just completed, from the scheduler's in-memory graph) are checked.
 pub async fn promote_candidates(
-    pool: &PgPool,
+    db: &mut PgConnection,
     tasks: &[TaskId],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if tasks.is_empty() {
@@ -265,47 +325,47 @@ pub async fn promote_candidates(
         "{PROMOTE} WHERE t.id = ANY($1) {UNBLOCKED}"
     )))
     .bind(tasks)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// Ids of the running workflows.
-pub async fn running_workflows(pool: &PgPool) -> Result<Vec<WorkflowId>, DbError> {
+pub async fn running_workflows(db: &mut PgConnection) -> Result<Vec<WorkflowId>, DbError> {
     Ok(
         sqlx::query_scalar("SELECT id FROM workflows WHERE status = 'running'")
-            .fetch_all(pool)
+            .fetch_all(&mut *db)
             .await?,
     )
 }
 
 /// Dependency edges of workflows: (workflow, task id, key, depends_on).
 pub async fn graph_edges(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflows: &[WorkflowId],
 ) -> Result<Vec<(WorkflowId, TaskId, String, Vec<String>)>, DbError> {
     Ok(sqlx::query_as(
         "SELECT workflow_id, id, key, depends_on FROM tasks WHERE workflow_id = ANY($1)",
     )
     .bind(workflows)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// `retry_wait → ready` for tasks whose backoff has passed.
-pub async fn promote_due_retries(pool: &PgPool) -> Result<Vec<TaskRecord>, DbError> {
+pub async fn promote_due_retries(db: &mut PgConnection) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET status = 'ready', retry_at = NULL, ready_at = now(), updated_at = now()
          WHERE status = 'retry_wait' AND retry_at <= now()
          RETURNING *",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
 /// Tasks held by agents that are offline, terminated or quarantined go back to ready; their
 /// next dispatch raises the attempt, fencing off the lost holder.
 pub async fn reclaim_from_lost_agents(
-    pool: &PgPool,
+    db: &mut PgConnection,
 ) -> Result<Vec<(TaskRecord, AgentId)>, DbError> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -325,7 +385,7 @@ pub async fn reclaim_from_lost_agents(
          FROM lost WHERE t.id = lost.id
          RETURNING t.*, lost.agent_id AS lost_agent",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     Ok(rows.into_iter().map(|r| (r.task, r.lost_agent)).collect())
 }
@@ -333,28 +393,28 @@ pub async fn reclaim_from_lost_agents(
 /// Running tasks past their timeout, and assigned tasks never started within
 /// `start_timeout_ms` (their dispatch was lost or never picked up).
 pub async fn overdue(
-    pool: &PgPool,
+    db: &mut PgConnection,
     start_timeout_ms: i64,
 ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), DbError> {
     let timed_out = sqlx::query_as::<_, TaskRecord>(
         "SELECT * FROM tasks WHERE status = 'running' AND timeout_seconds IS NOT NULL
            AND started_at + make_interval(secs => timeout_seconds) < now()",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     let never_started = sqlx::query_as::<_, TaskRecord>(
         "SELECT * FROM tasks WHERE status = 'assigned'
            AND updated_at < now() - make_interval(secs => $1::float8 / 1000)",
     )
     .bind(start_timeout_ms)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     Ok((timed_out, never_started))
 }
 
 /// Fail-fast: every unfinished task of the workflow is cancelled.
 pub async fn cancel_unfinished(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflow: WorkflowId,
     reason: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
@@ -365,7 +425,7 @@ pub async fn cancel_unfinished(
     )
     .bind(workflow)
     .bind(reason)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }
 
@@ -381,7 +441,7 @@ const UNSATISFIABLE: &str = "t.workflow_id = $1 AND t.status = 'pending' AND t.d
 /// Whether a failure of `key` leaves a dependant unable to run — or there is no dependant to
 /// absorb it. A quorum join that can still be met tolerates the failure.
 pub async fn failure_is_fatal(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflow: WorkflowId,
     key: &str,
 ) -> Result<bool, DbError> {
@@ -392,7 +452,7 @@ pub async fn failure_is_fatal(
     )))
     .bind(workflow)
     .bind(&keys)
-    .fetch_one(pool)
+    .fetch_one(&mut *db)
     .await?;
     Ok(dependants == 0 || stuck > 0)
 }
@@ -400,7 +460,7 @@ pub async fn failure_is_fatal(
 /// Continue policy: pending tasks that can no longer run because `failed_key` failed fail too,
 /// transitively; a quorum join that can still be met keeps waiting.
 pub async fn fail_dependants(
-    pool: &PgPool,
+    db: &mut PgConnection,
     workflow: WorkflowId,
     failed_key: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
@@ -416,7 +476,7 @@ pub async fn fail_dependants(
         .bind(workflow)
         .bind(&frontier)
         .bind(failed_key)
-        .fetch_all(pool)
+        .fetch_all(&mut *db)
         .await?;
         frontier = newly.iter().map(|t| t.key.clone()).collect();
         failed.extend(newly);
@@ -428,7 +488,7 @@ pub async fn fail_dependants(
 /// failed that no dependant absorbed (a quorum join that completed without it), else cancelled
 /// if any was cancelled, else completed.
 pub async fn finish_workflows(
-    pool: &PgPool,
+    db: &mut PgConnection,
     ids: &[WorkflowId],
 ) -> Result<Vec<WorkflowRecord>, DbError> {
     Ok(sqlx::query_as::<_, WorkflowRecord>(
@@ -444,10 +504,10 @@ pub async fn finish_workflows(
              finished_at = now(), updated_at = now()
          WHERE w.id = ANY($1) AND w.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id
-                           AND t.status NOT IN ('completed', 'failed', 'cancelled'))
+                           AND t.status IN ('pending', 'ready', 'assigned', 'running', 'retry_wait'))
          RETURNING w.*",
     )
     .bind(ids)
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?)
 }

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 
 use super::DbError;
 use crate::domain::coordination::NodeKind;
@@ -96,7 +96,7 @@ pub async fn list_for_workflow(
 /// attempt, when fenced). Illegal transitions are refused before touching the database; a
 /// lost race is a [`DbError::Conflict`] naming the status found.
 pub async fn transition(
-    pool: &PgPool,
+    db: &mut PgConnection,
     id: TaskId,
     from: TaskStatus,
     to: TaskStatus,
@@ -131,12 +131,12 @@ pub async fn transition(
     .bind(change.error.flatten())
     .bind(change.retry_at)
     .bind(change.expected_attempt)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *db)
     .await?;
     match updated {
         Some(task) => Ok(task),
         None => {
-            let current = get(pool, id).await?;
+            let current = get(&mut *db, id).await?;
             let expected = match change.expected_attempt {
                 Some(a) => format!("{from} at attempt {a}"),
                 None => from.to_string(),
@@ -156,7 +156,7 @@ pub async fn transition(
 /// status and attempt the caller read, so the record's `failures` count is current whenever the
 /// write succeeds.
 pub async fn record_failure(
-    pool: &PgPool,
+    db: &mut PgConnection,
     task: &TaskRecord,
     error: &str,
     policy: &crate::domain::RetryPolicy,
@@ -172,7 +172,7 @@ pub async fn record_failure(
         crate::domain::AfterFailure::GiveUp => (TaskStatus::Failed, None),
     };
     transition(
-        pool,
+        db,
         task.id,
         task.status,
         to,

@@ -2,9 +2,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor};
 
 use super::DbError;
+use super::tasks::TaskRecord;
 use crate::domain::coordination::NodeKind;
 use crate::domain::dag::TaskSpec;
 use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
@@ -83,16 +84,16 @@ impl NewTask {
     }
 }
 
-/// Inserts a workflow and its tasks atomically: all of it is stored, or none.
+/// Inserts a workflow and its tasks (in the caller's transaction: all of it is stored, or
+/// none).
 pub async fn create(
-    pool: &PgPool,
+    db: &mut PgConnection,
     id: WorkflowId,
     name: &str,
     failure_policy: &str,
     spec: &serde_json::Value,
     tasks: &[NewTask],
 ) -> Result<WorkflowRecord, DbError> {
-    let mut tx = pool.begin().await?;
     let workflow = sqlx::query_as::<_, WorkflowRecord>(
         "INSERT INTO workflows (id, name, failure_policy, spec) VALUES ($1, $2, $3, $4) RETURNING *",
     )
@@ -100,10 +101,9 @@ pub async fn create(
     .bind(name)
     .bind(failure_policy)
     .bind(spec)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *db)
     .await?;
-    insert_tasks(&mut *tx, id, tasks).await?;
-    tx.commit().await?;
+    insert_tasks(&mut *db, id, tasks).await?;
     Ok(workflow)
 }
 
@@ -179,4 +179,97 @@ pub async fn get(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<WorkflowReco
             what: "workflow",
             id: id.to_string(),
         })
+}
+
+/// A workflow's failure policy (`fail_fast` or `continue`).
+pub async fn failure_policy(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<String, DbError> {
+    sqlx::query_scalar("SELECT failure_policy FROM workflows WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| DbError::NotFound {
+            what: "workflow",
+            id: id.to_string(),
+        })
+}
+
+/// The newest workflows, up to `limit`.
+pub async fn list(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<WorkflowRecord>, DbError> {
+    Ok(sqlx::query_as::<_, WorkflowRecord>(
+        "SELECT * FROM workflows ORDER BY created_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// A workflow's task counts by status.
+pub async fn task_counts(
+    db: impl PgExecutor<'_>,
+    id: WorkflowId,
+) -> Result<Vec<(TaskStatus, i64)>, DbError> {
+    Ok(
+        sqlx::query_as("SELECT status, count(*) FROM tasks WHERE workflow_id = $1 GROUP BY status")
+            .bind(id)
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+/// Each unfinished task of a workflow with the capabilities no live agent has and (for a task
+/// that runs on a worker) its executor if no live agent offers it, by key.
+pub async fn unmet_needs(
+    db: impl PgExecutor<'_>,
+    id: WorkflowId,
+) -> Result<Vec<(String, Vec<String>, Option<String>)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT t.key, ARRAY(
+             SELECT c FROM unnest(t.capabilities) AS c
+             WHERE NOT EXISTS (SELECT 1 FROM agents a
+                               WHERE a.status <> 'terminated' AND c = ANY(a.capabilities))),
+             CASE WHEN t.kind = 'task' AND NOT EXISTS (
+                      SELECT 1 FROM agents a WHERE a.status <> 'terminated'
+                        AND (t.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
+                  THEN t.executor END
+         FROM tasks t
+         WHERE t.workflow_id = $1 AND t.status NOT IN ('completed', 'failed', 'cancelled')
+         ORDER BY t.key",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// An operator's retry of a failed task (in the caller's transaction): it becomes ready with
+/// its failures reset, the dependants that failed because of it wait for it again (pending has
+/// no event), and its workflow runs again. `None` if the task is no longer failed.
+pub async fn retry_failed_task(
+    db: &mut PgConnection,
+    task: &TaskRecord,
+) -> Result<Option<TaskRecord>, DbError> {
+    let Some(retried) = sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'ready', failures = 0, error = NULL, retry_at = NULL,
+             finished_at = NULL, ready_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'failed' RETURNING *",
+    )
+    .bind(task.id)
+    .fetch_optional(&mut *db)
+    .await?
+    else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "UPDATE tasks SET status = 'pending', error = NULL, finished_at = NULL, updated_at = now()
+         WHERE workflow_id = $1 AND status = 'failed' AND error LIKE 'dependency % failed'",
+    )
+    .bind(task.workflow_id)
+    .execute(&mut *db)
+    .await?;
+    sqlx::query(
+        "UPDATE workflows SET status = 'running', finished_at = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(task.workflow_id)
+    .execute(&mut *db)
+    .await?;
+    Ok(Some(retried))
 }

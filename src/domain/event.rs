@@ -135,6 +135,20 @@ impl Event {
         "coordination.loop.completed",
     ];
 
+    /// The task of a `task.*` event.
+    pub fn task(&self) -> Option<&TaskEvent> {
+        match self {
+            Event::TaskReady(t)
+            | Event::TaskAssigned(t)
+            | Event::TaskStarted(t)
+            | Event::TaskCompleted(t)
+            | Event::TaskRetrying(t)
+            | Event::TaskFailed(t)
+            | Event::TaskCancelled(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// The wire type, e.g. `task.completed`.
     pub fn kind(&self) -> &'static str {
         match self {

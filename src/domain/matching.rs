@@ -172,17 +172,45 @@ pub fn rank(
             })
         })
         .collect();
-    ranked.sort_by(|x, y| {
-        let (a, b) = (&agents[x.index], &agents[y.index]);
-        y.score
-            .partial_cmp(&x.score)
-            .unwrap_or(Ordering::Equal)
-            .then(a.load.cmp(&b.load))
-            .then(a.last_assigned_at.cmp(&b.last_assigned_at))
-            .then(a.name.cmp(b.name))
-            .then(a.id.cmp(&b.id))
-    });
+    ranked.sort_by(|x, y| order(&agents[x.index], x.score, &agents[y.index], y.score));
     ranked
+}
+
+/// Ranking order: higher score first; ties to the lower load, the one assigned least recently
+/// (never first), then name, then id.
+fn order(a: &AgentSnapshot<'_>, a_score: f64, b: &AgentSnapshot<'_>, b_score: f64) -> Ordering {
+    b_score
+        .partial_cmp(&a_score)
+        .unwrap_or(Ordering::Equal)
+        .then(a.load.cmp(&b.load))
+        .then(a.last_assigned_at.cmp(&b.last_assigned_at))
+        .then(a.name.cmp(b.name))
+        .then(a.id.cmp(&b.id))
+}
+
+/// The first of [`rank`], among the agents at `candidates` only, without sorting them all.
+pub fn best(
+    agents: &[AgentSnapshot<'_>],
+    candidates: impl IntoIterator<Item = usize>,
+    req: &Requirements,
+    now: DateTime<Utc>,
+    stale_after_ms: i64,
+) -> Option<usize> {
+    let mut winner: Option<(usize, f64)> = None;
+    for i in candidates {
+        let Some(a) = agents.get(i) else { continue };
+        let Some((s, _)) = score(a, req, now, stale_after_ms) else {
+            continue;
+        };
+        let better = match winner {
+            None => true,
+            Some((w, ws)) => order(a, s, &agents[w], ws) == Ordering::Less,
+        };
+        if better {
+            winner = Some((i, s));
+        }
+    }
+    winner.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -271,6 +299,30 @@ mod tests {
         agents[0].capacity = 2;
         req.partial = true;
         assert_eq!(names(&agents, &req), vec!["full", "partial"]);
+    }
+
+    #[test]
+    fn best_is_the_first_of_the_ranking() {
+        let mut agents = [
+            Owned::new("busy", &["x"], 4, 3, AgentStatus::Running),
+            Owned::new("free", &["x"], 4, 0, AgentStatus::Idle),
+            Owned::new("other", &["y"], 4, 0, AgentStatus::Idle),
+        ];
+        agents[2].executors = vec!["echo".into()];
+        let now = Utc::now();
+        let snaps: Vec<_> = agents.iter().map(|a| a.snap(now)).collect();
+        let req = Requirements {
+            capabilities: caps(&["x"]),
+            ..Requirements::default()
+        };
+        let ranked = rank(&snaps, &req, now, 3_000);
+        assert_eq!(
+            best(&snaps, 0..snaps.len(), &req, now, 3_000),
+            Some(ranked[0].index)
+        );
+        assert_eq!(agents[ranked[0].index].name, "free");
+        assert_eq!(best(&snaps, [0], &req, now, 3_000), Some(0));
+        assert_eq!(best(&snaps, [2], &req, now, 3_000), None);
     }
 
     #[test]

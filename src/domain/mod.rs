@@ -9,6 +9,7 @@ pub mod event;
 pub mod ids;
 pub mod matching;
 pub mod merge;
+pub mod ready;
 pub mod retry;
 pub mod task;
 pub mod text;

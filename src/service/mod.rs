@@ -2,6 +2,7 @@
 //! collaboration. Nothing here knows about HTTP.
 
 pub mod collaboration;
+pub mod outbox;
 pub mod registry;
 pub mod scheduler;
 pub mod tokens;

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use super::ServiceError;
+use super::outbox::{Outbox, Staged};
 use crate::bus::EventBus;
 use crate::db::tasks::{self, TaskRecord};
 use crate::db::workflows::{self, NewTask, WorkflowRecord};
@@ -84,6 +85,8 @@ pub struct WorkflowRef {
 pub struct Workflows {
     pool: PgPool,
     bus: EventBus,
+    /// Events are committed with the change they announce.
+    outbox: Outbox,
     /// Wakes the local scheduler (remote ones wake on the `workflow.created` event).
     wake: Arc<Notify>,
 }
@@ -130,8 +133,28 @@ pub fn workflow_event(w: &WorkflowRecord) -> Event {
 }
 
 impl Workflows {
-    pub fn new(pool: PgPool, bus: EventBus, wake: Arc<Notify>) -> Self {
-        Self { pool, bus, wake }
+    pub fn new(pool: PgPool, bus: EventBus, outbox: Outbox, wake: Arc<Notify>) -> Self {
+        Self {
+            pool,
+            bus,
+            outbox,
+            wake,
+        }
+    }
+
+    /// Commits `events` with the change in `tx`, then publishes them.
+    async fn commit(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        events: Vec<Event>,
+    ) -> Result<(), ServiceError> {
+        let stored = self
+            .outbox
+            .store(&mut tx, Staged::events(self.bus.names(), events))
+            .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.outbox.publish(stored);
+        Ok(())
     }
 
     /// Validates and stores a workflow; tasks without dependencies start ready.
@@ -147,8 +170,9 @@ impl Workflows {
             .iter()
             .map(|t| NewTask::from_spec(TaskId::new(), t))
             .collect();
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
         let workflow = workflows::create(
-            &self.pool,
+            &mut tx,
             id,
             &valid.spec.name,
             valid.spec.failure_policy.as_str(),
@@ -156,10 +180,6 @@ impl Workflows {
             &new_tasks,
         )
         .await?;
-        let unschedulable = self.unschedulable(id).await?;
-        if !unschedulable.is_empty() {
-            tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
-        }
         // The ready events come from what was just inserted: no need to read it back.
         let mut events = vec![workflow_event(&workflow)];
         events.extend(
@@ -180,8 +200,12 @@ impl Workflows {
                 }),
         );
         events.extend(crate::service::scheduler::sync_created(id, &new_tasks));
-        self.bus.publish_all(events).await?;
+        self.commit(tx, events).await?;
         self.wake.notify_one();
+        let unschedulable = self.unschedulable(id).await?;
+        if !unschedulable.is_empty() {
+            tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
+        }
         tracing::info!(workflow.id = %id, "workflow submitted");
         Ok(Submitted {
             workflow_id: id,
@@ -193,23 +217,7 @@ impl Workflows {
     /// Unfinished tasks needing a capability that no live agent has, or an executor that no
     /// live agent offers (coordination nodes run on the coordinator: only capabilities count).
     async fn unschedulable(&self, id: WorkflowId) -> Result<Vec<Unschedulable>, ServiceError> {
-        let rows: Vec<(String, Vec<String>, Option<String>)> = sqlx::query_as(
-            "SELECT t.key, ARRAY(
-                 SELECT c FROM unnest(t.capabilities) AS c
-                 WHERE NOT EXISTS (SELECT 1 FROM agents a
-                                   WHERE a.status <> 'terminated' AND c = ANY(a.capabilities))),
-                 CASE WHEN t.kind = 'task' AND NOT EXISTS (
-                          SELECT 1 FROM agents a WHERE a.status <> 'terminated'
-                            AND (t.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
-                      THEN t.executor END
-             FROM tasks t
-             WHERE t.workflow_id = $1 AND t.status NOT IN ('completed', 'failed', 'cancelled')
-             ORDER BY t.key",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(DbError::from)?;
+        let rows = workflows::unmet_needs(&self.pool, id).await?;
         Ok(rows
             .into_iter()
             .filter(|(_, missing, executor)| !missing.is_empty() || executor.is_some())
@@ -234,13 +242,7 @@ impl Workflows {
         with_tasks: bool,
     ) -> Result<WorkflowView, ServiceError> {
         let workflow = workflows::get(&self.pool, id).await?;
-        let counted: Vec<(TaskStatus, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM tasks WHERE workflow_id = $1 GROUP BY status",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(DbError::from)?;
+        let counted = workflows::task_counts(&self.pool, id).await?;
         let counts = counted
             .into_iter()
             .map(|(st, n)| (st.to_string(), n as usize))
@@ -264,13 +266,7 @@ impl Workflows {
     }
 
     pub async fn list(&self, limit: i64) -> Result<Vec<WorkflowRecord>, ServiceError> {
-        Ok(sqlx::query_as::<_, WorkflowRecord>(
-            "SELECT * FROM workflows ORDER BY created_at DESC LIMIT $1",
-        )
-        .bind(limit.clamp(1, 1_000))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(DbError::from)?)
+        Ok(workflows::list(&self.pool, limit.clamp(1, 1_000)).await?)
     }
 
     pub async fn task(&self, id: TaskId) -> Result<TaskRecord, ServiceError> {
@@ -286,11 +282,12 @@ impl Workflows {
                 workflow.status
             )));
         }
-        let cancelled = scheduling::cancel_unfinished(&self.pool, id, "workflow cancelled").await?;
-        let finished = scheduling::finish_workflows(&self.pool, &[id]).await?;
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let cancelled = scheduling::cancel_unfinished(&mut tx, id, "workflow cancelled").await?;
+        let finished = scheduling::finish_workflows(&mut tx, &[id]).await?;
         let mut events = task_events(&cancelled);
         events.extend(finished.iter().map(workflow_event));
-        self.bus.publish_all(events).await?;
+        self.commit(tx, events).await?;
         self.wake.notify_one();
         self.get(id).await
     }
@@ -306,32 +303,10 @@ impl Workflows {
             )));
         }
         let mut tx = self.pool.begin().await.map_err(DbError::from)?;
-        let retried = sqlx::query_as::<_, TaskRecord>(
-            "UPDATE tasks SET status = 'ready', failures = 0, error = NULL, retry_at = NULL,
-                 finished_at = NULL, ready_at = now(), updated_at = now()
-             WHERE id = $1 AND status = 'failed' RETURNING *",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(DbError::from)?
-        .ok_or_else(|| ServiceError::Conflict(format!("task {id} changed concurrently")))?;
-        // Dependants failed because of it wait for it again (pending has no event).
-        sqlx::query(
-            "UPDATE tasks SET status = 'pending', error = NULL, finished_at = NULL, updated_at = now()
-             WHERE workflow_id = $1 AND status = 'failed' AND error LIKE 'dependency % failed'",
-        )
-        .bind(task.workflow_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(DbError::from)?;
-        sqlx::query("UPDATE workflows SET status = 'running', finished_at = NULL, updated_at = now() WHERE id = $1")
-            .bind(task.workflow_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(DbError::from)?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.bus.publish_all(task_events([&retried])).await?;
+        let retried = workflows::retry_failed_task(&mut tx, &task)
+            .await?
+            .ok_or_else(|| ServiceError::Conflict(format!("task {id} changed concurrently")))?;
+        self.commit(tx, task_events([&retried])).await?;
         self.wake.notify_one();
         Ok(retried)
     }

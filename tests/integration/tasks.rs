@@ -13,7 +13,7 @@ use crate::env::TestEnv;
 async fn one_task(env: &TestEnv, status: TaskStatus, max_attempts: i32) -> TaskId {
     let id = TaskId::new();
     workflows::create(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         WorkflowId::new(),
         "wf",
         "fail_fast",
@@ -54,16 +54,20 @@ async fn two_concurrent_writers_on_one_transition_exactly_one_wins() {
     for _ in 0..20 {
         let id = one_task(&env, TaskStatus::Ready, 3).await;
         let (a, b) = (AgentId::new(), AgentId::new());
+        let (mut ca, mut cb) = (
+            env.pool.acquire().await.unwrap(),
+            env.pool.acquire().await.unwrap(),
+        );
         let (ra, rb) = tokio::join!(
             tasks::transition(
-                &env.pool,
+                &mut ca,
                 id,
                 TaskStatus::Ready,
                 TaskStatus::Assigned,
                 dispatch_to(a)
             ),
             tasks::transition(
-                &env.pool,
+                &mut cb,
                 id,
                 TaskStatus::Ready,
                 TaskStatus::Assigned,
@@ -91,7 +95,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
     let env = TestEnv::new().await;
     let id = one_task(&env, TaskStatus::Pending, 3).await;
     let err = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Pending,
         TaskStatus::Completed,
@@ -106,7 +110,7 @@ async fn illegal_transitions_are_refused_and_change_nothing() {
     );
     // A legal transition from a status the task is not in is a conflict, naming what it is in.
     let err = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Ready,
         TaskStatus::Assigned,
@@ -122,7 +126,7 @@ async fn a_result_for_an_old_attempt_is_fenced_off() {
     let env = TestEnv::new().await;
     let id = one_task(&env, TaskStatus::Ready, 3).await;
     let first = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Ready,
         TaskStatus::Assigned,
@@ -132,7 +136,7 @@ async fn a_result_for_an_old_attempt_is_fenced_off() {
     .unwrap();
     // The agent is presumed lost: the task goes back to ready and is dispatched again.
     tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Assigned,
         TaskStatus::Ready,
@@ -141,7 +145,7 @@ async fn a_result_for_an_old_attempt_is_fenced_off() {
     .await
     .unwrap();
     let second = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Ready,
         TaskStatus::Assigned,
@@ -156,7 +160,7 @@ async fn a_result_for_an_old_attempt_is_fenced_off() {
         ..TaskChange::default()
     };
     let err = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Assigned,
         TaskStatus::Completed,
@@ -171,7 +175,7 @@ async fn a_result_for_an_old_attempt_is_fenced_off() {
         ..TaskChange::default()
     };
     let done = tasks::transition(
-        &env.pool,
+        &mut env.pool.acquire().await.unwrap(),
         id,
         TaskStatus::Assigned,
         TaskStatus::Completed,
@@ -194,7 +198,7 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
     let mut waits = Vec::new();
     for n in 1..=3 {
         tasks::transition(
-            &env.pool,
+            &mut env.pool.acquire().await.unwrap(),
             id,
             TaskStatus::Ready,
             TaskStatus::Assigned,
@@ -203,7 +207,7 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
         .await
         .unwrap();
         let running = tasks::transition(
-            &env.pool,
+            &mut env.pool.acquire().await.unwrap(),
             id,
             TaskStatus::Assigned,
             TaskStatus::Running,
@@ -211,9 +215,14 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
         )
         .await
         .unwrap();
-        let after = tasks::record_failure(&env.pool, &running, &format!("boom {n}"), &policy)
-            .await
-            .unwrap();
+        let after = tasks::record_failure(
+            &mut env.pool.acquire().await.unwrap(),
+            &running,
+            &format!("boom {n}"),
+            &policy,
+        )
+        .await
+        .unwrap();
         assert_eq!(after.failures, n);
         assert_eq!(after.error.as_deref(), Some(format!("boom {n}").as_str()));
         if n < 3 {
@@ -221,7 +230,7 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
             let wait = (after.retry_at.unwrap() - after.updated_at).num_milliseconds();
             waits.push(wait);
             tasks::transition(
-                &env.pool,
+                &mut env.pool.acquire().await.unwrap(),
                 id,
                 TaskStatus::RetryWait,
                 TaskStatus::Ready,

@@ -1,18 +1,25 @@
-//! The scheduler — run only by the control plane holding the `scheduler` lease. Two loops:
+//! The scheduler — run only by the control plane holding the `scheduler` lease, as one loop that
+//! owns the leader's memory (state.rs: the ready queue, who holds what, the graphs).
 //!
-//! * **reports**: drains `<ns>_results` (workers' `started/completed/failed/blocked/released`
-//!   reports), applies each batch with set-based, attempt-fenced statements, promotes the
-//!   dependants that became ready, applies failure policies and finishes workflows;
-//! * **dispatch**: woken by new work or freed capacity (never a polling sleep on that path; a
-//!   250 ms tick only serves retries, timeouts, sync deadlines and lost agents), it runs the
-//!   ready coordination nodes itself (nodes.rs), then assigns ready tasks in fair order to
-//!   best-fit agents with free capacity — one transaction per batch — and publishes the batch
-//!   to `<ns>.dispatch.<agent_id>`.
+//! Each **step** of the loop is one transaction: the workers' reports that have arrived
+//! (`<ns>_results`: started/completed/failed/blocked/released) are applied, set-based and
+//! fenced by attempt and holder; the dependants that became ready are promoted; failure
+//! policies apply; finished workflows are closed; on the maintenance tick, due retries, lost
+//! agents, timeouts and dispatches never started are handled; then ready tasks are taken from
+//! memory in fair order and assigned to best-fit agents with free capacity — and the events of
+//! all of it go into the outbox — in the same commit. After the commit the dispatches are
+//! published on `<ns>.dispatch.<agent_id>`, the events by the outbox, and the reports acked.
+//! So a task's life on the hot path is two commits (its assignment, and its completion with the
+//! promotions and the next assignments), each shared with everything else in flight, and a
+//! dispatch round costs what it dispatches, not what waits.
 //!
-//! Fairness: ready tasks are taken round-robin across workflows (every workflow's first ready
-//! task, then every workflow's second, …); within a workflow by priority, then readiness time.
+//! Taking the lease: the outbox's leftovers are published, memory is built from PostgreSQL,
+//! and the dispatches of tasks left `assigned` are published again (their message ids make
+//! that idempotent). Others' changes (submissions, cancels, retries, handoffs on any control
+//! plane) reach the leader as events and are read back; every few seconds memory is checked
+//! against the database and rebuilt if they disagree.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,37 +27,42 @@ use std::time::Duration;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use sqlx::PgPool;
-use std::sync::Mutex;
-
-use tokio::sync::{Notify, watch};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 mod nodes;
+pub mod state;
 
 pub use nodes::sync_created;
+use state::{Dependants, State};
 
 use super::ServiceError;
+use super::outbox::{Outbox, Staged};
 use super::workflows::{task_events, workflow_event};
 use crate::bus::names::{CONSUMER_SCHEDULER, STREAM_DISPATCH, STREAM_RESULTS};
-use crate::bus::{EventBus, Names, TypedConsumer};
-use crate::db::agents::AgentRecord;
+use crate::bus::{Delivery, EventBus, Names, TypedConsumer};
+use crate::db::scheduling::{self, Assigned, Fence};
 use crate::db::tasks::{self, TaskRecord};
-use crate::db::{DbError, scheduling};
+use crate::db::{DbError, agents};
 use crate::domain::dag::{ResourceSpec, resolve_input};
-use crate::domain::matching::{Requirements, rank};
-use crate::domain::{AgentId, RetryPolicy, TaskStatus, WorkflowId};
+use crate::domain::{AgentId, Envelope, Event, RetryPolicy, TaskId, TaskStatus, WorkflowId};
 use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
-use crate::service::registry::snapshot;
 
-/// Ready tasks considered per dispatch round.
-const DISPATCH_BATCH: i64 = 2_000;
-/// Reports applied per batch.
+/// Most tasks assigned by one step.
+const DISPATCH_BATCH: usize = 2_000;
+/// Reports applied per step.
 const REPORT_BATCH: usize = 1_000;
-/// How often the leader repairs state an interrupted step may have left.
+/// How often the leader checks its memory against the database and repairs state an
+/// interrupted step may have left.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// How long a lock-blocked task waits before it is dispatched again.
 const BLOCKED_REQUEUE_MS: i64 = 1_000;
+/// Outbox rows older than this are published by the leader's relay (their publisher died).
+const RELAY_AFTER_MS: i64 = 10_000;
+/// Dispatches published again on taking the lease are those of tasks assigned within this
+/// time: inside JetStream's de-duplication window, so a copy still pending is dropped.
+const REPUBLISH_WITHIN_MS: i64 = 100_000;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -68,239 +80,516 @@ pub struct SchedulerConfig {
 pub struct Scheduler {
     pool: PgPool,
     bus: EventBus,
+    outbox: Outbox,
     js: jetstream::Context,
     names: Names,
     config: SchedulerConfig,
+    /// Wakes the loop (a local submission, or a step that left work for the next one).
     wake: Arc<Notify>,
-    /// Each running workflow's dependency graph (key → dependants), built from PostgreSQL
-    /// when first needed after this instance became leader; dropped when the workflow ends.
-    graphs: Arc<Mutex<HashMap<WorkflowId, Arc<Dependants>>>>,
-}
-
-/// One workflow's graph: task ids by key and the keys that depend on each key.
-#[derive(Debug, Default)]
-pub struct Dependants {
-    /// Node of each key.
-    index: HashMap<String, usize>,
-    /// Task id of each node.
-    ids: Vec<crate::domain::TaskId>,
-    /// Edges dependency → dependant.
-    graph: petgraph::graphmap::DiGraphMap<usize, ()>,
-}
-
-impl Dependants {
-    fn build(
-        tasks: impl IntoIterator<Item = (crate::domain::TaskId, String, Vec<String>)>,
-    ) -> Self {
-        let mut d = Dependants::default();
-        let tasks: Vec<_> = tasks.into_iter().collect();
-        for (i, (id, key, _)) in tasks.iter().enumerate() {
-            d.ids.push(*id);
-            d.index.insert(key.clone(), i);
-            d.graph.add_node(i);
-        }
-        for (i, (_, _, deps)) in tasks.iter().enumerate() {
-            for dep in deps {
-                if let Some(&j) = d.index.get(dep) {
-                    d.graph.add_edge(j, i, ());
-                }
-            }
-        }
-        d
-    }
-
-    /// Whether the graph has a task keyed `key` (one a split or loop inserted after the graph
-    /// was built does not).
-    fn knows(&self, key: &str) -> bool {
-        self.index.contains_key(key)
-    }
-
-    /// Ids of the tasks that depend directly on `key`.
-    fn of(&self, key: &str) -> Vec<crate::domain::TaskId> {
-        let Some(&node) = self.index.get(key) else {
-            return Vec::new();
-        };
-        self.graph.neighbors(node).map(|n| self.ids[n]).collect()
-    }
 }
 
 fn db(e: DbError) -> ServiceError {
     ServiceError::from(e)
 }
 
+/// What others changed, announced by their events: read back and taken into memory.
+#[derive(Debug, Default)]
+struct Intake {
+    tasks: BTreeSet<TaskId>,
+    workflows: BTreeSet<WorkflowId>,
+    agents: bool,
+}
+
+impl Intake {
+    fn add(&mut self, env: &Envelope) {
+        match &env.event {
+            Event::WorkflowCreated(w) => {
+                self.workflows.insert(w.workflow_id);
+            }
+            Event::AgentRegistered(_) | Event::AgentStatusChanged(_) => self.agents = true,
+            Event::AgentCapabilityUpdated(_) | Event::AgentDeregistered(_) => self.agents = true,
+            e => {
+                if let Some(t) = e.task() {
+                    self.tasks.insert(t.task_id);
+                }
+            }
+        }
+    }
+}
+
+/// What one step did to the database, to be taken into memory and announced.
+#[derive(Default)]
+struct Changes {
+    rows: Vec<TaskRecord>,
+    events: Vec<Event>,
+    /// Agents found lost: their pending dispatches are purged after the commit.
+    lost: BTreeSet<AgentId>,
+}
+
+impl Changes {
+    fn tasks(&mut self, rows: Vec<TaskRecord>) -> &[TaskRecord] {
+        self.events.extend(task_events(&rows));
+        let from = self.rows.len();
+        self.rows.extend(rows);
+        &self.rows[from..]
+    }
+}
+
 impl Scheduler {
-    pub fn new(pool: PgPool, bus: EventBus, config: SchedulerConfig, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        bus: EventBus,
+        outbox: Outbox,
+        config: SchedulerConfig,
+        wake: Arc<Notify>,
+    ) -> Self {
         let js = bus.jetstream().clone();
         let names = bus.names().clone();
         Self {
             pool,
             bus,
+            outbox,
             js,
             names,
             config,
             wake,
-            graphs: Default::default(),
         }
     }
 
-    /// The dependants index of a workflow, loaded once per leadership.
-    async fn dependants(&self, workflow: WorkflowId) -> Result<Arc<Dependants>, ServiceError> {
-        if let Some(g) = self
-            .graphs
-            .lock()
-            .ok()
-            .and_then(|g| g.get(&workflow).cloned())
-        {
-            return Ok(g);
+    /// Runs a term whenever `leader` is true, until `cancel`.
+    pub async fn run(self, mut leader: watch::Receiver<bool>, cancel: CancellationToken) {
+        loop {
+            while !*leader.borrow() {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = leader.changed() => if r.is_err() { return },
+                }
+            }
+            self.term(leader.clone(), cancel.clone()).await;
+            if cancel.is_cancelled() {
+                return;
+            }
         }
-        let edges = scheduling::graph_edges(&self.pool, &[workflow])
-            .await
-            .map_err(db)?;
-        let graph = Arc::new(Dependants::build(
-            edges.into_iter().map(|(_, id, key, deps)| (id, key, deps)),
-        ));
-        if let Ok(mut g) = self.graphs.lock() {
-            g.insert(workflow, graph.clone());
-        }
-        Ok(graph)
     }
 
-    /// Repairs what a crash between two statements could leave behind: pending tasks whose
-    /// dependencies all completed, and running workflows with nothing left to run. Run when
-    /// leadership is gained and every few seconds after.
-    async fn reconcile(&self) -> Result<(), ServiceError> {
-        let running = scheduling::running_workflows(&self.pool)
+    /// One leadership term: take over, then step until the lease is lost or `cancel`.
+    async fn term(&self, mut leader: watch::Receiver<bool>, cancel: CancellationToken) {
+        let still_leading = |l: &watch::Receiver<bool>| *l.borrow() && !cancel.is_cancelled();
+        let mut state = loop {
+            match self.take_over().await {
+                Ok(state) => break state,
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking over the scheduler failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = leader.changed() => if !still_leading(&leader) { return },
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
+        let mut reports = loop {
+            match self.open_reports().await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume reports; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = leader.changed() => if !still_leading(&leader) { return },
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
+        let (intake_tx, mut intake_rx) = mpsc::unbounded_channel();
+        let listener = tokio::spawn(listen(self.js.client(), self.names.clone(), intake_tx));
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile = tokio::time::Instant::now();
+        let mut intake = Intake::default();
+        while still_leading(&leader) {
+            let mut batch: Vec<Delivery<TaskReport>> = Vec::new();
+            let mut maintain = false;
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = leader.changed() => continue,
+                next = reports.next() => match next {
+                    Some(Ok(d)) => batch.push(d),
+                    Some(Err(e)) => tracing::warn!(error = %e, "report consumer error"),
+                    None => break,
+                },
+                env = intake_rx.recv() => match env {
+                    Some(env) => intake.add(&env),
+                    None => break,
+                },
+                _ = tick.tick() => maintain = true,
+                () = self.wake.notified() => {}
+            }
+            // Whatever else has arrived joins this step; nothing waits for more.
+            while batch.len() < REPORT_BATCH {
+                match tokio::time::timeout(Duration::ZERO, reports.next()).await {
+                    Ok(Some(Ok(d))) => batch.push(d),
+                    _ => break,
+                }
+            }
+            while let Ok(env) = intake_rx.try_recv() {
+                intake.add(&env);
+            }
+            if let Err(e) = self.take_in(&mut state, std::mem::take(&mut intake)).await {
+                tracing::warn!(error = %e, "reading others' changes failed; memory will be rebuilt");
+                state = self.rebuild().await.unwrap_or_default();
+            }
+            self.run_nodes(&mut state).await;
+            match self.step(&mut state, batch, maintain).await {
+                Ok(more) => {
+                    if more {
+                        self.wake.notify_one();
+                    }
+                }
+                Err((e, batch)) => {
+                    tracing::warn!(error = %e, reports = batch.len(), "scheduler step failed; memory is rebuilt");
+                    state = self.rebuild().await.unwrap_or_default();
+                    self.after_failed_step(&mut state, batch, &e).await;
+                }
+            }
+            if last_reconcile.elapsed() >= RECONCILE_EVERY {
+                last_reconcile = tokio::time::Instant::now();
+                if let Err(e) = self.reconcile(&mut state).await {
+                    tracing::warn!(error = %e, "reconciliation failed; will retry");
+                }
+            }
+        }
+        listener.abort();
+    }
+
+    /// Taking the lease: what the outbox holds is published, memory is built, and the
+    /// dispatches of tasks left assigned are published again.
+    async fn take_over(&self) -> Result<State, ServiceError> {
+        let relayed = self.outbox.relay(0).await?;
+        if relayed > 0 {
+            tracing::info!(
+                relayed,
+                "published what the outbox held from before this term"
+            );
+        }
+        let mut state = self.rebuild().await?;
+        let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
+        let assigned: Vec<Assigned> = scheduling::assigned_tasks(&mut conn)
             .await
-            .map_err(db)?;
-        if running.is_empty() {
+            .map_err(db)?
+            .into_iter()
+            .filter(|a| {
+                (chrono::Utc::now() - a.task.updated_at).num_milliseconds() < REPUBLISH_WITHIN_MS
+            })
+            .collect();
+        drop(conn);
+        if !assigned.is_empty() {
+            tracing::info!(
+                count = assigned.len(),
+                "publishing the dispatches of assigned tasks again"
+            );
+            self.publish_dispatches(&mut state, assigned).await?;
+        }
+        self.wake.notify_one();
+        Ok(state)
+    }
+
+    /// Memory built from the database.
+    async fn rebuild(&self) -> Result<State, ServiceError> {
+        let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
+        let mut state = State::load(&mut conn).await.map_err(db)?;
+        state.set_agents(agents::dispatchable(&mut *conn).await.map_err(db)?);
+        Ok(state)
+    }
+
+    /// Takes in what others changed: each announced task read back (unless this leader just
+    /// changed it), each new workflow's ready tasks, the live agents when they changed.
+    async fn take_in(&self, state: &mut State, intake: Intake) -> Result<(), ServiceError> {
+        if intake.agents {
+            state.agents_changed();
+        }
+        let tasks: Vec<TaskId> = intake
+            .tasks
+            .into_iter()
+            .filter(|t| !state.changed_lately(*t))
+            .collect();
+        let workflows: Vec<WorkflowId> = intake.workflows.into_iter().collect();
+        if tasks.is_empty() && workflows.is_empty() && !state.agents_stale() {
             return Ok(());
         }
-        let promoted = scheduling::promote_unblocked(&self.pool, &running)
+        let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
+        for t in scheduling::states_of(&mut conn, &tasks)
             .await
-            .map_err(db)?;
-        let finished = scheduling::finish_workflows(&self.pool, &running)
-            .await
-            .map_err(db)?;
-        if !promoted.is_empty() || !finished.is_empty() {
-            tracing::warn!(
-                promoted = promoted.len(),
-                finished = finished.len(),
-                "reconciled state left by an interrupted step"
-            );
-            let mut events = task_events(&promoted);
-            events.extend(finished.iter().map(workflow_event));
-            self.bus.publish_all(events).await?;
+            .map_err(db)?
+            .iter()
+            .chain(
+                scheduling::ready_states_of_workflows(&mut conn, &workflows)
+                    .await
+                    .map_err(db)?
+                    .iter(),
+            )
+        {
+            state.observe(t);
+        }
+        if state.agents_stale() {
+            state.set_agents(agents::dispatchable(&mut *conn).await.map_err(db)?);
         }
         Ok(())
     }
 
-    /// Runs both loops while `leader` is true, until `cancel`.
-    pub async fn run(self, leader: watch::Receiver<bool>, cancel: CancellationToken) {
-        let reports = tokio::spawn(self.clone().reports_loop(leader.clone(), cancel.clone()));
-        let wakeups = tokio::spawn(self.clone().remote_wakeups(cancel.clone()));
-        self.dispatch_loop(leader, cancel).await;
-        let _ = reports.await;
-        let _ = wakeups.await;
-    }
-
-    /// Other control planes accept submissions and registrations too: their events wake us.
-    async fn remote_wakeups(self, cancel: CancellationToken) {
-        let nats = self.js.client();
-        let subjects = [
-            "workflow.created",
-            "agent.registered",
-            "agent.status.changed",
-            "task.ready",
-        ];
-        let mut subs = Vec::new();
-        for s in subjects {
-            match nats.subscribe(self.names.event(s)).await {
-                Ok(sub) => subs.push(sub),
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to wake-up events"),
-            }
+    /// One step: the reports, maintenance (on its tick) and a dispatch round, in one
+    /// transaction. Returns whether more can be dispatched at once. On failure, the reports
+    /// come back (nothing of the step was stored) with the error.
+    async fn step(
+        &self,
+        state: &mut State,
+        mut batch: Vec<Delivery<TaskReport>>,
+        maintain: bool,
+    ) -> Result<bool, (ServiceError, Vec<Delivery<TaskReport>>)> {
+        if batch.is_empty() && !maintain && state.queue.is_empty() {
+            return Ok(false);
         }
-        let mut all = futures::stream::select_all(subs);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                msg = all.next() => match msg {
-                    Some(_) => self.wake.notify_one(),
-                    None => break,
-                },
-            }
-        }
-    }
-
-    async fn dispatch_loop(self, mut leader: watch::Receiver<bool>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_reconcile: Option<tokio::time::Instant> = None;
-        loop {
-            let maintenance = tokio::select! {
-                () = cancel.cancelled() => break,
-                _ = leader.changed() => {
-                    // A new term: graphs are rebuilt from PostgreSQL, state reconciled at once.
-                    if let Ok(mut g) = self.graphs.lock() {
-                        g.clear();
-                    }
-                    last_reconcile = None;
-                    true
-                }
-                _ = tick.tick() => true,
-                () = self.wake.notified() => false,
-            };
-            if !*leader.borrow() {
-                continue;
-            }
-            if last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY) {
-                match self.reconcile().await {
-                    Ok(()) => last_reconcile = Some(tokio::time::Instant::now()),
-                    Err(e) => tracing::warn!(error = %e, "reconciliation failed; will retry"),
-                }
-            }
-            if maintenance {
-                if let Err(e) = self.maintain().await {
-                    tracing::warn!(error = %e, "scheduler maintenance failed; will retry");
-                }
-            }
-            loop {
-                match self.dispatch_once().await {
-                    Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dispatch failed; will retry");
-                        break;
-                    }
+        // An output PostgreSQL cannot store fails its attempt; the report as sent is kept.
+        for d in &mut batch {
+            if let Some(reason) = d.value.make_storable() {
+                tracing::warn!(task.id = %d.value.task_id, %reason, "report output refused");
+                if let Err(e) = crate::bus::consume::dead_letter(
+                    &self.js,
+                    &self.names,
+                    &d.subject,
+                    d.stream_sequence,
+                    &d.payload,
+                    &reason,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "could not dead-letter the refused report");
                 }
             }
         }
-    }
-
-    /// Retries that are due, tasks of lost agents, timeouts and dispatches never started.
-    async fn maintain(&self) -> Result<(), ServiceError> {
-        let mut events = Vec::new();
-        let due = scheduling::promote_due_retries(&self.pool)
-            .await
-            .map_err(db)?;
-        events.extend(task_events(&due));
-
-        let reclaimed = scheduling::reclaim_from_lost_agents(&self.pool)
-            .await
-            .map_err(db)?;
-        let lost: BTreeSet<AgentId> = reclaimed.iter().map(|(_, a)| *a).collect();
-        for agent in &lost {
+        let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
+        let result = self.step_tx(state, &values, maintain, true).await;
+        let (changes, assigned) = match result {
+            Ok(done) => done,
+            Err(e) => return Err((e, batch)),
+        };
+        for agent in &changes.lost {
             // A lost agent that comes back must not run what was taken from it.
             if let Ok(stream) = self.js.get_stream(self.names.stream(STREAM_DISPATCH)).await {
                 let _ = stream.purge().filter(self.names.dispatch(*agent)).await;
             }
         }
+        let more = assigned.len() >= DISPATCH_BATCH;
+        if !assigned.is_empty() {
+            if let Err(e) = self.publish_dispatches(state, assigned).await {
+                tracing::warn!(error = %e, "publishing dispatches failed; they are sent again on the start timeout");
+            }
+        }
+        for d in batch {
+            let _ = d.ack().await;
+        }
+        Ok(more)
+    }
+
+    /// The step's transaction. Memory follows what the statements return (and is rebuilt by
+    /// the caller if the transaction fails).
+    async fn step_tx(
+        &self,
+        state: &mut State,
+        reports: &[TaskReport],
+        maintain: bool,
+        dispatch: bool,
+    ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let mut changes = Changes::default();
+        let (done, failed) = self.apply_reports(&mut tx, reports, &mut changes).await?;
+        let (mut done, mut failed) = (done, failed);
+        if maintain {
+            let (d, f) = self.maintain(&mut tx, &mut changes).await?;
+            done.extend(d);
+            failed.extend(f);
+        }
+        self.settle(&mut tx, state, &done, &failed, &mut changes)
+            .await?;
+        state.observe_rows(&changes.rows);
+        let mut assigned = Vec::new();
+        if dispatch {
+            let planned = state.plan(DISPATCH_BATCH, self.config.stale_after_ms);
+            if !planned.is_empty() {
+                assigned = scheduling::assign(&mut tx, &planned).await.map_err(db)?;
+                let rows: Vec<TaskRecord> = assigned.iter().map(|a| a.task.clone()).collect();
+                state.observe_rows(&rows);
+                changes.events.extend(task_events(&rows));
+                metrics::histogram!("omoi_scheduler_dispatch_batch").record(rows.len() as f64);
+            }
+        }
+        metrics::gauge!("omoi_scheduler_ready_tasks").set(state.queue.len() as f64);
+        let stored = self
+            .outbox
+            .store(
+                &mut tx,
+                Staged::events(&self.names, std::mem::take(&mut changes.events)),
+            )
+            .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.outbox.publish(stored);
+        Ok((changes, assigned))
+    }
+
+    /// A step that failed: its reports are redelivered if the database or NATS was away; if
+    /// the database refused them, they are applied one at a time and each one it refuses is
+    /// dead-lettered with the reason, never holding back the others.
+    async fn after_failed_step(
+        &self,
+        state: &mut State,
+        batch: Vec<Delivery<TaskReport>>,
+        e: &ServiceError,
+    ) {
+        if e.is_transient() || batch.is_empty() {
+            for d in batch {
+                let _ = d.nak(Some(Duration::from_millis(500))).await;
+            }
+            return;
+        }
+        for d in batch {
+            match self
+                .step_tx(state, std::slice::from_ref(&d.value), false, false)
+                .await
+            {
+                Ok(_) => {
+                    let _ = d.ack().await;
+                }
+                Err(e) if e.is_transient() => {
+                    *state = self.rebuild().await.unwrap_or_default();
+                    let _ = d.nak(Some(Duration::from_millis(500))).await;
+                }
+                Err(e) => {
+                    *state = self.rebuild().await.unwrap_or_default();
+                    let reason = format!("report refused: {}", e.summary());
+                    let _ = d.dead_letter(&reason).await;
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Applies a batch of reports, each fenced by its attempt and its holder. Reports for an
+    /// attempt that is no longer current (a worker presumed dead, a task handed to someone
+    /// else) or from another agent are ignored and counted. Returns the completed and the
+    /// failed tasks.
+    async fn apply_reports(
+        &self,
+        conn: &mut PgConnection,
+        reports: &[TaskReport],
+        changes: &mut Changes,
+    ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
+        if reports.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (mut started, mut completed, mut blocked, mut released, mut failures) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in reports {
+            let fence = Fence {
+                task: r.task_id,
+                attempt: r.attempt,
+                agent: Some(r.agent_id),
+            };
+            match &r.outcome {
+                Outcome::Started => started.push(fence),
+                Outcome::Completed {
+                    output,
+                    lock_wait_ms,
+                } => completed.push((fence, output.clone(), *lock_wait_ms)),
+                Outcome::Blocked { .. } => blocked.push(fence),
+                Outcome::Released { .. } => released.push(fence),
+                Outcome::Failed { error, exit_code } => {
+                    let error = match exit_code {
+                        Some(code) => format!("{error} (exit code {code})"),
+                        None => error.clone(),
+                    };
+                    failures.push((fence, error));
+                }
+            }
+        }
+        let mut applied = 0;
+        let s = scheduling::mark_started(&mut *conn, &started)
+            .await
+            .map_err(db)?;
+        applied += changes.tasks(s).len();
+        let done = scheduling::mark_completed(&mut *conn, &completed)
+            .await
+            .map_err(db)?;
+        applied += done.len();
+        changes.tasks(done.clone());
+        let b = scheduling::requeue(
+            &mut *conn,
+            &blocked,
+            BLOCKED_REQUEUE_MS,
+            "resource lock busy",
+        )
+        .await
+        .map_err(db)?;
+        applied += changes.tasks(b).len();
+        let rel = scheduling::requeue(&mut *conn, &released, 0, "released by its agent")
+            .await
+            .map_err(db)?;
+        applied += changes.tasks(rel).len();
+        let mut failed = Vec::new();
+        for (fence, error) in failures {
+            let current = match tasks::get(&mut *conn, fence.task).await {
+                Ok(t) => t,
+                Err(DbError::NotFound { .. }) => continue,
+                Err(e) => return Err(db(e)),
+            };
+            if current.attempt != fence.attempt
+                || !current.status.occupies_agent()
+                || current.agent_id != fence.agent
+            {
+                continue;
+            }
+            match tasks::record_failure(&mut *conn, &current, &error, &self.config.retry).await {
+                Ok(after) => {
+                    applied += 1;
+                    failed.push(after.clone());
+                    changes.tasks(vec![after]);
+                }
+                Err(DbError::Conflict { .. }) => {}
+                Err(e) => return Err(db(e)),
+            }
+        }
+        let ignored = reports.len() - applied;
+        if ignored > 0 {
+            // Late or duplicate reports: fenced off by attempt (or already applied).
+            metrics::counter!("omoi_scheduler_reports_ignored_total").increment(ignored as u64);
+            tracing::info!(
+                ignored,
+                "reports for attempts that are no longer current were ignored"
+            );
+        }
+        Ok((done, failed))
+    }
+
+    /// Retries that are due, tasks of lost agents, timeouts, dispatches never started and
+    /// sync points past their time. Returns what completed and what failed.
+    async fn maintain(
+        &self,
+        conn: &mut PgConnection,
+        changes: &mut Changes,
+    ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
+        let due = scheduling::promote_due_retries(&mut *conn)
+            .await
+            .map_err(db)?;
+        changes.tasks(due);
+        let reclaimed = scheduling::reclaim_from_lost_agents(&mut *conn)
+            .await
+            .map_err(db)?;
         for (task, agent) in &reclaimed {
             tracing::warn!(task.id = %task.id, agent.id = %agent, attempt = task.attempt, "agent lost; task will be dispatched again");
+            changes.lost.insert(*agent);
         }
-        events.extend(task_events(reclaimed.iter().map(|(t, _)| t)));
-
+        changes.tasks(reclaimed.into_iter().map(|(t, _)| t).collect());
         let (timed_out, never_started) =
-            scheduling::overdue(&self.pool, self.config.start_timeout_ms)
+            scheduling::overdue(&mut *conn, self.config.start_timeout_ms)
                 .await
                 .map_err(db)?;
         let mut failed = Vec::new();
@@ -309,27 +598,22 @@ impl Scheduler {
                 "timed out after {} s",
                 t.timeout_seconds.unwrap_or_default()
             );
-            match tasks::record_failure(&self.pool, &t, &error, &self.config.retry).await {
+            match tasks::record_failure(&mut *conn, &t, &error, &self.config.retry).await {
                 Ok(after) => {
                     tracing::warn!(task.id = %t.id, attempt = t.attempt, "task timed out");
-                    events.extend(task_events([&after]));
-                    failed.push(after);
+                    failed.push(after.clone());
+                    changes.tasks(vec![after]);
                 }
                 Err(DbError::Conflict { .. }) => {}
                 Err(e) => return Err(db(e)),
             }
         }
-        let (released, expired) = self.expire_syncs().await?;
-        if !released.is_empty() {
-            // Released sync points are ready nodes: the dispatch loop runs them next.
-            self.wake.notify_one();
-        }
-        events.extend(task_events(&released));
-        events.extend(task_events(&expired));
-        failed.extend(expired);
-        let stuck: Vec<_> = never_started
+        let (released, expired) = self.expire_syncs(&mut *conn).await?;
+        changes.tasks(released);
+        failed.extend(changes.tasks(expired).to_vec());
+        let stuck: Vec<Fence> = never_started
             .iter()
-            .map(|t| scheduling::Fence {
+            .map(|t| Fence {
                 task: t.id,
                 attempt: t.attempt,
                 agent: None,
@@ -337,110 +621,119 @@ impl Scheduler {
             .collect();
         if !stuck.is_empty() {
             let requeued =
-                scheduling::requeue(&self.pool, &stuck, 0, "dispatch not started in time")
+                scheduling::requeue(&mut *conn, &stuck, 0, "dispatch not started in time")
                     .await
                     .map_err(db)?;
-            events.extend(task_events(&requeued));
+            changes.tasks(requeued);
         }
-        events.extend(self.settle(&[], &failed).await?);
-        if !events.is_empty() {
-            self.bus.publish_all(events).await?;
+        Ok((Vec::new(), failed))
+    }
+
+    /// The dependants graph of a workflow, loaded once per term (again when a split or loop
+    /// inserted a task it lacks).
+    async fn dependants(
+        &self,
+        conn: &mut PgConnection,
+        state: &mut State,
+        workflow: WorkflowId,
+        key: &str,
+    ) -> Result<Arc<Dependants>, ServiceError> {
+        if let Some(g) = state.graph(workflow).filter(|g| g.knows(key)) {
+            return Ok(g);
+        }
+        let edges = scheduling::graph_edges(&mut *conn, &[workflow])
+            .await
+            .map_err(db)?;
+        let graph = Arc::new(Dependants::build(
+            edges.into_iter().map(|(_, id, key, deps)| (id, key, deps)),
+        ));
+        state.set_graph(workflow, graph.clone());
+        Ok(graph)
+    }
+
+    /// After completions and failures: promote the dependants that became ready, apply failure
+    /// policies, and finish the workflows that have nothing left to run.
+    async fn settle(
+        &self,
+        conn: &mut PgConnection,
+        state: &mut State,
+        done: &[TaskRecord],
+        failed: &[TaskRecord],
+        changes: &mut Changes,
+    ) -> Result<(), ServiceError> {
+        let mut touched: BTreeSet<WorkflowId> = done.iter().map(|t| t.workflow_id).collect();
+        // Only the direct dependants of what completed can have become ready.
+        let mut candidates = Vec::new();
+        for t in done {
+            let graph = self
+                .dependants(&mut *conn, state, t.workflow_id, &t.key)
+                .await?;
+            candidates.extend(graph.of(&t.key));
+        }
+        let promoted = scheduling::promote_candidates(&mut *conn, &candidates)
+            .await
+            .map_err(db)?;
+        changes.tasks(promoted);
+        let mut policies: HashMap<WorkflowId, String> = HashMap::new();
+        for t in failed.iter().filter(|t| t.status == TaskStatus::Failed) {
+            touched.insert(t.workflow_id);
+            if let std::collections::hash_map::Entry::Vacant(slot) = policies.entry(t.workflow_id) {
+                let policy = crate::db::workflows::failure_policy(&mut *conn, t.workflow_id)
+                    .await
+                    .map_err(db)?;
+                slot.insert(policy);
+            }
+            let affected = if policies.get(&t.workflow_id).map(String::as_str) == Some("continue") {
+                scheduling::fail_dependants(&mut *conn, t.workflow_id, &t.key)
+                    .await
+                    .map_err(db)?
+            } else if !scheduling::failure_is_fatal(&mut *conn, t.workflow_id, &t.key)
+                .await
+                .map_err(db)?
+            {
+                // A quorum join that can still be met absorbs the failure.
+                tracing::info!(task.id = %t.id, key = %t.key, "failure tolerated by a quorum join");
+                Vec::new()
+            } else {
+                scheduling::cancel_unfinished(
+                    &mut *conn,
+                    t.workflow_id,
+                    &format!("workflow failed: task {} failed", t.key),
+                )
+                .await
+                .map_err(db)?
+            };
+            changes.tasks(affected);
+        }
+        if !touched.is_empty() {
+            let ids: Vec<WorkflowId> = touched.into_iter().collect();
+            let finished = scheduling::finish_workflows(&mut *conn, &ids)
+                .await
+                .map_err(db)?;
+            for w in &finished {
+                tracing::info!(workflow.id = %w.id, status = %w.status, "workflow finished");
+                state.forget_graph(w.id);
+            }
+            changes.events.extend(finished.iter().map(workflow_event));
         }
         Ok(())
     }
 
-    /// One dispatch round; returns how many tasks were dispatched.
-    #[tracing::instrument(skip_all, level = "debug")]
-    pub async fn dispatch_once(&self) -> Result<usize, ServiceError> {
-        let ready = scheduling::ready_fair(&self.pool, DISPATCH_BATCH)
-            .await
-            .map_err(db)?;
-        metrics::gauge!("omoi_scheduler_ready_tasks").set(ready.len() as f64);
-        // Coordination nodes come in the same read (no extra query per round): the leader runs
-        // them itself; what they complete or insert is dispatched in the next round.
-        let (nodes, ready): (Vec<TaskRecord>, Vec<TaskRecord>) = ready
-            .into_iter()
-            .partition(|t| t.kind != crate::domain::coordination::NodeKind::Task);
-        if !nodes.is_empty() {
-            return self.run_nodes(&nodes).await;
-        }
-        if ready.is_empty() {
-            return Ok(0);
-        }
-        let agents: Vec<AgentRecord> = sqlx::query_as(
-            "SELECT * FROM agents WHERE status IN ('idle', 'running', 'degraded')
-               AND health_status = 'healthy'",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db(e.into()))?;
-        if agents.is_empty() {
-            return Ok(0);
-        }
-        let in_flight = scheduling::in_flight(&self.pool).await.map_err(db)?;
-        let mut snapshots: Vec<_> = agents.iter().map(snapshot).collect();
-        for s in &mut snapshots {
-            // Capacity is checked against what the scheduler itself has handed out.
-            s.load = in_flight.get(&s.id).copied().unwrap_or(0);
-        }
-        let now = chrono::Utc::now();
-        let mut pairs = Vec::new();
-        let mut free_total: i32 = snapshots.iter().map(|s| s.free_capacity()).sum();
-        for task in &ready {
-            if free_total == 0 {
-                break;
-            }
-            let req = Requirements {
-                capabilities: task.capabilities.clone(),
-                executor: Some(task.executor.clone()),
-                ..Requirements::default()
-            };
-            // A task handed off to an agent waits for that agent only.
-            let choice = match task.pinned_agent_id {
-                Some(pin) => snapshots.iter().position(|s| {
-                    s.id == pin
-                        && s.is_available()
-                        && crate::domain::agent::offers(s.executors, &task.executor)
-                }),
-                None => rank(&snapshots, &req, now, self.config.stale_after_ms)
-                    .first()
-                    .map(|r| r.index),
-            };
-            if let Some(index) = choice {
-                let chosen = &mut snapshots[index];
-                chosen.load += 1;
-                chosen.last_assigned_at =
-                    Some(now + chrono::Duration::microseconds(pairs.len() as i64));
-                free_total -= 1;
-                pairs.push((task.id, chosen.id));
-            }
-        }
-        if pairs.is_empty() {
-            return Ok(0);
-        }
-        let assigned = scheduling::assign(&self.pool, &pairs).await.map_err(db)?;
-        metrics::histogram!("omoi_scheduler_dispatch_batch").record(assigned.len() as f64);
-        tracing::debug!(
-            batch = assigned.len(),
-            backlog = ready.len(),
-            "scheduler.ready_tasks"
-        );
-        self.publish_dispatches(&assigned).await?;
-        self.bus.publish_all(task_events(&assigned)).await?;
-        Ok(assigned.len())
-    }
-
-    async fn publish_dispatches(&self, assigned: &[TaskRecord]) -> Result<(), ServiceError> {
-        let ids: Vec<_> = assigned.iter().map(|t| t.id).collect();
-        let outputs = scheduling::dependency_outputs(&self.pool, &ids)
-            .await
-            .map_err(db)?;
+    /// Publishes the dispatches of `assigned`; what cannot be published goes back to ready,
+    /// and a dispatch no worker could read fails its task.
+    async fn publish_dispatches(
+        &self,
+        state: &mut State,
+        assigned: Vec<Assigned>,
+    ) -> Result<(), ServiceError> {
         let mut acks = Vec::with_capacity(assigned.len());
         let mut failed = Vec::new();
         let mut undeliverable = Vec::new();
-        for t in assigned {
+        for a in assigned {
+            let t = &a.task;
             let Some(agent_id) = t.agent_id else { continue };
-            let dependencies = outputs.get(&t.id).cloned().unwrap_or_default();
+            let dependencies: BTreeMap<String, serde_json::Value> =
+                serde_json::from_value(a.dependency_outputs.clone()).unwrap_or_default();
             let mut dispatch = Dispatch {
                 v: PROTOCOL_VERSION,
                 task_id: t.id,
@@ -469,7 +762,7 @@ impl Scheduler {
                 tracing::info!(task.id = %t.id, "dependency outputs left out of a dispatch too large for them");
             }
             if let Err(reason) = check_dispatch(&payload) {
-                undeliverable.push((t, reason));
+                undeliverable.push((a.task, reason));
                 continue;
             }
             let msg = PublishMessage::build()
@@ -502,12 +795,13 @@ impl Scheduler {
                 failed.push((id, attempt));
             }
         }
-        if !failed.is_empty() {
-            let back = scheduling::unassign(&self.pool, &failed)
-                .await
-                .map_err(db)?;
-            self.bus.publish_all(task_events(&back)).await?;
+        if failed.is_empty() && undeliverable.is_empty() {
+            return Ok(());
         }
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let mut changes = Changes::default();
+        let back = scheduling::unassign(&mut tx, &failed).await.map_err(db)?;
+        changes.tasks(back);
         // A dispatch no worker could read fails its task for good (retrying cannot help).
         let mut gave_up = Vec::new();
         for (t, reason) in undeliverable {
@@ -518,7 +812,7 @@ impl Scheduler {
                 ..tasks::TaskChange::default()
             };
             match tasks::transition(
-                &self.pool,
+                &mut tx,
                 t.id,
                 TaskStatus::Assigned,
                 TaskStatus::Failed,
@@ -531,124 +825,69 @@ impl Scheduler {
                 Err(e) => return Err(db(e)),
             }
         }
-        if !gave_up.is_empty() {
-            let mut events = task_events(&gave_up);
-            events.extend(self.settle(&[], &gave_up).await?);
-            self.bus.publish_all(events).await?;
-        }
+        changes.tasks(gave_up.clone());
+        self.settle(&mut tx, state, &[], &gave_up, &mut changes)
+            .await?;
+        let stored = self
+            .outbox
+            .store(&mut tx, Staged::events(&self.names, changes.events))
+            .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.outbox.publish(stored);
+        state.observe_rows(&changes.rows);
         Ok(())
     }
 
-    async fn reports_loop(self, mut leader: watch::Receiver<bool>, cancel: CancellationToken) {
-        loop {
-            // Wait to lead.
-            while !*leader.borrow() {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = leader.changed() => if r.is_err() { return },
-                }
-            }
-            let mut reports = match self.open_reports().await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot consume reports; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                    }
-                }
-            };
-            while *leader.borrow() {
-                let first = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    _ = leader.changed() => break,
-                    d = reports.next() => d,
-                };
-                let Some(first) = first else { break };
-                let mut batch = Vec::new();
-                match first {
-                    Ok(d) => batch.push(d),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "report consumer error");
-                        continue;
-                    }
-                }
-                while batch.len() < REPORT_BATCH {
-                    // Whatever has already arrived joins the batch; nothing waits for more.
-                    match tokio::time::timeout(Duration::ZERO, reports.next()).await {
-                        Ok(Some(Ok(d))) => batch.push(d),
-                        _ => break,
-                    }
-                }
-                self.apply_batch(batch).await;
-            }
+    /// Repairs what a crash between steps could leave behind (pending tasks whose dependencies
+    /// all completed, running workflows with nothing left to run), publishes outbox rows their
+    /// publisher did not, and rebuilds memory if it no longer matches the database.
+    async fn reconcile(&self, state: &mut State) -> Result<(), ServiceError> {
+        if let Err(e) = self.outbox.relay(RELAY_AFTER_MS).await {
+            tracing::warn!(error = %e, "outbox relay failed; will retry");
         }
-    }
-
-    /// Applies a batch of deliveries in one go; if that fails for a reason other than the
-    /// database or NATS being unavailable, applies them one by one, so one report the database
-    /// refuses is dead-lettered with the reason and never holds back the others.
-    async fn apply_batch(&self, mut batch: Vec<crate::bus::Delivery<TaskReport>>) {
-        // An output PostgreSQL cannot store fails its attempt; the report as sent is kept.
-        for d in &mut batch {
-            if let Some(reason) = d.value.make_storable() {
-                tracing::warn!(task.id = %d.value.task_id, %reason, "report output refused");
-                let kept = crate::bus::consume::dead_letter(
-                    self.bus.jetstream(),
-                    &self.names,
-                    &d.subject,
-                    d.stream_sequence,
-                    &d.payload,
-                    &reason,
-                )
-                .await;
-                if let Err(e) = kept {
-                    tracing::warn!(error = %e, "could not dead-letter the refused report");
-                }
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let running = scheduling::running_workflows(&mut tx).await.map_err(db)?;
+        let mut changes = Changes::default();
+        if !running.is_empty() {
+            let promoted = scheduling::promote_unblocked(&mut tx, &running)
+                .await
+                .map_err(db)?;
+            changes.tasks(promoted);
+            let finished = scheduling::finish_workflows(&mut tx, &running)
+                .await
+                .map_err(db)?;
+            if !changes.rows.is_empty() || !finished.is_empty() {
+                tracing::warn!(
+                    promoted = changes.rows.len(),
+                    finished = finished.len(),
+                    "reconciled state left by an interrupted step"
+                );
             }
+            for w in &finished {
+                state.forget_graph(w.id);
+            }
+            changes.events.extend(finished.iter().map(workflow_event));
         }
-        let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
-        match self.apply_reports(&values).await {
-            Ok(()) => {
-                for d in batch {
-                    let _ = d.ack().await;
-                }
-                self.wake.notify_one();
-                return;
-            }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, count = batch.len(), "could not apply reports; they will be redelivered");
-                for d in batch {
-                    let _ = d.nak(Some(Duration::from_millis(500))).await;
-                }
-                return;
-            }
-            Err(e) if batch.len() == 1 => {
-                let reason = format!("report refused: {}", e.summary());
-                for d in batch {
-                    let _ = d.dead_letter(&reason).await;
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, count = batch.len(), "a report batch was refused; applying its reports one by one");
-            }
+        let stored = self
+            .outbox
+            .store(&mut tx, Staged::events(&self.names, changes.events))
+            .await?;
+        let (ready, held) = scheduling::count_active(&mut tx).await.map_err(db)?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.outbox.publish(stored);
+        state.observe_rows(&changes.rows);
+        let (queued, holding) = state.counts();
+        if (queued as i64, holding as i64) != (ready, held) {
+            tracing::warn!(
+                ready,
+                queued,
+                held,
+                holding,
+                "scheduler memory differs from the database; rebuilding it"
+            );
+            *state = self.rebuild().await?;
         }
-        for d in batch {
-            match self.apply_reports(std::slice::from_ref(&d.value)).await {
-                Ok(()) => {
-                    let _ = d.ack().await;
-                }
-                Err(e) if e.is_transient() => {
-                    let _ = d.nak(Some(Duration::from_millis(500))).await;
-                }
-                Err(e) => {
-                    let reason = format!("report refused: {}", e.summary());
-                    let _ = d.dead_letter(&reason).await;
-                }
-            }
-        }
-        self.wake.notify_one();
+        Ok(())
     }
 
     async fn open_reports(&self) -> Result<TypedConsumer<TaskReport>, ServiceError> {
@@ -681,179 +920,41 @@ impl Scheduler {
         )
     }
 
-    /// Applies a batch of reports. Reports for an attempt that is no longer current (a worker
-    /// presumed dead, a task handed to someone else) are ignored and logged.
-    pub async fn apply_reports(&self, reports: &[TaskReport]) -> Result<(), ServiceError> {
-        let mut started = Vec::new();
-        let mut completed = Vec::new();
-        let mut blocked = Vec::new();
-        let mut released = Vec::new();
-        let mut failures = Vec::new();
-        // Every statement applies a report only to the attempt it names, held by the agent
-        // that sent it.
-        for r in reports {
-            let fence = scheduling::Fence {
-                task: r.task_id,
-                attempt: r.attempt,
-                agent: Some(r.agent_id),
-            };
-            match &r.outcome {
-                Outcome::Started => started.push(fence),
-                Outcome::Completed {
-                    output,
-                    lock_wait_ms,
-                } => completed.push((fence, output.clone(), *lock_wait_ms)),
-                Outcome::Blocked { .. } => blocked.push(fence),
-                Outcome::Released { .. } => released.push(fence),
-                Outcome::Failed { error, exit_code } => {
-                    let error = match exit_code {
-                        Some(code) => format!("{error} (exit code {code})"),
-                        None => error.clone(),
-                    };
-                    failures.push((r.task_id, r.attempt, r.agent_id, error));
-                }
-            }
-        }
-        let mut events = Vec::new();
-        let mut applied = 0usize;
-        let s = scheduling::mark_started(&self.pool, &started)
-            .await
-            .map_err(db)?;
-        applied += s.len();
-        events.extend(task_events(&s));
-        let done = scheduling::mark_completed(&self.pool, &completed)
-            .await
-            .map_err(db)?;
-        applied += done.len();
-        events.extend(task_events(&done));
-        let b = scheduling::requeue(
-            &self.pool,
-            &blocked,
-            BLOCKED_REQUEUE_MS,
-            "resource lock busy",
-        )
-        .await
-        .map_err(db)?;
-        applied += b.len();
-        events.extend(task_events(&b));
-        let rel = scheduling::requeue(&self.pool, &released, 0, "released by its agent")
-            .await
-            .map_err(db)?;
-        applied += rel.len();
-        events.extend(task_events(&rel));
-        let mut failed = Vec::new();
-        for (id, attempt, agent, error) in failures {
-            let current = match tasks::get(&self.pool, id).await {
-                Ok(t) => t,
-                Err(DbError::NotFound { .. }) => continue,
-                Err(e) => return Err(db(e)),
-            };
-            if current.attempt != attempt
-                || !current.status.occupies_agent()
-                || current.agent_id != Some(agent)
-            {
-                continue;
-            }
-            match tasks::record_failure(&self.pool, &current, &error, &self.config.retry).await {
-                Ok(after) => {
-                    applied += 1;
-                    events.extend(task_events([&after]));
-                    failed.push(after);
-                }
-                Err(DbError::Conflict { .. }) => {}
-                Err(e) => return Err(db(e)),
-            }
-        }
-        let ignored = reports.len() - applied;
-        if ignored > 0 {
-            // Late or duplicate reports: fenced off by attempt (or already applied).
-            metrics::counter!("omoi_scheduler_reports_ignored_total").increment(ignored as u64);
-            tracing::info!(
-                ignored,
-                "reports for attempts that are no longer current were ignored"
-            );
-        }
-        events.extend(self.settle(&done, &failed).await?);
-        if !events.is_empty() {
-            self.bus.publish_all(events).await?;
-        }
-        Ok(())
+    /// The outbox this scheduler writes its events to.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
-    /// After completions and failures: promote unblocked dependants, apply failure policies,
-    /// and finish workflows that have nothing left to run. Returns the events to publish.
-    async fn settle(
-        &self,
-        done: &[TaskRecord],
-        failed: &[TaskRecord],
-    ) -> Result<Vec<crate::domain::Event>, ServiceError> {
-        let mut events = Vec::new();
-        let mut touched: BTreeSet<WorkflowId> = done.iter().map(|t| t.workflow_id).collect();
-        // Only the direct dependants of what completed can have become ready.
-        let mut candidates = Vec::new();
-        for t in done {
-            let mut graph = self.dependants(t.workflow_id).await?;
-            if !graph.knows(&t.key) {
-                // Inserted by a split or loop after this graph was loaded: load it again.
-                if let Ok(mut g) = self.graphs.lock() {
-                    g.remove(&t.workflow_id);
-                }
-                graph = self.dependants(t.workflow_id).await?;
-            }
-            candidates.extend(graph.of(&t.key));
+    /// The event bus (names, JetStream).
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+}
+
+/// Hears what others change: new workflows, task transitions, agents. Malformed events (and
+/// those that are not events) are ignored: the leader reads the state itself.
+async fn listen(nats: async_nats::Client, names: Names, intake: mpsc::UnboundedSender<Envelope>) {
+    let mut subs = Vec::new();
+    for s in [
+        "workflow.created",
+        "task.>",
+        "agent.registered",
+        "agent.status.changed",
+        "agent.capability.updated",
+        "agent.deregistered",
+    ] {
+        match nats.subscribe(names.event(s)).await {
+            Ok(sub) => subs.push(sub),
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to the scheduler's intake"),
         }
-        let promoted = scheduling::promote_candidates(&self.pool, &candidates)
-            .await
-            .map_err(db)?;
-        events.extend(task_events(&promoted));
-        let mut policies: HashMap<WorkflowId, String> = HashMap::new();
-        for t in failed.iter().filter(|t| t.status == TaskStatus::Failed) {
-            touched.insert(t.workflow_id);
-            if let std::collections::hash_map::Entry::Vacant(slot) = policies.entry(t.workflow_id) {
-                let policy: String =
-                    sqlx::query_scalar("SELECT failure_policy FROM workflows WHERE id = $1")
-                        .bind(t.workflow_id)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(|e| db(e.into()))?;
-                slot.insert(policy);
+    }
+    let mut all = futures::stream::select_all(subs);
+    while let Some(msg) = all.next().await {
+        if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload) {
+            if intake.send(env).is_err() {
+                return;
             }
-            let affected = if policies.get(&t.workflow_id).map(String::as_str) == Some("continue") {
-                scheduling::fail_dependants(&self.pool, t.workflow_id, &t.key)
-                    .await
-                    .map_err(db)?
-            } else if !scheduling::failure_is_fatal(&self.pool, t.workflow_id, &t.key)
-                .await
-                .map_err(db)?
-            {
-                // A quorum join that can still be met absorbs the failure.
-                tracing::info!(task.id = %t.id, key = %t.key, "failure tolerated by a quorum join");
-                Vec::new()
-            } else {
-                scheduling::cancel_unfinished(
-                    &self.pool,
-                    t.workflow_id,
-                    &format!("workflow failed: task {} failed", t.key),
-                )
-                .await
-                .map_err(db)?
-            };
-            events.extend(task_events(&affected));
         }
-        if !touched.is_empty() {
-            let ids: Vec<WorkflowId> = touched.into_iter().collect();
-            let finished = scheduling::finish_workflows(&self.pool, &ids)
-                .await
-                .map_err(db)?;
-            for w in &finished {
-                tracing::info!(workflow.id = %w.id, status = %w.status, "workflow finished");
-                if let Ok(mut g) = self.graphs.lock() {
-                    g.remove(&w.id);
-                }
-            }
-            events.extend(finished.iter().map(workflow_event));
-        }
-        Ok(events)
     }
 }
 
@@ -890,34 +991,4 @@ fn check_dispatch(payload: &[u8]) -> Result<(), String> {
     serde_json::from_slice::<Dispatch>(payload)
         .map(|_| ())
         .map_err(|e| format!("dispatch cannot be read back: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::TaskId;
-
-    #[test]
-    fn the_in_memory_graph_names_the_direct_dependants() {
-        let (root, left, right, join) =
-            (TaskId::new(), TaskId::new(), TaskId::new(), TaskId::new());
-        let g = Dependants::build([
-            (
-                join,
-                "join".to_string(),
-                vec!["left".to_string(), "right".to_string()],
-            ),
-            (root, "root".to_string(), vec![]),
-            (left, "left".to_string(), vec!["root".to_string()]),
-            (right, "right".to_string(), vec!["root".to_string()]),
-        ]);
-        let mut of_root = g.of("root");
-        of_root.sort();
-        let mut expected = vec![left, right];
-        expected.sort();
-        assert_eq!(of_root, expected);
-        assert_eq!(g.of("left"), vec![join]);
-        assert!(g.of("join").is_empty());
-        assert!(g.of("ghost").is_empty());
-    }
 }

@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::{Scheduler, db};
+use sqlx::PgConnection;
+
+use super::state::State;
+use super::{Changes, Scheduler, db};
 use crate::db::coordination::{self as nodes, Source};
 use crate::db::tasks::TaskRecord;
 use crate::db::workflows::NewTask;
@@ -23,7 +26,7 @@ use crate::domain::event::CoordinationEvent;
 use crate::domain::merge::{MergeError, MergeStrategy, merge};
 use crate::domain::{Event, TaskId, TaskStatus, WorkflowId};
 use crate::service::ServiceError;
-use crate::service::workflows::task_events;
+use crate::service::outbox::Staged;
 
 /// What running one node did.
 enum Ran {
@@ -31,12 +34,14 @@ enum Ran {
     Failed(TaskRecord),
     /// Tasks were inserted; the node now waits for them.
     Expanded {
+        /// The node, now waiting for what it inserted.
+        rewired: TaskRecord,
         inserted: Vec<TaskId>,
         event: Event,
         created: Vec<Event>,
     },
     /// Waits for more sources (a vote without a majority yet).
-    Waiting(TaskId),
+    Waiting(TaskRecord),
     /// Someone else moved the node first.
     Skipped,
 }
@@ -93,83 +98,115 @@ fn finished(s: &Source) -> bool {
 }
 
 impl Scheduler {
-    /// Runs ready coordination nodes once each; returns how many there were.
-    pub(super) async fn run_nodes(&self, ready: &[TaskRecord]) -> Result<usize, ServiceError> {
-        let mut events = Vec::new();
-        let mut done = Vec::new();
-        let mut failed = Vec::new();
-        let mut inserted = Vec::new();
-        let mut waiting = Vec::new();
-        let mut regraph = BTreeSet::new();
-        let mut last_error = None;
-        let mut errors = 0;
-        for node in ready {
+    /// Runs the ready coordination nodes once each, each in a transaction of its own (with
+    /// what it completes, promotes, fails or finishes, and its events). One node's error does
+    /// not hold back the others: it is logged and the node, still ready, runs on a later step.
+    pub(super) async fn run_nodes(&self, state: &mut State) {
+        let ids = state.ready_nodes();
+        if ids.is_empty() {
+            return;
+        }
+        let rows = match self.pool.acquire().await {
+            Ok(mut conn) => scheduling::ready_nodes(&mut conn, &ids).await,
+            Err(e) => Err(DbError::from(e)),
+        };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the ready coordination nodes; will retry");
+                return;
+            }
+        };
+        // Those no longer ready were moved by someone else.
+        let still: BTreeSet<TaskId> = rows.iter().map(|r| r.id).collect();
+        for id in ids.iter().filter(|id| !still.contains(id)) {
+            state.queue.remove(*id);
+        }
+        for node in &rows {
             let span = tracing::debug_span!("node", task.id = %node.id, kind = node.kind.as_str());
-            // One node's error must not strand what the others already stored: it is logged and
-            // the node, still ready, is run again next round.
-            let ran = match self.run_node(node).instrument(span).await {
-                Ok(ran) => ran,
-                Err(e) => {
-                    tracing::warn!(task.id = %node.id, key = %node.key, error = %e, "coordination node not run; will retry");
-                    last_error = Some(e);
-                    errors += 1;
-                    continue;
+            if let Err(e) = self.run_node_tx(state, node).instrument(span).await {
+                // Inserted rows the graph may have taken in were rolled back.
+                state.forget_graph(node.workflow_id);
+                tracing::warn!(task.id = %node.id, key = %node.key, error = %e, "coordination node not run; will retry");
+                if e.is_transient() {
+                    return;
                 }
-            };
-            match ran {
-                Ran::Completed(t, event) => {
-                    events.extend(task_events([&t]));
-                    events.extend(event);
-                    done.push(t);
-                }
-                Ran::Failed(t) => {
-                    tracing::warn!(task.id = %t.id, key = %t.key, error = ?t.error, "coordination node failed");
-                    events.extend(task_events([&t]));
-                    failed.push(t);
-                }
-                Ran::Expanded {
-                    inserted: ids,
-                    event,
-                    created,
-                } => {
-                    regraph.insert(node.workflow_id);
-                    inserted.extend(ids);
-                    events.push(event);
-                    events.extend(created);
-                }
-                Ran::Waiting(id) => waiting.push(id),
-                Ran::Skipped => {}
             }
-        }
-        if let Ok(mut g) = self.graphs.lock() {
-            for w in &regraph {
-                g.remove(w);
-            }
-        }
-        // What was inserted may be ready at once (its dependencies completed before it existed);
-        // a waiting vote may already have its next source.
-        inserted.extend(waiting);
-        let promoted = scheduling::promote_candidates(&self.pool, &inserted)
-            .await
-            .map_err(db)?;
-        events.extend(task_events(&promoted));
-        events.extend(self.settle(&done, &failed).await?);
-        if !events.is_empty() {
-            self.bus.publish_all(events).await?;
-        }
-        match last_error {
-            // Nothing could be run (the database is away): stop this round rather than spin.
-            Some(e) if errors == ready.len() => Err(e),
-            _ => Ok(ready.len()),
         }
     }
 
-    async fn run_node(&self, node: &TaskRecord) -> Result<Ran, ServiceError> {
-        let sources = nodes::sources(&self.pool, node).await.map_err(db)?;
+    async fn run_node_tx(&self, state: &mut State, node: &TaskRecord) -> Result<(), ServiceError> {
+        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let mut changes = Changes::default();
+        match self.run_node(&mut tx, node).await? {
+            Ran::Completed(t, event) => {
+                changes.tasks(vec![t.clone()]);
+                changes.events.extend(event);
+                self.settle(&mut tx, state, &[t], &[], &mut changes).await?;
+            }
+            Ran::Failed(t) => {
+                tracing::warn!(task.id = %t.id, key = %t.key, error = ?t.error, "coordination node failed");
+                changes.tasks(vec![t.clone()]);
+                self.settle(&mut tx, state, &[], &[t], &mut changes).await?;
+            }
+            Ran::Expanded {
+                rewired,
+                inserted,
+                event,
+                created,
+            } => {
+                state.forget_graph(node.workflow_id);
+                changes.rows.push(rewired);
+                changes.events.push(event);
+                changes.events.extend(created);
+                // What was inserted may be ready at once (its dependencies completed before
+                // it existed).
+                let promoted = scheduling::promote_candidates(&mut tx, &inserted)
+                    .await
+                    .map_err(db)?;
+                changes.tasks(promoted);
+            }
+            // A waiting vote may already have its next ballot.
+            Ran::Waiting(t) => {
+                let promoted = scheduling::promote_candidates(&mut tx, &[t.id])
+                    .await
+                    .map_err(db)?;
+                changes.rows.push(t);
+                changes.tasks(promoted);
+            }
+            Ran::Skipped => {
+                let now = scheduling::states_of(&mut tx, &[node.id])
+                    .await
+                    .map_err(db)?;
+                match now.first() {
+                    Some(t) => state.observe(t),
+                    None => state.queue.remove(node.id),
+                }
+            }
+        }
+        let stored = self
+            .outbox
+            .store(
+                &mut tx,
+                Staged::events(&self.names, std::mem::take(&mut changes.events)),
+            )
+            .await?;
+        tx.commit().await.map_err(DbError::from)?;
+        self.outbox.publish(stored);
+        state.observe_rows(&changes.rows);
+        Ok(())
+    }
+
+    async fn run_node(
+        &self,
+        conn: &mut PgConnection,
+        node: &TaskRecord,
+    ) -> Result<Ran, ServiceError> {
+        let sources = nodes::sources(&mut *conn, node).await.map_err(db)?;
         let result = match node.kind {
             NodeKind::Task => return Ok(Ran::Skipped),
             NodeKind::Sync => {
-                let partial = self.partial_splits(node, &sources).await?;
+                let partial = Self::partial_splits(&mut *conn, node, &sources).await?;
                 Ok(Self::run_sync(node, &sources, partial))
             }
             NodeKind::Merge => Self::run_merge(node, &sources),
@@ -178,7 +215,7 @@ impl Scheduler {
         };
         match result {
             Ok(Step::Complete(output, event)) => Ok(
-                match nodes::complete(&self.pool, node.id, &output)
+                match nodes::complete(&mut *conn, node.id, &output)
                     .await
                     .map_err(db)?
                 {
@@ -192,7 +229,7 @@ impl Scheduler {
                 quorum,
                 event,
             }) => {
-                let Some(_) = nodes::expand(&self.pool, node, &rows, &depends_on, quorum)
+                let Some(rewired) = nodes::expand(&mut *conn, node, &rows, &depends_on, quorum)
                     .await
                     .map_err(db)?
                 else {
@@ -200,22 +237,23 @@ impl Scheduler {
                 };
                 tracing::info!(task.id = %node.id, key = %node.key, inserted = rows.len(), "coordination node expanded");
                 Ok(Ran::Expanded {
+                    rewired,
                     inserted: rows.iter().map(|r| r.id).collect(),
                     event,
                     created: sync_created(node.workflow_id, &rows),
                 })
             }
             Ok(Step::Wait(quorum)) => Ok(
-                match nodes::wait_for_more(&self.pool, node.id, quorum)
+                match nodes::wait_for_more(&mut *conn, node.id, quorum)
                     .await
                     .map_err(db)?
                 {
-                    Some(t) => Ran::Waiting(t.id),
+                    Some(t) => Ran::Waiting(t),
                     None => Ran::Skipped,
                 },
             ),
             Err(reason) => Ok(
-                match nodes::fail(&self.pool, node.id, &reason)
+                match nodes::fail(&mut *conn, node.id, &reason)
                     .await
                     .map_err(db)?
                 {
@@ -229,7 +267,7 @@ impl Scheduler {
     /// For a sync point released by its timeout: what the unfinished splits among its sources
     /// have so far — `{count, outputs: [child output or null], completed, partial: true}`.
     async fn partial_splits(
-        &self,
+        conn: &mut PgConnection,
         node: &TaskRecord,
         sources: &[Source],
     ) -> Result<BTreeMap<String, Value>, ServiceError> {
@@ -241,7 +279,7 @@ impl Scheduler {
             .iter()
             .filter(|s| !finished(s) && s.kind == NodeKind::Split && s.expansion > 0)
         {
-            let done = nodes::completed_outputs(&self.pool, node.workflow_id, &s.depends_on)
+            let done = nodes::completed_outputs(&mut *conn, node.workflow_id, &s.depends_on)
                 .await
                 .map_err(db)?;
             let outputs: Vec<Value> = s
@@ -421,23 +459,24 @@ impl Scheduler {
     /// A pending sync point whose timeout passed: released with what finished, or failed.
     pub(super) async fn expire_syncs(
         &self,
+        conn: &mut PgConnection,
     ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
         let mut released = Vec::new();
         let mut failed = Vec::new();
-        for t in nodes::expired_syncs(&self.pool).await.map_err(db)? {
+        for t in nodes::expired_syncs(&mut *conn).await.map_err(db)? {
             let spec: SyncSpec = spec_of(&t).unwrap_or_default();
             let seconds = spec.timeout_seconds.unwrap_or_default();
             tracing::warn!(task.id = %t.id, key = %t.key, seconds, "sync point timed out");
             let moved = match spec.on_timeout {
                 crate::domain::coordination::OnTimeout::Continue => {
-                    nodes::release_sync(&self.pool, t.id).await.map(|r| {
+                    nodes::release_sync(&mut *conn, t.id).await.map(|r| {
                         if let Some(r) = r {
                             released.push(r)
                         }
                     })
                 }
                 crate::domain::coordination::OnTimeout::Fail => nodes::fail(
-                    &self.pool,
+                    &mut *conn,
                     t.id,
                     &format!("sync point timed out after {seconds} s"),
                 )

@@ -1,0 +1,328 @@
+//! The leader's memory of scheduling, built from PostgreSQL when it takes the lease and kept in
+//! step with every row its own statements return and every change others announce: the ready
+//! queue (domain/ready.rs), which agent holds which task (so each agent's in-flight count is
+//! known without a query), each running workflow's dependency graph, and the live agents. A
+//! dispatch round reads nothing it does not dispatch. If memory and the database ever disagree
+//! (a lost announcement, a failed transaction), the leader builds it again from the database.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgConnection;
+
+use crate::db::DbError;
+use crate::db::agents::AgentRecord;
+use crate::db::scheduling::{self, TaskState};
+use crate::db::tasks::TaskRecord;
+use crate::domain::matching::{AgentSnapshot, Requirements, best};
+use crate::domain::ready::{Needs, ReadyQueue, ReadyTask};
+use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
+
+/// One workflow's graph: task ids by key and the keys that depend on each key.
+#[derive(Debug, Default)]
+pub struct Dependants {
+    index: HashMap<String, usize>,
+    ids: Vec<TaskId>,
+    graph: petgraph::graphmap::DiGraphMap<usize, ()>,
+}
+
+impl Dependants {
+    pub fn build(tasks: impl IntoIterator<Item = (TaskId, String, Vec<String>)>) -> Self {
+        let mut d = Dependants::default();
+        let tasks: Vec<_> = tasks.into_iter().collect();
+        for (i, (id, key, _)) in tasks.iter().enumerate() {
+            d.ids.push(*id);
+            d.index.insert(key.clone(), i);
+            d.graph.add_node(i);
+        }
+        for (i, (_, _, deps)) in tasks.iter().enumerate() {
+            for dep in deps {
+                if let Some(&j) = d.index.get(dep) {
+                    d.graph.add_edge(j, i, ());
+                }
+            }
+        }
+        d
+    }
+
+    /// Whether the graph has a task keyed `key` (one a split or loop inserted after the graph
+    /// was built does not).
+    pub fn knows(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// Ids of the tasks that depend directly on `key`.
+    pub fn of(&self, key: &str) -> Vec<TaskId> {
+        let Some(&node) = self.index.get(key) else {
+            return Vec::new();
+        };
+        self.graph.neighbors(node).map(|n| self.ids[n]).collect()
+    }
+}
+
+/// Tasks this leader changed itself, whose announcements come back to it and need no reading;
+/// forgotten in bulk past this many.
+const RECENT_MAX: usize = 200_000;
+/// How long the list of live agents is trusted without a change being announced.
+const AGENTS_FRESH: Duration = Duration::from_secs(1);
+
+/// The leader's memory.
+#[derive(Default)]
+pub struct State {
+    pub queue: ReadyQueue,
+    /// Holder of each assigned or running task.
+    holders: HashMap<TaskId, AgentId>,
+    in_flight: HashMap<AgentId, i32>,
+    graphs: HashMap<WorkflowId, Arc<Dependants>>,
+    recent: HashSet<TaskId>,
+    agents: Vec<AgentRecord>,
+    agents_read: Option<Instant>,
+}
+
+impl From<&TaskState> for ReadyTask {
+    fn from(t: &TaskState) -> Self {
+        Self {
+            id: t.id,
+            workflow: t.workflow_id,
+            priority: t.priority,
+            kind: t.kind,
+            needs: Needs {
+                capabilities: t.capabilities.clone(),
+                executor: t.executor.clone(),
+                pinned: t.pinned_agent_id,
+            },
+        }
+    }
+}
+
+impl State {
+    /// Everything ready or held, from the database.
+    pub async fn load(conn: &mut PgConnection) -> Result<Self, DbError> {
+        let mut state = State::default();
+        for t in scheduling::active_states(conn).await? {
+            state.observe(&t);
+        }
+        state.recent.clear();
+        Ok(state)
+    }
+
+    /// Takes in a task's current state: queued if ready (and not yet queued), out of the
+    /// queue otherwise; its holder (and that agent's count) follow its status.
+    pub fn observe(&mut self, t: &TaskState) {
+        if self.recent.len() >= RECENT_MAX {
+            self.recent.clear();
+        }
+        self.recent.insert(t.id);
+        if t.status == TaskStatus::Ready {
+            self.queue.insert(ReadyTask::from(t));
+        } else {
+            self.queue.remove(t.id);
+        }
+        let holder = t.agent_id.filter(|_| t.status.occupies_agent());
+        match (self.holders.get(&t.id).copied(), holder) {
+            (Some(old), Some(new)) if old == new => {}
+            (old, new) => {
+                if let Some(old) = old {
+                    self.holders.remove(&t.id);
+                    if let Some(n) = self.in_flight.get_mut(&old) {
+                        *n -= 1;
+                        if *n <= 0 {
+                            self.in_flight.remove(&old);
+                        }
+                    }
+                }
+                if let Some(new) = new {
+                    self.holders.insert(t.id, new);
+                    *self.in_flight.entry(new).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// [`State::observe`] for rows a statement returned.
+    pub fn observe_rows<'a>(&mut self, rows: impl IntoIterator<Item = &'a TaskRecord>) {
+        for r in rows {
+            self.observe(&TaskState::from(r));
+        }
+    }
+
+    /// Whether this leader changed `task` lately (its announcement needs no reading).
+    pub fn changed_lately(&self, task: TaskId) -> bool {
+        self.recent.contains(&task)
+    }
+
+    /// Tasks held by `agent` now.
+    pub fn load_of(&self, agent: AgentId) -> i32 {
+        self.in_flight.get(&agent).copied().unwrap_or(0)
+    }
+
+    /// How many tasks memory holds as ready, and as held by agents.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.queue.len(), self.holders.len())
+    }
+
+    /// A workflow's graph, if loaded.
+    pub fn graph(&self, workflow: WorkflowId) -> Option<Arc<Dependants>> {
+        self.graphs.get(&workflow).cloned()
+    }
+
+    pub fn set_graph(&mut self, workflow: WorkflowId, graph: Arc<Dependants>) {
+        self.graphs.insert(workflow, graph);
+    }
+
+    /// A workflow finished (or grew tasks the graph lacks): its graph goes.
+    pub fn forget_graph(&mut self, workflow: WorkflowId) {
+        self.graphs.remove(&workflow);
+    }
+
+    /// The live agents must be read again (one was registered or changed status).
+    pub fn agents_changed(&mut self) {
+        self.agents_read = None;
+    }
+
+    pub fn agents_stale(&self) -> bool {
+        self.agents_read.is_none_or(|t| t.elapsed() >= AGENTS_FRESH)
+    }
+
+    pub fn set_agents(&mut self, agents: Vec<AgentRecord>) {
+        self.agents = agents;
+        self.agents_read = Some(Instant::now());
+    }
+
+    /// Plans up to `max` ready tasks onto the best-fit live agents with free capacity (never
+    /// more than an agent's capacity, counting what it holds), in the queue's fair order. The
+    /// planned tasks leave the queue.
+    pub fn plan(&mut self, max: usize, stale_after_ms: i64) -> Vec<(TaskId, AgentId)> {
+        if self.queue.is_empty() || self.agents.is_empty() {
+            return Vec::new();
+        }
+        let now = chrono::Utc::now();
+        let mut snapshots: Vec<AgentSnapshot<'_>> = self
+            .agents
+            .iter()
+            .map(crate::service::registry::snapshot)
+            .collect();
+        for s in &mut snapshots {
+            s.load = self.in_flight.get(&s.id).copied().unwrap_or(0);
+        }
+        let mut free: i32 = snapshots.iter().map(|s| s.free_capacity()).sum();
+        if free == 0 {
+            return Vec::new();
+        }
+        // Who could take each kind of task, worked out once per kind.
+        let mut candidates: HashMap<Needs, Vec<usize>> = HashMap::new();
+        let mut assigned = 0usize;
+        self.queue.plan(max, |needs| {
+            if free == 0 {
+                return None;
+            }
+            let offers =
+                |s: &AgentSnapshot<'_>| crate::domain::agent::offers(s.executors, &needs.executor);
+            let chosen = match needs.pinned {
+                // A handed-off task waits for its agent only, whatever that agent offers besides.
+                Some(pin) => snapshots
+                    .iter()
+                    .position(|s| s.id == pin && s.is_available() && offers(s))?,
+                None => {
+                    let fits = candidates.entry(needs.clone()).or_insert_with(|| {
+                        snapshots
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| offers(s))
+                            .filter(|(_, s)| {
+                                needs
+                                    .capabilities
+                                    .iter()
+                                    .all(|c| s.capabilities.binary_search(c).is_ok())
+                            })
+                            .map(|(i, _)| i)
+                            .collect()
+                    });
+                    let req = Requirements {
+                        capabilities: needs.capabilities.clone(),
+                        executor: Some(needs.executor.clone()),
+                        ..Requirements::default()
+                    };
+                    best(&snapshots, fits.iter().copied(), &req, now, stale_after_ms)?
+                }
+            };
+            let s = &mut snapshots[chosen];
+            s.load += 1;
+            // Spreads equal candidates: the next tie goes to another agent.
+            s.last_assigned_at = Some(now + chrono::Duration::microseconds(assigned as i64));
+            assigned += 1;
+            free -= 1;
+            Some(s.id)
+        })
+    }
+
+    /// The ready coordination nodes (the leader runs them itself).
+    pub fn ready_nodes(&self) -> Vec<TaskId> {
+        self.queue.nodes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::coordination::NodeKind;
+
+    fn state_of(status: TaskStatus, agent: Option<AgentId>) -> TaskState {
+        TaskState {
+            id: TaskId::new(),
+            workflow_id: WorkflowId::new(),
+            status,
+            priority: crate::domain::Priority::Medium,
+            kind: NodeKind::Task,
+            capabilities: vec![],
+            executor: "echo".into(),
+            pinned_agent_id: None,
+            agent_id: agent,
+        }
+    }
+
+    #[test]
+    fn holders_and_in_flight_follow_each_tasks_status() {
+        let mut s = State::default();
+        let a = AgentId::new();
+        let mut t = state_of(TaskStatus::Ready, None);
+        s.observe(&t);
+        assert_eq!(s.counts(), (1, 0));
+        t.status = TaskStatus::Assigned;
+        t.agent_id = Some(a);
+        s.observe(&t);
+        assert_eq!((s.counts(), s.load_of(a)), ((0, 1), 1));
+        t.status = TaskStatus::Running;
+        s.observe(&t);
+        assert_eq!(s.load_of(a), 1, "the same holder counts once");
+        t.status = TaskStatus::Completed;
+        s.observe(&t);
+        assert_eq!((s.counts(), s.load_of(a)), ((0, 0), 0));
+        assert!(s.changed_lately(t.id));
+    }
+
+    #[test]
+    fn the_in_memory_graph_names_the_direct_dependants() {
+        let (root, left, right, join) =
+            (TaskId::new(), TaskId::new(), TaskId::new(), TaskId::new());
+        let g = Dependants::build([
+            (
+                join,
+                "join".to_string(),
+                vec!["left".to_string(), "right".to_string()],
+            ),
+            (root, "root".to_string(), vec![]),
+            (left, "left".to_string(), vec!["root".to_string()]),
+            (right, "right".to_string(), vec!["root".to_string()]),
+        ]);
+        let mut of_root = g.of("root");
+        of_root.sort();
+        let mut expected = vec![left, right];
+        expected.sort();
+        assert_eq!(of_root, expected);
+        assert_eq!(g.of("left"), vec![join]);
+        assert!(g.of("join").is_empty());
+        assert!(g.of("ghost").is_empty());
+    }
+}
