@@ -46,7 +46,7 @@ pub struct BenchArgs {
     /// Round trips for the floor and lock measurements.
     #[arg(long, default_value_t = 2_000)]
     pub samples: usize,
-    /// Sizes of the wide DAGs of the backlog curve (comma-separated; empty: none).
+    /// Sizes of the wide DAGs of the backlog curve (comma-separated; `0`: none).
     #[arg(long, value_delimiter = ',', default_value = "2000,20000,100000")]
     pub backlog: Vec<usize>,
 }
@@ -218,7 +218,7 @@ async fn measure(
     // The backlog curve: does a task cost more when more are waiting?
     let largest = args.backlog.iter().copied().max().unwrap_or(0);
     let mut curve = Vec::new();
-    for &size in &args.backlog {
+    for &size in args.backlog.iter().filter(|s| **s > 0) {
         let spec = WorkflowSpec {
             name: format!("bench-backlog-{size}"),
             failure_policy: Default::default(),

@@ -1,6 +1,8 @@
 //! The scheduler's set-based statements: each moves a whole batch of tasks in one round trip,
 //! every row guarded by its expected status (and attempt, where a worker's report is applied).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use sqlx::PgConnection;
 
 use super::DbError;
@@ -99,15 +101,14 @@ pub async fn count_active(db: &mut PgConnection) -> Result<(i64, i64), DbError> 
 }
 
 /// An assigned task and its dependencies' outputs (key → output).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Assigned {
-    #[sqlx(flatten)]
     pub task: TaskRecord,
-    pub dependency_outputs: serde_json::Value,
+    pub dependency_outputs: BTreeMap<String, serde_json::Value>,
 }
 
 /// Assigns tasks to agents — `ready → assigned`, attempt + 1, stamping the agents'
-/// `last_assigned_at` — and reads each one's dependency outputs, in one statement. Rows no
+/// `last_assigned_at` — in one statement, and reads their dependencies' outputs. Rows no
 /// longer ready are skipped.
 pub async fn assign(
     db: &mut PgConnection,
@@ -118,7 +119,7 @@ pub async fn assign(
     }
     let tasks: Vec<TaskId> = pairs.iter().map(|p| p.0).collect();
     let agents: Vec<AgentId> = pairs.iter().map(|p| p.1).collect();
-    Ok(sqlx::query_as::<_, Assigned>(
+    let assigned = sqlx::query_as::<_, TaskRecord>(
         "WITH a AS (
              UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
                  error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
@@ -128,27 +129,67 @@ pub async fn assign(
          ), stamped AS (
              UPDATE agents SET last_assigned_at = now() WHERE id = ANY($2)
          )
-         SELECT a.*, COALESCE((SELECT jsonb_object_agg(d.key, d.output) FROM tasks d
-                               WHERE d.workflow_id = a.workflow_id AND d.key = ANY(a.depends_on)),
-                              '{}'::jsonb) AS dependency_outputs
-         FROM a",
+         SELECT * FROM a",
     )
     .bind(&tasks)
     .bind(&agents)
     .fetch_all(&mut *db)
-    .await?)
+    .await?;
+    with_dependency_outputs(db, assigned).await
 }
 
 /// The assigned tasks: dispatched, maybe not yet delivered (a new leader publishes them again).
 pub async fn assigned_tasks(db: &mut PgConnection) -> Result<Vec<Assigned>, DbError> {
-    Ok(sqlx::query_as::<_, Assigned>(
-        "SELECT a.*, COALESCE((SELECT jsonb_object_agg(d.key, d.output) FROM tasks d
-                               WHERE d.workflow_id = a.workflow_id AND d.key = ANY(a.depends_on)),
-                              '{}'::jsonb) AS dependency_outputs
-         FROM tasks a WHERE a.status = 'assigned'",
-    )
-    .fetch_all(&mut *db)
-    .await?)
+    let assigned = sqlx::query_as::<_, TaskRecord>("SELECT * FROM tasks WHERE status = 'assigned'")
+        .fetch_all(&mut *db)
+        .await?;
+    with_dependency_outputs(db, assigned).await
+}
+
+/// Each task with its dependencies' outputs, every distinct dependency read once: the children
+/// of a split share their source, whose output (the items) may be large.
+async fn with_dependency_outputs(
+    db: &mut PgConnection,
+    tasks: Vec<TaskRecord>,
+) -> Result<Vec<Assigned>, DbError> {
+    let wanted: BTreeSet<(WorkflowId, &str)> = tasks
+        .iter()
+        .flat_map(|t| t.depends_on.iter().map(|k| (t.workflow_id, k.as_str())))
+        .collect();
+    let mut outputs: HashMap<(WorkflowId, String), serde_json::Value> = HashMap::new();
+    if !wanted.is_empty() {
+        let workflows: Vec<WorkflowId> = wanted.iter().map(|(w, _)| *w).collect();
+        let keys: Vec<&str> = wanted.iter().map(|(_, k)| *k).collect();
+        let rows: Vec<(WorkflowId, String, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT d.workflow_id, d.key, d.output
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(workflow_id, key)
+             JOIN tasks d ON d.workflow_id = u.workflow_id AND d.key = u.key",
+        )
+        .bind(&workflows)
+        .bind(&keys)
+        .fetch_all(&mut *db)
+        .await?;
+        for (w, k, output) in rows {
+            outputs.insert((w, k), output.unwrap_or(serde_json::Value::Null));
+        }
+    }
+    Ok(tasks
+        .into_iter()
+        .map(|task| {
+            let dependency_outputs = task
+                .depends_on
+                .iter()
+                .filter_map(|k| {
+                    let v = outputs.get(&(task.workflow_id, k.clone()))?;
+                    Some((k.clone(), v.clone()))
+                })
+                .collect();
+            Assigned {
+                task,
+                dependency_outputs,
+            }
+        })
+        .collect())
 }
 
 /// Puts tasks whose dispatch could not be published back to ready (still at their attempt).
@@ -285,14 +326,19 @@ pub async fn requeue(
 const PROMOTE: &str = "UPDATE tasks t SET status = 'ready', ready_at = now(), updated_at = now()";
 /// …only pending tasks whose join is satisfied: every dependency completed, or (a quorum join)
 /// at least `join_quorum` of them. The common case stops at the first unfinished dependency.
+/// Each dependency is looked up by its own (workflow, key) in a scalar subquery: written as a
+/// join, PostgreSQL (with the statistics of a table that just grew) scans every task of the
+/// workflow for each candidate — seconds for the children of a large split.
 const UNBLOCKED: &str = "AND t.status = 'pending'
     AND CASE WHEN t.join_quorum IS NULL THEN
-            NOT EXISTS (SELECT 1 FROM tasks d
-                        WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-                          AND d.status <> 'completed')
-        ELSE (SELECT count(*) FROM tasks d
-              WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-                AND d.status = 'completed') >= t.join_quorum
+            NOT EXISTS (SELECT 1 FROM unnest(t.depends_on) AS k(key)
+                        WHERE (SELECT d.status FROM tasks d
+                               WHERE d.workflow_id = t.workflow_id AND d.key = k.key)
+                              IS DISTINCT FROM 'completed')
+        ELSE (SELECT count(*) FROM unnest(t.depends_on) AS k(key)
+              WHERE (SELECT d.status FROM tasks d
+                     WHERE d.workflow_id = t.workflow_id AND d.key = k.key) = 'completed')
+             >= t.join_quorum
         END
     RETURNING t.*";
 
@@ -338,13 +384,15 @@ pub async fn running_workflows(db: &mut PgConnection) -> Result<Vec<WorkflowId>,
     )
 }
 
-/// Dependency edges of workflows: (workflow, task id, key, depends_on).
+/// Dependency edges of workflows: (workflow, task id, key, depends_on, whether its join is a
+/// quorum).
 pub async fn graph_edges(
     db: &mut PgConnection,
     workflows: &[WorkflowId],
-) -> Result<Vec<(WorkflowId, TaskId, String, Vec<String>)>, DbError> {
+) -> Result<Vec<(WorkflowId, TaskId, String, Vec<String>, bool)>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT workflow_id, id, key, depends_on FROM tasks WHERE workflow_id = ANY($1)",
+        "SELECT workflow_id, id, key, depends_on, join_quorum IS NOT NULL FROM tasks
+         WHERE workflow_id = ANY($1)",
     )
     .bind(workflows)
     .fetch_all(&mut *db)
@@ -433,9 +481,9 @@ pub async fn cancel_unfinished(
 /// dependencies than required are left that have not failed or been cancelled.
 const UNSATISFIABLE: &str = "t.workflow_id = $1 AND t.status = 'pending' AND t.depends_on && $2
     AND cardinality(t.depends_on)
-        - (SELECT count(*) FROM tasks d
-           WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on)
-             AND d.status IN ('failed', 'cancelled'))
+        - (SELECT count(*) FROM unnest(t.depends_on) AS k(key)
+           WHERE (SELECT d.status FROM tasks d
+                  WHERE d.workflow_id = t.workflow_id AND d.key = k.key) IN ('failed', 'cancelled'))
         < COALESCE(t.join_quorum, cardinality(t.depends_on))";
 
 /// Whether a failure of `key` leaves a dependant unable to run — or there is no dependant to

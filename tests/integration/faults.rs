@@ -256,3 +256,133 @@ async fn a_worker_stopped_mid_task_hands_it_back_and_another_finishes_it() {
     c.client.cancel(wf.workflow_id).await.unwrap();
     c.stop().await;
 }
+
+/// Every event of the namespace of type `kind` now in its stream.
+async fn events_of(c: &Cluster, kind: &str) -> Vec<omoi::domain::Envelope> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let stream = c
+        .env
+        .js
+        .get_stream(c.env.names.stream(omoi::bus::names::STREAM_EVENTS))
+        .await
+        .unwrap();
+    let mut consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: c.env.names.event(kind),
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let total = consumer.info().await.unwrap().num_pending as usize;
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(total - out.len())
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = batch.next().await {
+            out.push(serde_json::from_slice(&m.unwrap().payload).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_leader_killed_again_and_again_announces_every_transition_once() {
+    let mut c = Cluster::without_control_plane().await;
+    let mut coordinator = c.spawn_coordinator();
+    c.spawn_worker("w1", "sleep", 3).await;
+    c.spawn_worker("w2", "sleep", 3).await;
+    let sleep = |key: String, deps: Vec<String>| {
+        json!({"key": key, "executor": "sleep", "capabilities": ["sleep"], "depends_on": deps,
+               "input": {"ms": 60, "output": {}}})
+    };
+    let mut tasks: Vec<_> = (0..120).map(|i| sleep(format!("w{i}"), vec![])).collect();
+    for i in 0..20 {
+        let deps = if i == 0 {
+            vec![]
+        } else {
+            vec![format!("c{}", i - 1)]
+        };
+        tasks.push(sleep(format!("c{i}"), deps));
+    }
+    let n = tasks.len();
+    let wf = c.submit(json!({"name": "kills", "tasks": tasks})).await;
+    // Read from the database: between a kill and its replacement nobody answers requests.
+    let completed = || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE workflow_id = $1 AND status = 'completed'",
+        )
+        .bind(wf.workflow_id)
+        .fetch_one(&c.env.pool)
+        .await
+        .unwrap();
+        done as usize
+    };
+    // Killed whenever it has made progress since it took over, four times.
+    for kill in 0..4 {
+        let before = completed().await;
+        eventually(
+            Duration::from_secs(60),
+            "progress under this leader",
+            || async { (completed().await >= before + 15).then_some(()) },
+        )
+        .await;
+        if completed().await >= n {
+            break;
+        }
+        let pid = coordinator.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap()
+                .success(),
+            "kill {kill}"
+        );
+        let _ = coordinator.wait().await;
+        coordinator = c.spawn_coordinator();
+    }
+    let view = c.wait(wf.workflow_id, Duration::from_secs(90)).await;
+    assert_eq!(
+        view.workflow.status,
+        WorkflowStatus::Completed,
+        "{:?}",
+        view.counts
+    );
+    // Once the outbox has drained, the stream holds every announcement, each once.
+    eventually(Duration::from_secs(30), "outbox drained", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&c.env.pool)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    let mut per_task: HashMap<omoi::domain::TaskId, usize> = HashMap::new();
+    for e in events_of(&c, "task.completed").await {
+        let t = e.event.task().expect("a task event").task_id;
+        *per_task.entry(t).or_default() += 1;
+    }
+    assert_eq!(per_task.len(), n, "a task.completed event for every task");
+    for t in &view.tasks {
+        assert_eq!(
+            per_task.get(&t.id),
+            Some(&1),
+            "task {} announced once",
+            t.key
+        );
+    }
+    let ids: std::collections::HashSet<_> = events_of(&c, "task.completed")
+        .await
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids.len(), n);
+    assert_eq!(events_of(&c, "workflow.completed").await.len(), 1);
+    c.stop().await;
+}

@@ -19,7 +19,7 @@
 //! plane) reach the leader as events and are read back; every few seconds memory is checked
 //! against the database and rebuilt if they disagree.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -645,7 +645,9 @@ impl Scheduler {
             .await
             .map_err(db)?;
         let graph = Arc::new(Dependants::build(
-            edges.into_iter().map(|(_, id, key, deps)| (id, key, deps)),
+            edges
+                .into_iter()
+                .map(|(_, id, key, deps, quorum)| (id, key, deps, quorum)),
         ));
         state.set_graph(workflow, graph.clone());
         Ok(graph)
@@ -661,15 +663,24 @@ impl Scheduler {
         failed: &[TaskRecord],
         changes: &mut Changes,
     ) -> Result<(), ServiceError> {
+        state.observe_rows(done.iter().chain(failed));
         let mut touched: BTreeSet<WorkflowId> = done.iter().map(|t| t.workflow_id).collect();
-        // Only the direct dependants of what completed can have become ready.
-        let mut candidates = Vec::new();
+        // Only the direct dependants of what completed can have become ready — and not one
+        // that memory knows still waits on a task ready or running (a join over a wide split
+        // is not checked again at each child's completion).
+        let mut candidates = BTreeSet::new();
         for t in done {
             let graph = self
                 .dependants(&mut *conn, state, t.workflow_id, &t.key)
                 .await?;
-            candidates.extend(graph.of(&t.key));
+            candidates.extend(
+                graph
+                    .of(&t.key)
+                    .into_iter()
+                    .filter(|c| !graph.waits_on(*c, |d| state.is_active(d))),
+            );
         }
+        let candidates: Vec<TaskId> = candidates.into_iter().collect();
         let promoted = scheduling::promote_candidates(&mut *conn, &candidates)
             .await
             .map_err(db)?;
@@ -732,8 +743,7 @@ impl Scheduler {
         for a in assigned {
             let t = &a.task;
             let Some(agent_id) = t.agent_id else { continue };
-            let dependencies: BTreeMap<String, serde_json::Value> =
-                serde_json::from_value(a.dependency_outputs.clone()).unwrap_or_default();
+            let dependencies = a.dependency_outputs;
             let mut dispatch = Dispatch {
                 v: PROTOCOL_VERSION,
                 task_id: t.id,

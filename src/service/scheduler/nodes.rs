@@ -125,8 +125,10 @@ impl Scheduler {
         for node in &rows {
             let span = tracing::debug_span!("node", task.id = %node.id, kind = node.kind.as_str());
             if let Err(e) = self.run_node_tx(state, node).instrument(span).await {
-                // Inserted rows the graph may have taken in were rolled back.
+                // Rolled back: the node is ready still, and rows the graph may have taken in
+                // are gone.
                 state.forget_graph(node.workflow_id);
+                state.observe(&crate::db::scheduling::TaskState::from(node));
                 tracing::warn!(task.id = %node.id, key = %node.key, error = %e, "coordination node not run; will retry");
                 if e.is_transient() {
                     return;

@@ -23,20 +23,26 @@ use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
 #[derive(Debug, Default)]
 pub struct Dependants {
     index: HashMap<String, usize>,
+    by_id: HashMap<TaskId, usize>,
     ids: Vec<TaskId>,
+    /// Whether each task's join is a quorum (it can be ready with dependencies unfinished).
+    quorum: Vec<bool>,
     graph: petgraph::graphmap::DiGraphMap<usize, ()>,
 }
 
 impl Dependants {
-    pub fn build(tasks: impl IntoIterator<Item = (TaskId, String, Vec<String>)>) -> Self {
+    /// From each task's id, key, dependencies and whether its join is a quorum.
+    pub fn build(tasks: impl IntoIterator<Item = (TaskId, String, Vec<String>, bool)>) -> Self {
         let mut d = Dependants::default();
         let tasks: Vec<_> = tasks.into_iter().collect();
-        for (i, (id, key, _)) in tasks.iter().enumerate() {
+        for (i, (id, key, _, quorum)) in tasks.iter().enumerate() {
             d.ids.push(*id);
             d.index.insert(key.clone(), i);
+            d.by_id.insert(*id, i);
+            d.quorum.push(*quorum);
             d.graph.add_node(i);
         }
-        for (i, (_, _, deps)) in tasks.iter().enumerate() {
+        for (i, (_, _, deps, _)) in tasks.iter().enumerate() {
             for dep in deps {
                 if let Some(&j) = d.index.get(dep) {
                     d.graph.add_edge(j, i, ());
@@ -50,6 +56,20 @@ impl Dependants {
     /// was built does not).
     pub fn knows(&self, key: &str) -> bool {
         self.index.contains_key(key)
+    }
+
+    /// Whether `task` (joining all its dependencies) still waits on one that `active` says is
+    /// unfinished; `false` for a quorum join or a task the graph does not know.
+    pub fn waits_on(&self, task: TaskId, active: impl Fn(TaskId) -> bool) -> bool {
+        let Some(&node) = self.by_id.get(&task) else {
+            return false;
+        };
+        if self.quorum[node] {
+            return false;
+        }
+        self.graph
+            .neighbors_directed(node, petgraph::Direction::Incoming)
+            .any(|d| active(self.ids[d]))
     }
 
     /// Ids of the tasks that depend directly on `key`.
@@ -150,6 +170,11 @@ impl State {
     /// Whether this leader changed `task` lately (its announcement needs no reading).
     pub fn changed_lately(&self, task: TaskId) -> bool {
         self.recent.contains(&task)
+    }
+
+    /// Whether memory holds `task` as ready or held by an agent (unfinished for certain).
+    pub fn is_active(&self, task: TaskId) -> bool {
+        self.queue.contains(task) || self.holders.contains_key(&task)
     }
 
     /// Tasks held by `agent` now.
@@ -311,10 +336,11 @@ mod tests {
                 join,
                 "join".to_string(),
                 vec!["left".to_string(), "right".to_string()],
+                false,
             ),
-            (root, "root".to_string(), vec![]),
-            (left, "left".to_string(), vec!["root".to_string()]),
-            (right, "right".to_string(), vec!["root".to_string()]),
+            (root, "root".to_string(), vec![], false),
+            (left, "left".to_string(), vec!["root".to_string()], false),
+            (right, "right".to_string(), vec!["root".to_string()], false),
         ]);
         let mut of_root = g.of("root");
         of_root.sort();
@@ -324,5 +350,12 @@ mod tests {
         assert_eq!(g.of("left"), vec![join]);
         assert!(g.of("join").is_empty());
         assert!(g.of("ghost").is_empty());
+        // The join waits while either branch is unfinished, not once both are done.
+        assert!(g.waits_on(join, |t| t == left));
+        assert!(!g.waits_on(join, |t| t == root));
+        assert!(
+            !g.waits_on(TaskId::new(), |_| true),
+            "unknown: checked in the database"
+        );
     }
 }
