@@ -9,7 +9,10 @@
 //! 3. the backlog curve: wide DAGs of several sizes, and control-plane memory per pending task
 //!    at the largest;
 //! 4. hop latency: a chain, from a dependency's completion to its dependant's start;
-//! 5. a dynamic split, and lock acquire + release vs a raw KV create.
+//! 5. a dynamic split;
+//! 6. the scheduler alone (control plane stopped): fetch-and-assign of 10,000 ready tasks over
+//!    100 agents, and the memory it holds per pending task (100,000 of them);
+//! 7. lock acquire + release vs a raw KV create.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -353,9 +356,30 @@ async fn measure(
         let _ = tokio::time::timeout(Duration::from_secs(15), w.wait()).await;
     }
     shutdown.drain(Duration::from_secs(5)).await;
+
+    // 5. The scheduler's own cost, with the control plane stopped: fetch-and-assign, and the
+    // memory of pending tasks.
+    let assign = fetch_and_assign(
+        &pool,
+        &settings.database_url,
+        settings.agent_stale_after_ms as i64,
+    )
+    .await?;
+    println!(
+        "omoi    fetch-and-assign of {ASSIGN_TASKS} ready tasks over {ASSIGN_AGENTS} agents   p95 {}  median {}  ({ASSIGN_ROUNDS} rounds; of which planning in memory: median {})",
+        ms(assign.round.p95),
+        ms(assign.round.median),
+        ms(assign.plan.median),
+    );
+    println!(
+        "omoi    scheduler memory of {} pending tasks   {:.0} bytes per task  (built from the database in {})",
+        assign.pending,
+        assign.bytes_per_pending,
+        ms(assign.load)
+    );
     pool.close().await;
 
-    // 5. Locks vs raw KV.
+    // 6. Locks vs raw KV.
     let kv = provision::open_bucket(js, names, crate::bus::names::BUCKET_LOCKS).await?;
     let mut raw = Vec::with_capacity(args.samples);
     for i in 0..args.samples {
@@ -396,6 +420,177 @@ async fn measure(
         "omoi    lock acquire + release             median {}  p99 {}",
         ms(cycle.median),
         ms(cycle.p99)
+    );
+    Ok(())
+}
+
+const ASSIGN_TASKS: usize = 10_000;
+const ASSIGN_AGENTS: usize = 100;
+const ASSIGN_ROUNDS: usize = 20;
+/// Pending tasks whose scheduler memory is measured.
+const MEMORY_TASKS: usize = 100_000;
+
+/// What the scheduler's own measurements found.
+struct AssignRun {
+    round: Percentiles,
+    plan: Percentiles,
+    load: Duration,
+    pending: usize,
+    bytes_per_pending: f64,
+}
+
+struct Percentiles {
+    median: Duration,
+    p95: Duration,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<Duration>) -> Self {
+        v.sort();
+        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))];
+        Self {
+            median: at(0.5),
+            p95: at(0.95),
+        }
+    }
+}
+
+/// Ready tasks of one workflow, written straight to the database (no events: nothing listens).
+async fn ready_tasks(
+    pool: &sqlx::PgPool,
+    name: &str,
+    n: usize,
+) -> anyhow::Result<crate::domain::WorkflowId> {
+    let id = crate::domain::WorkflowId::new();
+    let spec = TaskSpec {
+        capabilities: vec!["assign-bench".into()],
+        ..TaskSpec::new(String::new())
+    };
+    let rows: Vec<crate::db::workflows::NewTask> = (0..n)
+        .map(|i| {
+            let mut row =
+                crate::db::workflows::NewTask::from_spec(crate::domain::TaskId::new(), &spec);
+            row.key = format!("t{i}");
+            row
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    crate::db::workflows::create(
+        &mut tx,
+        id,
+        name,
+        "fail_fast",
+        &serde_json::json!({}),
+        &rows,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// 10,000 ready tasks over 100 agents of capacity 100, no worker behind them: each round plans
+/// every task onto an agent from the scheduler's memory and assigns them in one statement, then
+/// the tasks are put back to ready (not timed). Then the memory of 100,000 pending tasks.
+async fn fetch_and_assign(
+    pool: &sqlx::PgPool,
+    database_url: &str,
+    stale_after_ms: i64,
+) -> anyhow::Result<AssignRun> {
+    use crate::service::scheduler::state::State;
+    for i in 0..ASSIGN_AGENTS {
+        crate::db::agents::insert(
+            pool,
+            &crate::db::agents::NewAgent {
+                id: crate::domain::AgentId::new(),
+                name: format!("assign-bench-{i}"),
+                agent_type: "bench".into(),
+                phase_id: None,
+                capabilities: vec!["assign-bench".into()],
+                capacity: (ASSIGN_TASKS / ASSIGN_AGENTS) as i32,
+                tags: vec![],
+                metadata: serde_json::json!({}),
+                executors: vec!["echo".into()],
+            },
+        )
+        .await?;
+    }
+    let workflow = ready_tasks(pool, "bench-assign", ASSIGN_TASKS).await?;
+    let mut rounds = Vec::with_capacity(ASSIGN_ROUNDS);
+    let mut plans = Vec::with_capacity(ASSIGN_ROUNDS);
+    let mut conn = pool.acquire().await?;
+    for _ in 0..ASSIGN_ROUNDS {
+        let mut state = State::load(&mut conn).await?;
+        state.set_agents(crate::db::agents::dispatchable(&mut *conn).await?);
+        let started = Instant::now();
+        let planned = state.plan(ASSIGN_TASKS, stale_after_ms);
+        plans.push(started.elapsed());
+        let mut tx = pool.begin().await?;
+        let assigned =
+            crate::db::scheduling::assign(&mut tx, &planned, &Default::default()).await?;
+        tx.commit().await?;
+        rounds.push(started.elapsed());
+        if assigned.len() != ASSIGN_TASKS {
+            bail!(
+                "fetch-and-assign assigned {} of {ASSIGN_TASKS} tasks",
+                assigned.len()
+            );
+        }
+        sqlx::query(
+            "UPDATE tasks SET status = 'ready', agent_id = NULL, ready_at = now() WHERE workflow_id = $1",
+        )
+        .bind(workflow)
+        .execute(&mut *conn)
+        .await?;
+    }
+    // Memory: what the leader holds for each pending (ready) task, measured in a fresh process
+    // (this one's heap has room left by what came before).
+    ready_tasks(pool, "bench-memory", MEMORY_TASKS - ASSIGN_TASKS).await?;
+    sqlx::query("DELETE FROM agents WHERE agent_type = 'bench'")
+        .execute(&mut *conn)
+        .await?;
+    let exe = std::env::current_exe().context("own executable")?;
+    let probe = tokio::process::Command::new(&exe)
+        .arg("bench-scheduler-memory")
+        .env("OMOI_DATABASE_URL", database_url)
+        .env("OMOI_LOG_LEVEL", "error")
+        .output()
+        .await
+        .context("run the memory probe")?;
+    let report: serde_json::Value = serde_json::from_slice(&probe.stdout).with_context(|| {
+        format!(
+            "memory probe said: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        )
+    })?;
+    let pending = report["pending"].as_u64().unwrap_or(0) as usize;
+    let bytes = report["bytes"].as_u64().unwrap_or(0);
+    let load = Duration::from_secs_f64(report["load_seconds"].as_f64().unwrap_or(0.0));
+    Ok(AssignRun {
+        round: Percentiles::of(rounds),
+        plan: Percentiles::of(plans),
+        load,
+        pending,
+        bytes_per_pending: bytes as f64 / pending.max(1) as f64,
+    })
+}
+
+/// `omoi bench-scheduler-memory` (hidden): builds the scheduler's memory from the database
+/// and prints `{pending, bytes, load_seconds}` — resident memory grown, peak included.
+pub async fn scheduler_memory(settings: &Settings) -> anyhow::Result<()> {
+    let pool = crate::db::connect(&settings.database_url, 1).await?;
+    let mut conn = pool.acquire().await?;
+    let before = super::bench_floor::rss_bytes();
+    let started = Instant::now();
+    let state = crate::service::scheduler::state::State::load(&mut conn).await?;
+    let load = started.elapsed();
+    let after = super::bench_floor::rss_bytes();
+    println!(
+        "{}",
+        serde_json::json!({
+            "pending": state.counts().0,
+            "bytes": after.saturating_sub(before),
+            "load_seconds": load.as_secs_f64(),
+        })
     );
     Ok(())
 }

@@ -76,6 +76,10 @@ pub enum Command {
     /// One process of `omoi bench`'s raw fleet floor (started by the bench).
     #[command(hide = true)]
     BenchFloorWorker(bench_floor::FloorWorkerArgs),
+    /// Builds the scheduler's memory from the database in a fresh process and prints what it
+    /// cost (started by the bench).
+    #[command(hide = true)]
+    BenchSchedulerMemory,
     /// List, show and validate pattern files (patterns/README.md).
     #[command(subcommand)]
     Patterns(patterns::PatternsCommand),
@@ -226,6 +230,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Locks(args) => locks(&settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
         Command::BenchFloorWorker(args) => bench_floor::run_worker(&settings, args).await,
+        Command::BenchSchedulerMemory => bench::scheduler_memory(&settings).await,
         Command::Patterns(command) => patterns::run_patterns(&settings, command),
         Command::Run(args) => patterns::run(&settings, args).await,
         Command::Simulate(args) => simulate::run(settings, args).await,

@@ -107,18 +107,28 @@ pub struct Assigned {
     pub dependency_outputs: BTreeMap<String, serde_json::Value>,
 }
 
+/// Outputs already at hand (of tasks completed in the same transaction), by workflow and key.
+pub type KnownOutputs<'a> = HashMap<(WorkflowId, &'a str), &'a serde_json::Value>;
+
 /// Assigns tasks to agents — `ready → assigned`, attempt + 1, stamping the agents'
-/// `last_assigned_at` — in one statement, and reads their dependencies' outputs. Rows no
-/// longer ready are skipped.
+/// `last_assigned_at` — in one statement, and reads their dependencies' outputs (those not in
+/// `known`). Rows no longer ready are skipped.
 pub async fn assign(
     db: &mut PgConnection,
     pairs: &[(TaskId, AgentId)],
+    known: &KnownOutputs<'_>,
 ) -> Result<Vec<Assigned>, DbError> {
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
     let tasks: Vec<TaskId> = pairs.iter().map(|p| p.0).collect();
     let agents: Vec<AgentId> = pairs.iter().map(|p| p.1).collect();
+    let stamped: Vec<AgentId> = agents
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let assigned = sqlx::query_as::<_, TaskRecord>(
         "WITH a AS (
              UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
@@ -127,15 +137,16 @@ pub async fn assign(
              WHERE t.id = u.id AND t.status = 'ready'
              RETURNING t.*
          ), stamped AS (
-             UPDATE agents SET last_assigned_at = now() WHERE id = ANY($2)
+             UPDATE agents SET last_assigned_at = now() WHERE id = ANY($3)
          )
          SELECT * FROM a",
     )
     .bind(&tasks)
     .bind(&agents)
+    .bind(&stamped)
     .fetch_all(&mut *db)
     .await?;
-    with_dependency_outputs(db, assigned).await
+    with_dependency_outputs(db, assigned, known).await
 }
 
 /// The assigned tasks: dispatched, maybe not yet delivered (a new leader publishes them again).
@@ -143,18 +154,21 @@ pub async fn assigned_tasks(db: &mut PgConnection) -> Result<Vec<Assigned>, DbEr
     let assigned = sqlx::query_as::<_, TaskRecord>("SELECT * FROM tasks WHERE status = 'assigned'")
         .fetch_all(&mut *db)
         .await?;
-    with_dependency_outputs(db, assigned).await
+    with_dependency_outputs(db, assigned, &KnownOutputs::new()).await
 }
 
-/// Each task with its dependencies' outputs, every distinct dependency read once: the children
-/// of a split share their source, whose output (the items) may be large.
+/// Each task with its dependencies' outputs, every distinct dependency read once (the children
+/// of a split share their source, whose output — the items — may be large), and none read that
+/// `known` has (the hop of a chain reads nothing).
 async fn with_dependency_outputs(
     db: &mut PgConnection,
     tasks: Vec<TaskRecord>,
+    known: &KnownOutputs<'_>,
 ) -> Result<Vec<Assigned>, DbError> {
     let wanted: BTreeSet<(WorkflowId, &str)> = tasks
         .iter()
         .flat_map(|t| t.depends_on.iter().map(|k| (t.workflow_id, k.as_str())))
+        .filter(|at| !known.contains_key(at))
         .collect();
     let mut outputs: HashMap<(WorkflowId, String), serde_json::Value> = HashMap::new();
     if !wanted.is_empty() {
@@ -180,7 +194,10 @@ async fn with_dependency_outputs(
                 .depends_on
                 .iter()
                 .filter_map(|k| {
-                    let v = outputs.get(&(task.workflow_id, k.clone()))?;
+                    let v = known
+                        .get(&(task.workflow_id, k.as_str()))
+                        .copied()
+                        .or_else(|| outputs.get(&(task.workflow_id, k.clone())))?;
                     Some((k.clone(), v.clone()))
                 })
                 .collect();

@@ -90,13 +90,26 @@ fn covered(required: &[String], have: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Scores one agent, or `None` if it is not a candidate for `req`.
+/// Scores one agent, or `None` if it is not a candidate for `req`; with the capabilities it
+/// matched.
 pub fn score(
     agent: &AgentSnapshot<'_>,
     req: &Requirements,
     now: DateTime<Utc>,
     stale_after_ms: i64,
 ) -> Option<(f64, Vec<String>)> {
+    let s = score_only(agent, req, now, stale_after_ms)?;
+    Some((s, covered(&req.capabilities, agent.capabilities)))
+}
+
+/// [`score`] without the matched list (allocates nothing: the scheduler calls it per task and
+/// candidate).
+pub fn score_only(
+    agent: &AgentSnapshot<'_>,
+    req: &Requirements,
+    now: DateTime<Utc>,
+    stale_after_ms: i64,
+) -> Option<f64> {
     if !agent.is_available() {
         return None;
     }
@@ -117,14 +130,18 @@ pub fn score(
     {
         return None;
     }
-    let matched = covered(&req.capabilities, agent.capabilities);
+    let matched = req
+        .capabilities
+        .iter()
+        .filter(|c| agent.capabilities.binary_search(c).is_ok())
+        .count();
     let coverage = if req.capabilities.is_empty() {
         1.0
     } else {
-        matched.len() as f64 / req.capabilities.len() as f64
+        matched as f64 / req.capabilities.len() as f64
     };
     // A partial match counts only when asked for, and only if it covers something.
-    let partial_ok = req.partial && !matched.is_empty();
+    let partial_ok = req.partial && matched > 0;
     if coverage < 1.0 && !partial_ok {
         return None;
     }
@@ -144,14 +161,18 @@ pub fn score(
     let tags = if req.preferred_tags.is_empty() {
         0.0
     } else {
-        covered(&req.preferred_tags, agent.tags).len() as f64 / req.preferred_tags.len() as f64
+        req.preferred_tags
+            .iter()
+            .filter(|t| agent.tags.binary_search(t).is_ok())
+            .count() as f64
+            / req.preferred_tags.len() as f64
     };
     let score = W_COVERAGE * coverage
         + W_FREE_CAPACITY * free
         + W_HEALTH * health
         + W_FRESHNESS * freshness
         + W_TAGS * tags;
-    Some((score, matched))
+    Some(score)
 }
 
 /// Ranks candidates best first. Cost: one pass plus a sort of the candidates.
@@ -199,7 +220,7 @@ pub fn best(
     let mut winner: Option<(usize, f64)> = None;
     for i in candidates {
         let Some(a) = agents.get(i) else { continue };
-        let Some((s, _)) = score(a, req, now, stale_after_ms) else {
+        let Some(s) = score_only(a, req, now, stale_after_ms) else {
             continue;
         };
         let better = match winner {

@@ -416,9 +416,28 @@ impl Scheduler {
         if dispatch {
             let planned = state.plan(DISPATCH_BATCH, self.config.stale_after_ms);
             if !planned.is_empty() {
-                assigned = scheduling::assign(&mut tx, &planned).await.map_err(db)?;
+                // The dependants of what just completed need its output: at hand already.
+                let known: scheduling::KnownOutputs = done
+                    .iter()
+                    .filter_map(|t| Some(((t.workflow_id, t.key.as_str()), t.output.as_ref()?)))
+                    .collect();
+                assigned = scheduling::assign(&mut tx, &planned, &known)
+                    .await
+                    .map_err(db)?;
                 let rows: Vec<TaskRecord> = assigned.iter().map(|a| a.task.clone()).collect();
                 state.observe_rows(&rows);
+                if rows.len() < planned.len() {
+                    // Some were no longer ready (memory was behind): read them back.
+                    let got: BTreeSet<TaskId> = rows.iter().map(|r| r.id).collect();
+                    let missed: Vec<TaskId> = planned
+                        .iter()
+                        .map(|(t, _)| *t)
+                        .filter(|t| !got.contains(t))
+                        .collect();
+                    for t in scheduling::states_of(&mut tx, &missed).await.map_err(db)? {
+                        state.observe(&t);
+                    }
+                }
                 changes.events.extend(task_events(&rows));
                 metrics::histogram!("omoi_scheduler_dispatch_batch").record(rows.len() as f64);
             }
@@ -684,7 +703,7 @@ impl Scheduler {
         let promoted = scheduling::promote_candidates(&mut *conn, &candidates)
             .await
             .map_err(db)?;
-        changes.tasks(promoted);
+        state.observe_rows(changes.tasks(promoted));
         let mut policies: HashMap<WorkflowId, String> = HashMap::new();
         for t in failed.iter().filter(|t| t.status == TaskStatus::Failed) {
             touched.insert(t.workflow_id);
@@ -714,8 +733,11 @@ impl Scheduler {
                 .await
                 .map_err(db)?
             };
-            changes.tasks(affected);
+            state.observe_rows(changes.tasks(affected));
         }
+        // A workflow with a task memory knows is ready or held is not finished (a stale memory
+        // only delays the check to a later step or the reconciliation).
+        touched.retain(|w| !state.has_active(*w));
         if !touched.is_empty() {
             let ids: Vec<WorkflowId> = touched.into_iter().collect();
             let finished = scheduling::finish_workflows(&mut *conn, &ids)

@@ -95,6 +95,8 @@ pub struct State {
     holders: HashMap<TaskId, AgentId>,
     in_flight: HashMap<AgentId, i32>,
     graphs: HashMap<WorkflowId, Arc<Dependants>>,
+    /// How many of each workflow's tasks memory holds as ready or held.
+    active_in: HashMap<WorkflowId, u32>,
     recent: HashSet<TaskId>,
     agents: Vec<AgentRecord>,
     agents_read: Option<Instant>,
@@ -134,6 +136,7 @@ impl State {
             self.recent.clear();
         }
         self.recent.insert(t.id);
+        let was_active = self.is_active(t.id);
         if t.status == TaskStatus::Ready {
             self.queue.insert(ReadyTask::from(t));
         } else {
@@ -158,6 +161,23 @@ impl State {
                 }
             }
         }
+        match (was_active, self.is_active(t.id)) {
+            (false, true) => *self.active_in.entry(t.workflow_id).or_default() += 1,
+            (true, false) => {
+                if let Some(n) = self.active_in.get_mut(&t.workflow_id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.active_in.remove(&t.workflow_id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether memory holds a task of `workflow` as ready or held: it is not finished.
+    pub fn has_active(&self, workflow: WorkflowId) -> bool {
+        self.active_in.contains_key(&workflow)
     }
 
     /// [`State::observe`] for rows a statement returned.
@@ -217,7 +237,7 @@ impl State {
 
     /// Plans up to `max` ready tasks onto the best-fit live agents with free capacity (never
     /// more than an agent's capacity, counting what it holds), in the queue's fair order. The
-    /// planned tasks leave the queue.
+    /// planned tasks leave the queue and count as held by their agent.
     pub fn plan(&mut self, max: usize, stale_after_ms: i64) -> Vec<(TaskId, AgentId)> {
         if self.queue.is_empty() || self.agents.is_empty() {
             return Vec::new();
@@ -236,9 +256,9 @@ impl State {
             return Vec::new();
         }
         // Who could take each kind of task, worked out once per kind.
-        let mut candidates: HashMap<Needs, Vec<usize>> = HashMap::new();
+        let mut candidates: HashMap<Needs, (Vec<usize>, Requirements)> = HashMap::new();
         let mut assigned = 0usize;
-        self.queue.plan(max, |needs| {
+        let planned = self.queue.plan(max, |needs| {
             if free == 0 {
                 return None;
             }
@@ -250,8 +270,8 @@ impl State {
                     .iter()
                     .position(|s| s.id == pin && s.is_available() && offers(s))?,
                 None => {
-                    let fits = candidates.entry(needs.clone()).or_insert_with(|| {
-                        snapshots
+                    let (fits, req) = candidates.entry(needs.clone()).or_insert_with(|| {
+                        let fits = snapshots
                             .iter()
                             .enumerate()
                             .filter(|(_, s)| offers(s))
@@ -262,14 +282,15 @@ impl State {
                                     .all(|c| s.capabilities.binary_search(c).is_ok())
                             })
                             .map(|(i, _)| i)
-                            .collect()
+                            .collect();
+                        let req = Requirements {
+                            capabilities: needs.capabilities.clone(),
+                            executor: Some(needs.executor.clone()),
+                            ..Requirements::default()
+                        };
+                        (fits, req)
                     });
-                    let req = Requirements {
-                        capabilities: needs.capabilities.clone(),
-                        executor: Some(needs.executor.clone()),
-                        ..Requirements::default()
-                    };
-                    best(&snapshots, fits.iter().copied(), &req, now, stale_after_ms)?
+                    best(&snapshots, fits.iter().copied(), req, now, stale_after_ms)?
                 }
             };
             let s = &mut snapshots[chosen];
@@ -279,7 +300,15 @@ impl State {
             assigned += 1;
             free -= 1;
             Some(s.id)
-        })
+        });
+        // Held from now on: counted against the agent's capacity until memory learns otherwise
+        // (the assignment's rows, or — for a task the assignment no longer found ready — its
+        // state read back).
+        for (task, agent) in &planned {
+            self.holders.insert(*task, *agent);
+            *self.in_flight.entry(*agent).or_default() += 1;
+        }
+        planned
     }
 
     /// The ready coordination nodes (the leader runs them itself).
@@ -321,9 +350,11 @@ mod tests {
         t.status = TaskStatus::Running;
         s.observe(&t);
         assert_eq!(s.load_of(a), 1, "the same holder counts once");
+        assert!(s.has_active(t.workflow_id));
         t.status = TaskStatus::Completed;
         s.observe(&t);
         assert_eq!((s.counts(), s.load_of(a)), ((0, 0), 0));
+        assert!(!s.has_active(t.workflow_id));
         assert!(s.changed_lately(t.id));
     }
 
