@@ -368,11 +368,15 @@ impl Scheduler {
             }
         }
         let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
+        let started = std::time::Instant::now();
         let result = self.step_tx(state, &values, maintain, true).await;
+        let committed = started.elapsed();
+        metrics::histogram!("omoi_scheduler_step_seconds").record(committed.as_secs_f64());
         let (changes, assigned) = match result {
             Ok(done) => done,
             Err(e) => return Err((e, batch)),
         };
+        let dispatched = assigned.len();
         for agent in &changes.lost {
             // A lost agent that comes back must not run what was taken from it.
             if let Ok(stream) = self.js.get_stream(self.names.stream(STREAM_DISPATCH)).await {
@@ -385,9 +389,17 @@ impl Scheduler {
                 tracing::warn!(error = %e, "publishing dispatches failed; they are sent again on the start timeout");
             }
         }
+        let reports = batch.len();
         for d in batch {
             let _ = d.ack().await;
         }
+        tracing::debug!(
+            reports,
+            dispatched,
+            commit_us = committed.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "scheduler step"
+        );
         Ok(more)
     }
 
@@ -530,7 +542,19 @@ impl Scheduler {
                 }
             }
         }
-        let mut applied = 0;
+        // A start reported in the same batch as the attempt's end needs no write of its own:
+        // the end moves the task from `assigned` directly (a short task costs one write).
+        let ended: BTreeSet<(TaskId, i32)> = completed
+            .iter()
+            .map(|(f, _, _)| f)
+            .chain(blocked.iter())
+            .chain(released.iter())
+            .chain(failures.iter().map(|(f, _)| f))
+            .map(|f| (f.task, f.attempt))
+            .collect();
+        let before = started.len();
+        started.retain(|f| !ended.contains(&(f.task, f.attempt)));
+        let mut applied = before - started.len();
         let s = scheduling::mark_started(&mut *conn, &started)
             .await
             .map_err(db)?;
