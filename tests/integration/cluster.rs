@@ -94,9 +94,19 @@ impl Cluster {
 
     /// An `omoi coordinator` child process.
     pub fn spawn_coordinator(&self) -> Child {
+        self.spawn_coordinator_with(&[])
+    }
+
+    /// An `omoi coordinator` child process with some settings changed (`OMOI_*` variables).
+    pub fn spawn_coordinator_with(&self, overrides: &[(&str, &str)]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_omoi"))
             .arg("coordinator")
             .envs(self.env.child_env())
+            .envs(
+                overrides
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -386,3 +386,69 @@ async fn a_leader_killed_again_and_again_announces_every_transition_once() {
     assert_eq!(events_of(&c, "workflow.completed").await.len(), 1);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
+    // Long start timeout and liveness: only the new leader's republication can start the task
+    // at its first attempt.
+    let patient = [
+        ("OMOI_TASK_START_TIMEOUT_MS", "600000"),
+        ("OMOI_AGENT_STALE_AFTER_MS", "300000"),
+        ("OMOI_AGENT_OFFLINE_AFTER_MS", "600000"),
+    ];
+    let mut c = Cluster::without_control_plane().await;
+    let mut first = c.spawn_coordinator_with(&patient);
+    c.spawn_worker("w1", "sleep", 1).await;
+    let agent: omoi::domain::AgentId =
+        sqlx::query_scalar("SELECT id FROM agents WHERE name = 'w1'")
+            .fetch_one(&c.env.pool)
+            .await
+            .unwrap();
+    let pid = first.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = first.wait().await;
+    // What a leader killed between committing an assignment and publishing its dispatch
+    // leaves: a task assigned to w1, and no dispatch.
+    let workflow = omoi::domain::WorkflowId::new();
+    let task = omoi::domain::TaskId::new();
+    let spec: omoi::domain::dag::TaskSpec = serde_json::from_value(json!({
+        "key": "stranded", "executor": "sleep", "capabilities": ["sleep"],
+        "input": {"ms": 10, "output": {"ran": true}}}))
+    .unwrap();
+    let mut tx = c.env.pool.begin().await.unwrap();
+    omoi::db::workflows::create(
+        &mut tx,
+        workflow,
+        "stranded",
+        "fail_fast",
+        &json!({}),
+        &[omoi::db::workflows::NewTask::from_spec(task, &spec)],
+    )
+    .await
+    .unwrap();
+    let assigned = omoi::db::scheduling::assign(&mut tx, &[(task, agent)], &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), 1);
+    tx.commit().await.unwrap();
+
+    let _second = c.spawn_coordinator_with(&patient);
+    let done = eventually(Duration::from_secs(60), "the stranded task ran", || async {
+        let t = omoi::db::tasks::get(&c.env.pool, task).await.unwrap();
+        (t.status == TaskStatus::Completed).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        done.attempt, 1,
+        "run from the republished dispatch, not a new attempt"
+    );
+    assert_eq!(done.agent_id, Some(agent));
+    assert_eq!(done.output, Some(json!({"ran": true})));
+    c.stop().await;
+}
