@@ -183,14 +183,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<WorkflowReco
 
 /// A workflow's failure policy (`fail_fast` or `continue`).
 pub async fn failure_policy(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<String, DbError> {
-    sqlx::query_scalar("SELECT failure_policy FROM workflows WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| DbError::NotFound {
-            what: "workflow",
-            id: id.to_string(),
-        })
+    Ok(get(db, id).await?.failure_policy)
 }
 
 /// The newest workflows, up to `limit`.

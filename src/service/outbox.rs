@@ -54,23 +54,6 @@ impl Staged {
             });
         }
     }
-
-    /// Any other message (an inbox delivery), with its message id.
-    pub fn add(&mut self, msg_id: String, subject: String, payload: Vec<u8>) {
-        self.rows.push(OutboxRow {
-            msg_id,
-            subject,
-            payload,
-        });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
 }
 
 /// Messages stored in a transaction, to publish once it commits.
@@ -128,10 +111,13 @@ impl Outbox {
         }
     }
 
-    /// Stores `staged` in a transaction of its own and publishes it: for messages that go with
-    /// no other change.
-    pub async fn send(&self, staged: Staged) -> Result<(), ServiceError> {
-        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+    /// Commits `tx` with `staged` in it, then publishes what was stored: the one way a change
+    /// and its announcements leave a process.
+    pub async fn commit(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        staged: Staged,
+    ) -> Result<(), ServiceError> {
         let stored = self.store(&mut tx, staged).await?;
         tx.commit().await.map_err(DbError::from)?;
         self.publish(stored);

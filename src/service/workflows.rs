@@ -145,16 +145,11 @@ impl Workflows {
     /// Commits `events` with the change in `tx`, then publishes them.
     async fn commit(
         &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        tx: sqlx::Transaction<'_, sqlx::Postgres>,
         events: Vec<Event>,
     ) -> Result<(), ServiceError> {
-        let stored = self
-            .outbox
-            .store(&mut tx, Staged::events(self.bus.names(), events))
-            .await?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.outbox.publish(stored);
-        Ok(())
+        let events = Staged::events(self.bus.names(), events);
+        self.outbox.commit(tx, events).await
     }
 
     /// Validates and stores a workflow; tasks without dependencies start ready.

@@ -240,6 +240,19 @@ impl Cluster {
     }
 }
 
+/// `kill -9` of a child process, and its end awaited.
+pub async fn kill9(child: &mut Child) {
+    let pid = child.id().expect("running child").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = child.wait().await;
+}
+
 /// The task with `key`.
 pub fn task<'a>(view: &'a WorkflowView, key: &str) -> &'a TaskRecord {
     view.tasks

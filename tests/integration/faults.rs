@@ -8,7 +8,7 @@ use omoi::bus::names::STREAM_DEADLETTER;
 use omoi::domain::{TaskStatus, WorkflowStatus};
 use serde_json::json;
 
-use crate::cluster::{Cluster, task};
+use crate::cluster::{Cluster, kill9, task};
 use crate::env::eventually;
 
 async fn agent_name(c: &Cluster, id: omoi::domain::AgentId) -> String {
@@ -150,15 +150,7 @@ async fn a_coordinator_killed_mid_workflow_is_replaced_and_nothing_is_lost_or_ru
         (v.counts.get("completed").copied().unwrap_or(0) >= 6).then_some(())
     })
     .await;
-    let pid = coordinator.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let _ = coordinator.wait().await;
+    kill9(&mut coordinator).await;
     let _replacement = c.spawn_coordinator();
 
     let view = c.wait(wf.workflow_id, Duration::from_secs(60)).await;
@@ -324,7 +316,7 @@ async fn a_leader_killed_again_and_again_announces_every_transition_once() {
         done as usize
     };
     // Killed whenever it has made progress since it took over, four times.
-    for kill in 0..4 {
+    for _ in 0..4 {
         let before = completed().await;
         eventually(
             Duration::from_secs(60),
@@ -335,16 +327,7 @@ async fn a_leader_killed_again_and_again_announces_every_transition_once() {
         if completed().await >= n {
             break;
         }
-        let pid = coordinator.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-KILL", &pid])
-                .status()
-                .unwrap()
-                .success(),
-            "kill {kill}"
-        );
-        let _ = coordinator.wait().await;
+        kill9(&mut coordinator).await;
         coordinator = c.spawn_coordinator();
     }
     let view = c.wait(wf.workflow_id, Duration::from_secs(90)).await;
@@ -404,15 +387,7 @@ async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
             .fetch_one(&c.env.pool)
             .await
             .unwrap();
-    let pid = first.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let _ = first.wait().await;
+    kill9(&mut first).await;
     // What a leader killed between committing an assignment and publishing its dispatch
     // leaves: a task assigned to w1, and no dispatch.
     let workflow = omoi::domain::WorkflowId::new();

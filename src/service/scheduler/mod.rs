@@ -79,7 +79,6 @@ pub struct SchedulerConfig {
 #[derive(Clone)]
 pub struct Scheduler {
     pool: PgPool,
-    bus: EventBus,
     outbox: Outbox,
     js: jetstream::Context,
     names: Names,
@@ -147,7 +146,6 @@ impl Scheduler {
         let names = bus.names().clone();
         Self {
             pool,
-            bus,
             outbox,
             js,
             names,
@@ -455,15 +453,8 @@ impl Scheduler {
             }
         }
         metrics::gauge!("omoi_scheduler_ready_tasks").set(state.queue.len() as f64);
-        let stored = self
-            .outbox
-            .store(
-                &mut tx,
-                Staged::events(&self.names, std::mem::take(&mut changes.events)),
-            )
-            .await?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.outbox.publish(stored);
+        let events = Staged::events(&self.names, std::mem::take(&mut changes.events));
+        self.outbox.commit(tx, events).await?;
         Ok((changes, assigned))
     }
 
@@ -884,12 +875,9 @@ impl Scheduler {
         changes.tasks(gave_up.clone());
         self.settle(&mut tx, state, &[], &gave_up, &mut changes)
             .await?;
-        let stored = self
-            .outbox
-            .store(&mut tx, Staged::events(&self.names, changes.events))
+        self.outbox
+            .commit(tx, Staged::events(&self.names, changes.events))
             .await?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.outbox.publish(stored);
         state.observe_rows(&changes.rows);
         Ok(())
     }
@@ -924,13 +912,10 @@ impl Scheduler {
             }
             changes.events.extend(finished.iter().map(workflow_event));
         }
-        let stored = self
-            .outbox
-            .store(&mut tx, Staged::events(&self.names, changes.events))
-            .await?;
         let (ready, held) = scheduling::count_active(&mut tx).await.map_err(db)?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.outbox.publish(stored);
+        self.outbox
+            .commit(tx, Staged::events(&self.names, changes.events))
+            .await?;
         state.observe_rows(&changes.rows);
         let (queued, holding) = state.counts();
         if (queued as i64, holding as i64) != (ready, held) {
@@ -974,16 +959,6 @@ impl Scheduler {
             TypedConsumer::new(messages, self.js.clone(), self.names.clone())
                 .with_check(check_report),
         )
-    }
-
-    /// The outbox this scheduler writes its events to.
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
-    }
-
-    /// The event bus (names, JetStream).
-    pub fn bus(&self) -> &EventBus {
-        &self.bus
     }
 }
 

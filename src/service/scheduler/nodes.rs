@@ -186,15 +186,8 @@ impl Scheduler {
                 }
             }
         }
-        let stored = self
-            .outbox
-            .store(
-                &mut tx,
-                Staged::events(&self.names, std::mem::take(&mut changes.events)),
-            )
-            .await?;
-        tx.commit().await.map_err(DbError::from)?;
-        self.outbox.publish(stored);
+        let events = Staged::events(&self.names, std::mem::take(&mut changes.events));
+        self.outbox.commit(tx, events).await?;
         state.observe_rows(&changes.rows);
         Ok(())
     }
