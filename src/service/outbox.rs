@@ -1,12 +1,14 @@
-//! The one durable-publish helper: a change and the messages announcing it (events, inbox
-//! deliveries) are committed together — the messages into the `outbox` table in the change's
-//! transaction — and then published to JetStream with `Nats-Msg-Id`, in commit order, by one
-//! publisher per process that nobody waits for. Stored messages are deleted from the table in
-//! batches. What a crash left in the table is published again by the leader ([`Outbox::relay`]),
-//! at once when it takes the lease and then for rows a publisher did not see stored; JetStream
-//! drops a duplicate within its de-duplication window (2 minutes), so every committed change is
+//! The one durable-publish helper: a change and the events announcing it are committed
+//! together — the events as one row of the `outbox_batches` table in the change's transaction —
+//! and then published to JetStream with `Nats-Msg-Id`, in commit order, by one publisher per
+//! process that nobody waits for. A batch JetStream stored whole is deleted from the table.
+//! What a crash left in the table is published again by the leader ([`Outbox::relay`]), at once
+//! when it takes the lease and then for batches a publisher did not see stored; JetStream drops
+//! a duplicate within its de-duplication window (2 minutes), so every committed change is
 //! published once.
 
+use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -60,23 +62,25 @@ impl Staged {
 #[derive(Debug, Default)]
 #[must_use = "publish what was committed"]
 pub struct Stored {
-    rows: Vec<(i64, OutboxRow)>,
+    batch: Option<(i64, Vec<OutboxRow>)>,
 }
 
-/// Most rows deleted by one statement, and the longest an acked row waits to be deleted.
-const DELETE_BATCH: usize = 2_000;
+/// Most batches deleted by one statement, and the longest a stored batch waits to be deleted.
+const DELETE_BATCH: usize = 500;
 const DELETE_EVERY: Duration = Duration::from_millis(50);
+/// Batches the relay reads at a time.
+const RELAY_BATCHES: i64 = 50;
 
 /// The process's publisher of committed messages.
 #[derive(Clone)]
 pub struct Outbox {
-    queue: mpsc::UnboundedSender<Vec<(i64, OutboxRow)>>,
+    queue: mpsc::UnboundedSender<(i64, Vec<OutboxRow>)>,
     pool: PgPool,
     js: jetstream::Context,
 }
 
 impl Outbox {
-    /// Starts the publisher (and the deleter of stored rows) on `shutdown`'s tracker.
+    /// Starts the publisher (and the deleter of stored batches) on `shutdown`'s tracker.
     pub fn start(js: jetstream::Context, pool: PgPool, shutdown: &Shutdown) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let (acked_tx, acked_rx) = mpsc::unbounded_channel();
@@ -92,22 +96,20 @@ impl Outbox {
         Self { queue, pool, js }
     }
 
-    /// Writes `staged` into the outbox in the caller's transaction.
+    /// Writes `staged` into the outbox, as one batch, in the caller's transaction.
     pub async fn store(&self, conn: &mut PgConnection, staged: Staged) -> Result<Stored, DbError> {
-        let seqs = outbox::insert(conn, &staged.rows).await?;
+        let seq = outbox::insert(conn, &staged.rows).await?;
         Ok(Stored {
-            rows: seqs.into_iter().zip(staged.rows).collect(),
+            batch: seq.map(|seq| (seq, staged.rows)),
         })
     }
 
     /// After the commit: publishes what was stored, in order, without waiting for it.
     pub fn publish(&self, stored: Stored) {
-        if stored.rows.is_empty() {
-            return;
-        }
-        if self.queue.send(stored.rows).is_err() {
+        let Some(batch) = stored.batch else { return };
+        if self.queue.send(batch).is_err() {
             // Shutting down: the next leader publishes it from the table.
-            tracing::debug!("outbox publisher stopped; the rows wait in the table");
+            tracing::debug!("outbox publisher stopped; the batch waits in the table");
         }
     }
 
@@ -124,41 +126,51 @@ impl Outbox {
         Ok(())
     }
 
-    /// The leader's repair: publishes rows older than `older_than_ms` (a publisher died or was
-    /// refused before JetStream stored them), oldest first, waits until each is stored and
-    /// deletes them. Returns how many there were.
+    /// The leader's repair: publishes batches older than `older_than_ms` (a publisher died or
+    /// was refused before JetStream stored them), oldest first, waits until each message is
+    /// stored and deletes them. Returns how many messages there were.
     pub async fn relay(&self, older_than_ms: i64) -> Result<usize, ServiceError> {
         let mut total = 0;
         loop {
-            let rows = outbox::leftovers(&self.pool, older_than_ms, 1_000).await?;
-            if rows.is_empty() {
+            let batches = outbox::leftovers(&self.pool, older_than_ms, RELAY_BATCHES).await?;
+            if batches.is_empty() {
                 return Ok(total);
             }
+            let mut stored = Vec::with_capacity(batches.len());
+            for (seq, rows) in &batches {
+                let result = self.relay_batch(rows).await;
+                if let Err(e) = result {
+                    outbox::delete(&self.pool, &stored).await?;
+                    return Err(e);
+                }
+                stored.push(*seq);
+                total += rows.len();
+            }
+            outbox::delete(&self.pool, &stored).await?;
+            if batches.len() < RELAY_BATCHES as usize {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Publishes one batch's messages and waits until JetStream stored them all.
+    async fn relay_batch(&self, rows: &[OutboxRow]) -> Result<(), ServiceError> {
+        let refused = |e: String| ServiceError::Unavailable(format!("outbox relay: {e}"));
+        for chunk in rows.chunks(crate::bus::events::PUBLISH_CHUNK) {
             let mut acks = FuturesOrdered::new();
-            for (seq, row) in &rows {
+            for row in chunk {
                 let ack = self
                     .js
                     .send_publish(row.subject.clone(), message(row))
                     .await
-                    .map_err(|e| ServiceError::Unavailable(format!("outbox relay: {e}")))?;
-                acks.push_back(async move { (*seq, ack.await) });
+                    .map_err(|e| refused(e.to_string()))?;
+                acks.push_back(ack.into_future());
             }
-            let mut stored = Vec::with_capacity(rows.len());
-            while let Some((seq, ack)) = acks.next().await {
-                match ack {
-                    Ok(_) => stored.push(seq),
-                    Err(e) => {
-                        outbox::delete(&self.pool, &stored).await?;
-                        return Err(ServiceError::Unavailable(format!("outbox relay: {e}")));
-                    }
-                }
-            }
-            outbox::delete(&self.pool, &stored).await?;
-            total += rows.len();
-            if rows.len() < 1_000 {
-                return Ok(total);
+            while let Some(ack) = acks.next().await {
+                ack.map_err(|e| refused(e.to_string()))?;
             }
         }
+        Ok(())
     }
 }
 
@@ -168,63 +180,90 @@ fn message(row: &OutboxRow) -> PublishMessage {
         .message_id(row.msg_id.clone())
 }
 
-type PendingAck = (i64, jetstream::context::PublishAckFuture);
+/// What the publisher hands the ack waiter: a batch's size, then each message's ack (or the
+/// news that a message could not be sent).
+enum Pending {
+    Batch { seq: i64, messages: usize },
+    Ack(i64, jetstream::context::PublishAckFuture),
+    NotSent(i64),
+}
 
-/// Sends every committed row in the order it was committed; hands the acks on. When the
-/// process stops, what is queued is still sent (what is not waits in the table).
+/// Sends every committed batch's messages in the order they were committed; hands the acks
+/// on. When the process stops, what is queued is still sent (what is not waits in the table).
 async fn publish_loop(
     js: jetstream::Context,
-    mut rx: mpsc::UnboundedReceiver<Vec<(i64, OutboxRow)>>,
-    pending: mpsc::Sender<PendingAck>,
+    mut rx: mpsc::UnboundedReceiver<(i64, Vec<OutboxRow>)>,
+    pending: mpsc::Sender<Pending>,
     stop: CancellationToken,
 ) {
     loop {
-        let rows = tokio::select! {
-            rows = rx.recv() => match rows { Some(r) => r, None => break },
+        let (seq, rows) = tokio::select! {
+            batch = rx.recv() => match batch { Some(b) => b, None => break },
             () = stop.cancelled() => {
                 rx.close();
-                match rx.recv().await { Some(r) => r, None => break }
+                match rx.recv().await { Some(b) => b, None => break }
             }
         };
-        for (seq, row) in rows {
-            match js.send_publish(row.subject.clone(), message(&row)).await {
-                Ok(ack) => {
-                    if pending.send((seq, ack)).await.is_err() {
-                        return;
-                    }
-                }
-                // Left in the table: the leader's relay publishes it again.
+        let batch = Pending::Batch {
+            seq,
+            messages: rows.len(),
+        };
+        if pending.send(batch).await.is_err() {
+            return;
+        }
+        for row in rows {
+            let next = match js.send_publish(row.subject.clone(), message(&row)).await {
+                Ok(ack) => Pending::Ack(seq, ack),
+                // Left in the table: the leader's relay publishes the batch again.
                 Err(e) => {
-                    tracing::warn!(subject = %row.subject, error = %e, "outbox publish failed; the relay retries")
+                    tracing::warn!(subject = %row.subject, error = %e, "outbox publish failed; the relay retries");
+                    Pending::NotSent(seq)
                 }
+            };
+            if pending.send(next).await.is_err() {
+                return;
             }
         }
     }
 }
 
-/// Waits for acks, many at a time, and passes on the rows JetStream stored.
-async fn ack_loop(mut pending: mpsc::Receiver<PendingAck>, acked: mpsc::UnboundedSender<i64>) {
+/// Waits for acks, many at a time, and passes on the batches JetStream stored whole.
+async fn ack_loop(mut pending: mpsc::Receiver<Pending>, acked: mpsc::UnboundedSender<i64>) {
+    // Messages not yet acked, and whether all so far were stored, of each batch.
+    let mut left: HashMap<i64, (usize, bool)> = HashMap::new();
+    let settle = |left: &mut HashMap<i64, (usize, bool)>, seq: i64, stored: bool| {
+        let Some(entry) = left.get_mut(&seq) else {
+            return;
+        };
+        entry.0 = entry.0.saturating_sub(1);
+        entry.1 &= stored;
+        if entry.0 == 0 && left.remove(&seq).is_some_and(|(_, all)| all) {
+            let _ = acked.send(seq);
+        }
+    };
     let mut waiting = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
             next = pending.recv() => match next {
-                Some((seq, ack)) => waiting.push(async move { (seq, ack.await) }),
+                Some(Pending::Batch { seq, messages }) => { left.insert(seq, (messages, true)); }
+                Some(Pending::Ack(seq, ack)) => waiting.push(async move { (seq, ack.await) }),
+                Some(Pending::NotSent(seq)) => settle(&mut left, seq, false),
                 None => break,
             },
-            Some((seq, result)) = waiting.next(), if !waiting.is_empty() => match result {
-                Ok(_) => { let _ = acked.send(seq); }
-                Err(e) => tracing::warn!(error = %e, "outbox message not stored; the relay retries"),
-            },
+            Some((seq, result)) = waiting.next(), if !waiting.is_empty() => {
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "outbox message not stored; the relay retries");
+                }
+                settle(&mut left, seq, result.is_ok());
+            }
         }
     }
     while let Some((seq, result)) = waiting.next().await {
-        if result.is_ok() {
-            let _ = acked.send(seq);
-        }
+        settle(&mut left, seq, result.is_ok());
     }
 }
 
-/// Deletes stored rows, a batch at a time.
+/// Deletes stored batches, many at a time.
 async fn delete_loop(pool: PgPool, mut acked: mpsc::UnboundedReceiver<i64>) {
     let mut batch = Vec::with_capacity(DELETE_BATCH);
     let mut tick = tokio::time::interval(DELETE_EVERY);

@@ -339,8 +339,7 @@ async fn a_leader_killed_again_and_again_announces_every_transition_once() {
     );
     // Once the outbox has drained, the stream holds every announcement, each once.
     eventually(Duration::from_secs(30), "outbox drained", || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&c.env.pool)
+        let left = omoi::db::outbox::pending_messages(&c.env.pool)
             .await
             .unwrap();
         (left == 0).then_some(())
