@@ -120,8 +120,13 @@ pub struct TaskReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    /// The agent began running it.
-    Started,
+    /// The agent began running it, `running_ms` ago (optional: an agent that reports a start
+    /// late says how long the attempt has been running; `started_at` goes back that far, never
+    /// before the assignment).
+    Started {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        running_ms: Option<u64>,
+    },
     Completed {
         #[serde(default)]
         output: serde_json::Value,
@@ -144,7 +149,7 @@ pub enum Outcome {
 impl Outcome {
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Started => "started",
+            Self::Started { .. } => "started",
             Self::Completed { .. } => "completed",
             Self::Failed { .. } => "failed",
             Self::Blocked { .. } => "blocked",
@@ -171,7 +176,7 @@ impl TaskReport {
     pub fn make_storable(&mut self) -> Option<String> {
         use crate::domain::text::{find_nul, scrub_nul};
         match &mut self.outcome {
-            Outcome::Started => None,
+            Outcome::Started { .. } => None,
             Outcome::Failed { error, .. } => {
                 *error = scrub_nul(error);
                 None

@@ -248,18 +248,28 @@ fn fence_columns(fences: &[Fence]) -> (Vec<TaskId>, Vec<i32>, Vec<Option<AgentId
     )
 }
 
-/// `assigned → running` for reports of the current attempt by its holder.
+/// `assigned → running` for reports of the current attempt by its holder, each with how long
+/// the attempt had been running when it was reported (`started_at` goes back that far, never
+/// before the assignment).
 pub async fn mark_started(
     db: &mut PgConnection,
-    reports: &[Fence],
+    reports: &[(Fence, Option<u64>)],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    let (ids, attempts, agents) = fence_columns(reports);
+    let fences: Vec<Fence> = reports.iter().map(|r| r.0).collect();
+    let (ids, attempts, agents) = fence_columns(&fences);
+    let running: Vec<i64> = reports
+        .iter()
+        .map(|r| r.1.unwrap_or(0).min(86_400_000) as i64)
+        .collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'running', started_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[]) AS u(id, attempt, agent_id)
+        "UPDATE tasks t SET status = 'running', updated_at = now(),
+             started_at = GREATEST(t.updated_at,
+                                   now() - make_interval(secs => u.running_ms::float8 / 1000))
+         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::bigint[])
+              AS u(id, attempt, agent_id, running_ms)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status = 'assigned'
            AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
          RETURNING t.*",
@@ -267,6 +277,7 @@ pub async fn mark_started(
     .bind(&ids)
     .bind(&attempts)
     .bind(&agents)
+    .bind(&running)
     .fetch_all(&mut *db)
     .await?)
 }

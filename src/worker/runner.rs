@@ -1,6 +1,6 @@
 //! Runs one hosted agent's tasks: pulls its dispatches (`<ns>.dispatch.<agent_id>`, durable
-//! consumer `agent-<agent_id>`) only as fast as it has free slots, and for each one reports
-//! `started`, takes its resource locks, runs the executor under the task's timeout while
+//! consumer `agent-<agent_id>`) only as fast as it has free slots, and for each one takes its
+//! resource locks (reporting `started` once the attempt has gone on for 20 ms), runs the executor under the task's timeout while
 //! extending the message's ack deadline and the locks' leases, reports the outcome, releases the
 //! locks and only then acknowledges the dispatch — so a worker killed at any point leaves the
 //! task to be redelivered or reclaimed, never lost.
@@ -32,6 +32,34 @@ use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
 
 /// Largest report published (nats-server's default `max_payload` is 1 MiB).
 const MAX_REPORT_BYTES: usize = 1_000_000;
+
+/// An attempt still going after this long reports `started`; one that ends sooner reports only
+/// its end (one message, one write, instead of two).
+pub const STARTED_AFTER: Duration = Duration::from_millis(20);
+
+/// The `started` report of an attempt, sent by a timer unless the attempt ends first.
+struct StartedReport {
+    not_yet: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<Result<(), BusError>>>,
+}
+
+impl StartedReport {
+    /// Stops the timer if it has not fired, or waits until `started` is stored if it has (so
+    /// it reaches the scheduler before what follows). Idempotent.
+    async fn settle(&mut self) -> Result<(), BusError> {
+        self.not_yet.cancel();
+        match self.handle.take() {
+            Some(handle) => handle.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for StartedReport {
+    fn drop(&mut self) {
+        self.not_yet.cancel();
+    }
+}
 
 /// One agent's runner.
 #[derive(Clone)]
@@ -382,7 +410,7 @@ impl AgentRunner {
         hard_stop: CancellationToken,
     ) -> Result<(), BusError> {
         let (task_id, attempt) = (d.task_id, d.attempt);
-        self.report(task_id, attempt, Outcome::Started).await?;
+        let mut started = self.report_started_soon(task_id, attempt);
         let owner = format!("{task_id}:{attempt}");
         let requests: Vec<ResourceRequest> = d
             .resources
@@ -410,13 +438,13 @@ impl AgentRunner {
                     let reason = format!("lock `{resource}` busy after {} ms", waited.as_millis());
                     tracing::info!(task.id = %task_id, %reason, "handing task back as blocked");
                     return self
-                        .report(task_id, attempt, Outcome::Blocked { reason })
+                        .report_end(&mut started, task_id, attempt, Outcome::Blocked { reason })
                         .await;
                 }
                 Err(e) => {
                     let reason = format!("lock store error: {e}");
                     return self
-                        .report(task_id, attempt, Outcome::Blocked { reason })
+                        .report_end(&mut started, task_id, attempt, Outcome::Blocked { reason })
                         .await;
                 }
             }
@@ -446,33 +474,18 @@ impl AgentRunner {
             *waited = lock_wait_ms;
         }
         let result = match ending {
-            Ending::Finished(outcome) => self.report(task_id, attempt, outcome).await,
+            Ending::Finished(outcome) => {
+                self.report_end(&mut started, task_id, attempt, outcome)
+                    .await
+            }
             // Fenced off when the cancel or take-back was real (the task is no longer at this
             // attempt in a running state); puts the task back if the event was not.
             Ending::Cancelled => {
                 let reason = "stopped: the task was cancelled or taken back".to_string();
-                self.report(task_id, attempt, Outcome::Released { reason })
+                self.report_end(&mut started, task_id, attempt, Outcome::Released { reason })
                     .await
             }
-            Ending::HandOff(ask) => match self.ask_handoff(&d, ask).await {
-                // The task now waits for the handoff's decision; nothing more to report.
-                Ok(handoff) => {
-                    tracing::info!(task.id = %task_id, handoff.id = %handoff.id, "task handed off");
-                    Ok(())
-                }
-                Err(e) => {
-                    let error = format!("asked for a handoff, which failed: {e}");
-                    self.report(
-                        task_id,
-                        attempt,
-                        Outcome::Failed {
-                            error,
-                            exit_code: None,
-                        },
-                    )
-                    .await
-                }
-            },
+            Ending::HandOff(ask) => self.hand_off(&mut started, &d, ask).await,
         };
         if !held.is_empty() {
             if let Err(e) = self.locks.release_all(&held, &owner).await {
@@ -480,6 +493,68 @@ impl AgentRunner {
             }
         }
         result
+    }
+
+    /// Asks for a handoff of the attempt; the task then waits for its decision (nothing more
+    /// to report), or fails if the request did.
+    async fn hand_off(
+        &self,
+        started: &mut StartedReport,
+        d: &Dispatch,
+        ask: super::executor::HandoffAsk,
+    ) -> Result<(), BusError> {
+        let (task_id, attempt) = (d.task_id, d.attempt);
+        // Its `started` first: a handoff moves the attempt on, and that report would be late.
+        started.settle().await?;
+        match self.ask_handoff(d, ask).await {
+            // The task now waits for the handoff's decision; nothing more to report.
+            Ok(handoff) => {
+                tracing::info!(task.id = %task_id, handoff.id = %handoff.id, "task handed off");
+                Ok(())
+            }
+            Err(e) => {
+                let error = format!("asked for a handoff, which failed: {e}");
+                let failed = Outcome::Failed {
+                    error,
+                    exit_code: None,
+                };
+                self.report_end(started, task_id, attempt, failed).await
+            }
+        }
+    }
+
+    /// Reports `started` once the attempt has gone on for [`STARTED_AFTER`]: a task that ends
+    /// sooner reports once (the scheduler moves it from `assigned` to its end directly).
+    fn report_started_soon(&self, task_id: TaskId, attempt: i32) -> StartedReport {
+        let not_yet = CancellationToken::new();
+        let runner = self.clone();
+        let cancelled = not_yet.clone();
+        let began = std::time::Instant::now();
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                () = cancelled.cancelled() => Ok(()),
+                () = tokio::time::sleep(STARTED_AFTER) => {
+                    let running_ms = Some(began.elapsed().as_millis() as u64);
+                    runner.report(task_id, attempt, Outcome::Started { running_ms }).await
+                }
+            }
+        });
+        StartedReport {
+            not_yet,
+            handle: Some(handle),
+        }
+    }
+
+    /// The attempt's end report, after its `started` if that went.
+    async fn report_end(
+        &self,
+        started: &mut StartedReport,
+        task_id: TaskId,
+        attempt: i32,
+        outcome: Outcome,
+    ) -> Result<(), BusError> {
+        started.settle().await?;
+        self.report(task_id, attempt, outcome).await
     }
 
     async fn run_executor(

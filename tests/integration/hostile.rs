@@ -125,7 +125,7 @@ async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
         outcome,
     };
     for h in &held {
-        publish_report(&c, &report(*h, Outcome::Started)).await;
+        publish_report(&c, &report(*h, Outcome::Started { running_ms: None })).await;
     }
     // Published back to back: most often applied as one batch.
     publish_report(

@@ -27,7 +27,8 @@ use std::time::Duration;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -85,6 +86,9 @@ pub struct Scheduler {
     config: SchedulerConfig,
     /// Wakes the loop (a local submission, or a step that left work for the next one).
     wake: Arc<Notify>,
+    /// The connection steps run on, kept between them (one taken from the pool costs a round
+    /// trip: the pool pings it first); dropped after a failed step, as it may be broken.
+    hot: Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>,
 }
 
 fn db(e: DbError) -> ServiceError {
@@ -151,6 +155,7 @@ impl Scheduler {
             names,
             config,
             wake,
+            hot: Arc::default(),
         }
     }
 
@@ -410,7 +415,30 @@ impl Scheduler {
         maintain: bool,
         dispatch: bool,
     ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
-        let mut tx = self.pool.begin().await.map_err(DbError::from)?;
+        let mut hot = self.hot.lock().await;
+        let conn = match hot.as_mut() {
+            Some(conn) => conn,
+            None => hot.insert(self.pool.acquire().await.map_err(DbError::from)?),
+        };
+        let result = self
+            .step_tx_on(conn, state, reports, maintain, dispatch)
+            .await;
+        if result.is_err() {
+            *hot = None;
+        }
+        result
+    }
+
+    /// [`Scheduler::step_tx`] on `conn`.
+    async fn step_tx_on(
+        &self,
+        conn: &mut PgConnection,
+        state: &mut State,
+        reports: &[TaskReport],
+        maintain: bool,
+        dispatch: bool,
+    ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
+        let mut tx = conn.begin().await.map_err(DbError::from)?;
         let mut changes = Changes::default();
         let (done, failed) = self.apply_reports(&mut tx, reports, &mut changes).await?;
         let (mut done, mut failed) = (done, failed);
@@ -517,7 +545,7 @@ impl Scheduler {
                 agent: Some(r.agent_id),
             };
             match &r.outcome {
-                Outcome::Started => started.push(fence),
+                Outcome::Started { running_ms } => started.push((fence, *running_ms)),
                 Outcome::Completed {
                     output,
                     lock_wait_ms,
@@ -544,7 +572,7 @@ impl Scheduler {
             .map(|f| (f.task, f.attempt))
             .collect();
         let before = started.len();
-        started.retain(|f| !ended.contains(&(f.task, f.attempt)));
+        started.retain(|(f, _)| !ended.contains(&(f.task, f.attempt)));
         let mut applied = before - started.len();
         let s = scheduling::mark_started(&mut *conn, &started)
             .await
