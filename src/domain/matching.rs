@@ -234,6 +234,129 @@ pub fn best(
     winner.map(|(i, _)| i)
 }
 
+/// Picks the best agent for one kind of task again and again while the agents' loads change
+/// (a dispatch round): the candidates in a heap, keyed by [`rank`]'s order. Taking a task only
+/// makes an agent's key worse (less free capacity, assigned later), so an entry gone stale
+/// since it was pushed is never better than it shows: it is re-keyed when it surfaces. Each
+/// pick costs O(log n) instead of a pass over every candidate.
+pub struct Picker<'a> {
+    heap: std::collections::BinaryHeap<Candidate<'a>>,
+    req: Requirements,
+}
+
+/// An agent's key in a [`Picker`] (greater: better), and the version of the agent it was
+/// computed at.
+#[derive(Debug, Clone)]
+struct Candidate<'a> {
+    score: f64,
+    load: i32,
+    last_assigned_at: Option<DateTime<Utc>>,
+    name: &'a str,
+    id: AgentId,
+    index: usize,
+    version: u32,
+}
+
+impl Ord for Candidate<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.load.cmp(&self.load))
+            .then(other.last_assigned_at.cmp(&self.last_assigned_at))
+            .then(other.name.cmp(self.name))
+            .then(other.id.cmp(&self.id))
+    }
+}
+
+impl PartialOrd for Candidate<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Candidate<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Candidate<'_> {}
+
+impl<'a> Picker<'a> {
+    /// The agents at `candidates` that can take work meeting `req` now.
+    pub fn new(
+        agents: &[AgentSnapshot<'a>],
+        candidates: impl IntoIterator<Item = usize>,
+        versions: &[u32],
+        req: Requirements,
+        now: DateTime<Utc>,
+        stale_after_ms: i64,
+    ) -> Self {
+        let mut picker = Self {
+            heap: std::collections::BinaryHeap::new(),
+            req,
+        };
+        for i in candidates {
+            picker.push(agents, i, versions, now, stale_after_ms);
+        }
+        picker
+    }
+
+    /// (Re-)enters agent `i` at its current key, if it can take work.
+    fn push(
+        &mut self,
+        agents: &[AgentSnapshot<'a>],
+        i: usize,
+        versions: &[u32],
+        now: DateTime<Utc>,
+        stale_after_ms: i64,
+    ) {
+        let Some(a) = agents.get(i) else { return };
+        let Some(score) = score_only(a, &self.req, now, stale_after_ms) else {
+            return;
+        };
+        self.heap.push(Candidate {
+            score,
+            load: a.load,
+            last_assigned_at: a.last_assigned_at,
+            name: a.name,
+            id: a.id,
+            index: i,
+            version: versions.get(i).copied().unwrap_or(0),
+        });
+    }
+
+    /// The best agent now, or `None`. The caller then changes that agent (its load), bumps
+    /// its version in `versions`, and calls [`Picker::taken`].
+    pub fn best(
+        &mut self,
+        agents: &[AgentSnapshot<'a>],
+        versions: &[u32],
+        now: DateTime<Utc>,
+        stale_after_ms: i64,
+    ) -> Option<usize> {
+        while let Some(top) = self.heap.pop() {
+            if versions.get(top.index).copied().unwrap_or(0) == top.version {
+                return Some(top.index);
+            }
+            self.push(agents, top.index, versions, now, stale_after_ms);
+        }
+        None
+    }
+
+    /// Agent `i`, just given a task, goes back in at its new key (if it has room left).
+    pub fn taken(
+        &mut self,
+        agents: &[AgentSnapshot<'a>],
+        i: usize,
+        versions: &[u32],
+        now: DateTime<Utc>,
+        stale_after_ms: i64,
+    ) {
+        self.push(agents, i, versions, now, stale_after_ms);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +443,53 @@ mod tests {
         agents[0].capacity = 2;
         req.partial = true;
         assert_eq!(names(&agents, &req), vec!["full", "partial"]);
+    }
+
+    #[test]
+    fn a_picker_chooses_as_a_full_pass_would_while_loads_change() {
+        // Agents of different capacities and loads, one of another capability and one offline.
+        let mut agents: Vec<Owned> = (0..12)
+            .map(|i| {
+                Owned::new(
+                    &format!("a{i}"),
+                    &["x"],
+                    1 + (i % 5),
+                    i % 3,
+                    AgentStatus::Idle,
+                )
+            })
+            .collect();
+        agents.push(Owned::new("other", &["y"], 9, 0, AgentStatus::Idle));
+        agents.push(Owned::new("gone", &["x"], 9, 0, AgentStatus::Offline));
+        let now = Utc::now();
+        let mut snaps: Vec<_> = agents.iter().map(|a| a.snap(now)).collect();
+        let req = Requirements {
+            capabilities: caps(&["x"]),
+            ..Requirements::default()
+        };
+        let mut versions = vec![0u32; snaps.len()];
+        let mut picker = Picker::new(&snaps, 0..snaps.len(), &versions, req.clone(), now, 3_000);
+        let mut picks = 0;
+        loop {
+            let expected = best(&snaps, 0..snaps.len(), &req, now, 3_000);
+            let got = picker.best(&snaps, &versions, now, 3_000);
+            assert_eq!(got, expected, "pick {picks}");
+            let Some(i) = got else { break };
+            snaps[i].load += 1;
+            snaps[i].last_assigned_at = Some(now + chrono::Duration::microseconds(picks));
+            versions[i] += 1;
+            picker.taken(&snaps, i, &versions, now, 3_000);
+            picks += 1;
+        }
+        let room: i32 = agents[..12]
+            .iter()
+            .map(|a| (a.capacity - a.load).max(0))
+            .sum();
+        assert_eq!(
+            picks,
+            i64::from(room),
+            "every free slot of a fitting agent, and no more"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::db::DbError;
 use crate::db::agents::AgentRecord;
 use crate::db::scheduling::{self, TaskState};
 use crate::db::tasks::TaskRecord;
-use crate::domain::matching::{AgentSnapshot, Requirements, best};
+use crate::domain::matching::{AgentSnapshot, Picker, Requirements};
 use crate::domain::ready::{Needs, ReadyQueue, ReadyTask};
 use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
 
@@ -255,8 +255,10 @@ impl State {
         if free == 0 {
             return Vec::new();
         }
-        // Who could take each kind of task, worked out once per kind.
-        let mut candidates: HashMap<Needs, (Vec<usize>, Requirements)> = HashMap::new();
+        // Who could take each kind of task, worked out once per kind, in a heap by rank;
+        // an agent's version changes with each task it is given (its key in every heap).
+        let mut pickers: HashMap<Needs, Picker<'_>> = HashMap::new();
+        let mut versions = vec![0u32; snapshots.len()];
         let mut assigned = 0usize;
         let planned = self.queue.plan(max, |needs| {
             if free == 0 {
@@ -270,7 +272,7 @@ impl State {
                     .iter()
                     .position(|s| s.id == pin && s.is_available() && offers(s))?,
                 None => {
-                    let (fits, req) = candidates.entry(needs.clone()).or_insert_with(|| {
+                    let picker = pickers.entry(needs.clone()).or_insert_with(|| {
                         let fits = snapshots
                             .iter()
                             .enumerate()
@@ -281,25 +283,33 @@ impl State {
                                     .iter()
                                     .all(|c| s.capabilities.binary_search(c).is_ok())
                             })
-                            .map(|(i, _)| i)
-                            .collect();
+                            .map(|(i, _)| i);
                         let req = Requirements {
                             capabilities: needs.capabilities.clone(),
                             executor: Some(needs.executor.clone()),
                             ..Requirements::default()
                         };
-                        (fits, req)
+                        Picker::new(&snapshots, fits, &versions, req, now, stale_after_ms)
                     });
-                    best(&snapshots, fits.iter().copied(), req, now, stale_after_ms)?
+                    picker.best(&snapshots, &versions, now, stale_after_ms)?
                 }
             };
             let s = &mut snapshots[chosen];
             s.load += 1;
             // Spreads equal candidates: the next tie goes to another agent.
             s.last_assigned_at = Some(now + chrono::Duration::microseconds(assigned as i64));
+            versions[chosen] += 1;
+            if let Some(picker) = needs
+                .pinned
+                .is_none()
+                .then(|| pickers.get_mut(needs))
+                .flatten()
+            {
+                picker.taken(&snapshots, chosen, &versions, now, stale_after_ms);
+            }
             assigned += 1;
             free -= 1;
-            Some(s.id)
+            Some(snapshots[chosen].id)
         });
         // Held from now on: counted against the agent's capacity until memory learns otherwise
         // (the assignment's rows, or — for a task the assignment no longer found ready — its
