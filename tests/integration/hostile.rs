@@ -105,6 +105,54 @@ async fn task_status(c: &Cluster, id: TaskId) -> omoi::db::tasks::TaskRecord {
 }
 
 #[tokio::test]
+async fn a_late_started_report_dates_the_start_back_but_never_before_the_assignment() {
+    let c = Cluster::start_with(patient).await;
+    let http = c.http();
+    register(&http, "late", &["x"]).await;
+    let wf = c
+        .submit(json!({"name": "late", "tasks": [
+            {"key": "honest", "capabilities": ["x"]},
+            {"key": "boastful", "capabilities": ["x"]}]}))
+        .await;
+    let held = assigned(&c, &[wf.tasks["honest"], wf.tasks["boastful"]]).await;
+    let assigned_at = task_status(&c, wf.tasks["boastful"]).await.updated_at;
+    // Both attempts have now been assigned for more than the 400 ms the first one claims.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (h, running_ms) in held.iter().zip([400, 86_400_000]) {
+        let report = TaskReport {
+            v: 1,
+            task_id: h.0,
+            attempt: h.1,
+            agent_id: h.2,
+            outcome: Outcome::Started {
+                running_ms: Some(running_ms),
+            },
+        };
+        publish_report(&c, &report).await;
+    }
+    let cluster = &c;
+    for id in [wf.tasks["honest"], wf.tasks["boastful"]] {
+        eventually(Duration::from_secs(20), "started", || async move {
+            (task_status(cluster, id).await.status == TaskStatus::Running).then_some(())
+        })
+        .await;
+    }
+    let honest = task_status(&c, wf.tasks["honest"]).await;
+    let started = honest.started_at.unwrap();
+    assert_eq!(
+        (honest.updated_at - started).num_milliseconds(),
+        400,
+        "started_at is the report's time less running_ms"
+    );
+    let boastful = task_status(&c, wf.tasks["boastful"]).await;
+    assert_eq!(
+        boastful.started_at,
+        Some(assigned_at),
+        "never before the assignment"
+    );
+}
+
+#[tokio::test]
 async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
     let c = Cluster::start_with(patient).await;
     let http = c.http();
