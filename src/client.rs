@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -236,14 +237,17 @@ impl WorkflowClient {
         .await
     }
 
-    /// Polls (without task lists) until the workflow finishes or `timeout` passes, then returns
-    /// the final view with its tasks when they fit in a reply.
+    /// Waits until the workflow finishes or `timeout` passes, then returns the final view with
+    /// its tasks when they fit in a reply. It hears the workflow's end from its event and asks
+    /// for its state (without task lists) once a second besides — a view costs the control
+    /// plane a pass over the workflow's tasks, so it is not asked for more often.
     pub async fn wait(
         &self,
         workflow_id: crate::domain::WorkflowId,
         timeout: Duration,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut ends = self.workflow_ends().await;
         loop {
             match self.view(workflow_id, false).await {
                 Ok(view)
@@ -261,7 +265,45 @@ impl WorkflowClient {
                     if tokio::time::Instant::now() < deadline => {}
                 Err(e) => return Err(e),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let next_poll = (tokio::time::Instant::now() + WAIT_POLL).min(deadline);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_poll) => break,
+                    env = ends.next() => match env {
+                        Some(msg) => {
+                            let ended = serde_json::from_slice::<crate::domain::Envelope>(&msg.payload)
+                                .is_ok_and(|e| e.event.workflow().is_some_and(|w| w.workflow_id == workflow_id));
+                            if ended {
+                                break;
+                            }
+                        }
+                        // Not subscribed (or the connection closed): the polls remain.
+                        None => {
+                            tokio::time::sleep_until(next_poll).await;
+                            break;
+                        }
+                    },
+                }
+            }
         }
     }
+
+    /// The events announcing that a workflow ended (any workflow); empty if they cannot be
+    /// subscribed to.
+    async fn workflow_ends(&self) -> futures::stream::BoxStream<'static, async_nats::Message> {
+        let mut subs = Vec::new();
+        for kind in [
+            "workflow.completed",
+            "workflow.failed",
+            "workflow.cancelled",
+        ] {
+            if let Ok(sub) = self.nats.subscribe(self.names.event(kind)).await {
+                subs.push(sub);
+            }
+        }
+        futures::stream::select_all(subs).boxed()
+    }
 }
+
+/// How often [`WorkflowClient::wait`] asks for a workflow's state besides hearing its end.
+const WAIT_POLL: Duration = Duration::from_secs(1);

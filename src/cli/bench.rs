@@ -237,8 +237,9 @@ async fn measure(
             String::new()
         };
         println!(
-            "omoi    backlog {size:>7} tasks   {:.0} tasks/s  {}{memory}",
+            "omoi    backlog {size:>7} tasks   {:.0} tasks/s  (submit {})  {}{memory}",
             run.tasks_per_second,
+            ms(run.submit),
             run.cpu.per_thousand(size)
         );
         curve.push((size, run.tasks_per_second));

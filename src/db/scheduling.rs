@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 
 use super::DbError;
 use super::tasks::TaskRecord;
-use super::workflows::WorkflowRecord;
+use super::workflows::{WORKFLOW_COLUMNS, WorkflowRecord};
 use crate::domain::{AgentId, TaskId, WorkflowId};
 
 /// What the scheduler keeps in memory of a task: enough to queue it, and to know who holds it.
@@ -129,12 +129,16 @@ pub async fn assign(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    // Each task is found by its id. The status is tested in a form no index serves: with the
+    // statistics of a table that just took a large workflow (no task `ready` yet, as far as
+    // they know), PostgreSQL would otherwise read every ready task through the status index
+    // for each assignment — a cost growing with the backlog.
     let assigned = sqlx::query_as::<_, TaskRecord>(
         "WITH a AS (
              UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
                  error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
              FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
-             WHERE t.id = u.id AND t.status = 'ready'
+             WHERE t.id = u.id AND (t.status = 'ready') IS TRUE
              RETURNING t.*
          ), stamped AS (
              UPDATE agents SET last_assigned_at = now() WHERE id = ANY($3)
@@ -567,7 +571,7 @@ pub async fn finish_workflows(
     db: &mut PgConnection,
     ids: &[WorkflowId],
 ) -> Result<Vec<WorkflowRecord>, DbError> {
-    Ok(sqlx::query_as::<_, WorkflowRecord>(
+    Ok(sqlx::query_as::<_, WorkflowRecord>(sqlx::AssertSqlSafe(format!(
         "UPDATE workflows w SET
              status = CASE
                  WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status = 'failed'
@@ -581,8 +585,8 @@ pub async fn finish_workflows(
          WHERE w.id = ANY($1) AND w.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id
                            AND t.status IN ('pending', 'ready', 'assigned', 'running', 'retry_wait'))
-         RETURNING w.*",
-    )
+         RETURNING {WORKFLOW_COLUMNS}"
+    )))
     .bind(ids)
     .fetch_all(&mut *db)
     .await?)

@@ -26,6 +26,11 @@ pub struct WorkflowRecord {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// The columns of a [`WorkflowRecord`] as read back: all but the submission (`spec` reads as
+/// `{}`), which can be megabytes and is never sent.
+pub(crate) const WORKFLOW_COLUMNS: &str = "id, name, status, failure_policy, '{}'::jsonb AS spec, error, created_at, updated_at, \
+     finished_at";
+
 /// A task to insert with its workflow.
 #[derive(Debug, Clone)]
 pub struct NewTask {
@@ -94,9 +99,10 @@ pub async fn create(
     spec: &serde_json::Value,
     tasks: &[NewTask],
 ) -> Result<WorkflowRecord, DbError> {
-    let workflow = sqlx::query_as::<_, WorkflowRecord>(
-        "INSERT INTO workflows (id, name, failure_policy, spec) VALUES ($1, $2, $3, $4) RETURNING *",
-    )
+    let workflow = sqlx::query_as::<_, WorkflowRecord>(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO workflows (id, name, failure_policy, spec) VALUES ($1, $2, $3, $4)
+         RETURNING {WORKFLOW_COLUMNS}"
+    )))
     .bind(id)
     .bind(name)
     .bind(failure_policy)
@@ -171,14 +177,16 @@ pub async fn insert_tasks(
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<WorkflowRecord, DbError> {
-    sqlx::query_as::<_, WorkflowRecord>("SELECT * FROM workflows WHERE id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| DbError::NotFound {
-            what: "workflow",
-            id: id.to_string(),
-        })
+    sqlx::query_as::<_, WorkflowRecord>(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .ok_or_else(|| DbError::NotFound {
+        what: "workflow",
+        id: id.to_string(),
+    })
 }
 
 /// A workflow's failure policy (`fail_fast` or `continue`).
@@ -188,12 +196,14 @@ pub async fn failure_policy(db: impl PgExecutor<'_>, id: WorkflowId) -> Result<S
 
 /// The newest workflows, up to `limit`.
 pub async fn list(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<WorkflowRecord>, DbError> {
-    Ok(sqlx::query_as::<_, WorkflowRecord>(
-        "SELECT * FROM workflows ORDER BY created_at DESC LIMIT $1",
+    Ok(
+        sqlx::query_as::<_, WorkflowRecord>(sqlx::AssertSqlSafe(format!(
+            "SELECT {WORKFLOW_COLUMNS} FROM workflows ORDER BY created_at DESC LIMIT $1"
+        )))
+        .bind(limit)
+        .fetch_all(db)
+        .await?,
     )
-    .bind(limit)
-    .fetch_all(db)
-    .await?)
 }
 
 /// A workflow's task counts by status.
@@ -209,24 +219,38 @@ pub async fn task_counts(
     )
 }
 
-/// Each unfinished task of a workflow with the capabilities no live agent has and (for a task
-/// that runs on a worker) its executor if no live agent offers it, by key.
+/// Each unfinished task of a workflow that needs capabilities no live agent has or (for a task
+/// that runs on a worker) an executor no live agent offers, by key, with what is missing. The
+/// agents are searched once per distinct need, not per task (a workflow's tasks mostly share a
+/// few).
 pub async fn unmet_needs(
     db: impl PgExecutor<'_>,
     id: WorkflowId,
 ) -> Result<Vec<(String, Vec<String>, Option<String>)>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT t.key, ARRAY(
-             SELECT c FROM unnest(t.capabilities) AS c
-             WHERE NOT EXISTS (SELECT 1 FROM agents a
-                               WHERE a.status <> 'terminated' AND c = ANY(a.capabilities))),
-             CASE WHEN t.kind = 'task' AND NOT EXISTS (
-                      SELECT 1 FROM agents a WHERE a.status <> 'terminated'
-                        AND (t.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
-                  THEN t.executor END
-         FROM tasks t
-         WHERE t.workflow_id = $1 AND t.status NOT IN ('completed', 'failed', 'cancelled')
-         ORDER BY t.key",
+        "WITH open AS (
+             SELECT key, capabilities, executor, kind = 'task' AS on_worker FROM tasks
+             WHERE workflow_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
+         ), needs AS (
+             SELECT DISTINCT capabilities, executor, on_worker FROM open
+         ), unmet AS (
+             SELECT n.capabilities, n.executor, n.on_worker,
+                 ARRAY(SELECT c FROM unnest(n.capabilities) AS c
+                       WHERE NOT EXISTS (SELECT 1 FROM agents a
+                                         WHERE a.status <> 'terminated'
+                                           AND c = ANY(a.capabilities))) AS missing,
+                 CASE WHEN n.on_worker AND NOT EXISTS (
+                          SELECT 1 FROM agents a WHERE a.status <> 'terminated'
+                            AND (n.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
+                      THEN n.executor END AS missing_executor
+             FROM needs n
+         )
+         SELECT o.key, u.missing, u.missing_executor
+         FROM unmet u
+         JOIN open o ON o.capabilities = u.capabilities AND o.executor = u.executor
+                    AND o.on_worker = u.on_worker
+         WHERE cardinality(u.missing) > 0 OR u.missing_executor IS NOT NULL
+         ORDER BY o.key",
     )
     .bind(id)
     .fetch_all(db)

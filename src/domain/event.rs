@@ -149,6 +149,17 @@ impl Event {
         }
     }
 
+    /// The workflow of a `workflow.*` event.
+    pub fn workflow(&self) -> Option<&WorkflowEvent> {
+        match self {
+            Event::WorkflowCreated(w)
+            | Event::WorkflowCompleted(w)
+            | Event::WorkflowFailed(w)
+            | Event::WorkflowCancelled(w) => Some(w),
+            _ => None,
+        }
+    }
+
     /// The wire type, e.g. `task.completed`.
     pub fn kind(&self) -> &'static str {
         match self {
