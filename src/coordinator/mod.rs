@@ -71,7 +71,23 @@ async fn prepare(
     client_name: &str,
 ) -> Result<(PgPool, async_nats::Client), CoordinatorError> {
     let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
-    let pool = crate::db::connect(&settings.database_url, settings.db_max_connections).await?;
+    let url = &settings.database_url;
+    let pool = match crate::db::connect(url, settings.db_max_connections).await {
+        // A fresh server: the database is created (as `omoi migrate` and `omoi dev` do), if
+        // this user may.
+        Err(e) if e.is_missing_database() => {
+            let masked = crate::config::mask_url_password(url);
+            crate::db::ensure_database(url).await.map_err(|cause| {
+                CoordinatorError::Config(format!(
+                    "database {masked} does not exist and could not be created ({cause}): \
+                     create it, or run `omoi migrate` as a user that may"
+                ))
+            })?;
+            tracing::info!(database = %masked, "created the database");
+            crate::db::connect(url, settings.db_max_connections).await?
+        }
+        other => other?,
+    };
     crate::db::migrate(&pool).await?;
     let nats =
         crate::bus::connect(crate::bus::NatsAccess::from_settings(settings), client_name).await?;

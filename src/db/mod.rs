@@ -48,6 +48,12 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// Whether connecting failed because the database named in the URL does not exist.
+    pub fn is_missing_database(&self) -> bool {
+        matches!(self, Self::Connect { source: sqlx::Error::Database(d), .. }
+            if d.code().as_deref() == Some("3D000"))
+    }
+
     /// Whether trying the same thing again later may succeed: the server or the connection is
     /// unavailable, overloaded, shutting down, or the transaction lost a race. Otherwise the
     /// statement itself was refused (bad data, a broken constraint) and would be refused again.

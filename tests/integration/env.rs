@@ -140,7 +140,7 @@ impl Drop for TestEnv {
     }
 }
 
-fn replace_database(url: &str, db: &str) -> String {
+pub fn replace_database(url: &str, db: &str) -> String {
     let mut parsed = url::Url::parse(url).expect("database url");
     parsed.set_path(&format!("/{db}"));
     parsed.to_string()

@@ -217,3 +217,76 @@ async fn a_worker_hosts_several_agents_from_an_agents_file() {
     assert!(status.success());
     shutdown.drain(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn omoi_coordinator_on_a_fresh_server_creates_its_database_and_migrates_it() {
+    let env = TestEnv::new().await;
+    let fresh = format!(
+        "omoi_fresh_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let fresh_url = crate::env::replace_database(&crate::env::admin_database_url(), &fresh);
+    let mut coordinator = Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .arg("coordinator")
+        .envs(env.child_env())
+        .env("OMOI_DATABASE_URL", &fresh_url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let migrations = omoi::db::MIGRATOR.iter().count() as i64;
+    let url = fresh_url.clone();
+    eventually(
+        Duration::from_secs(30),
+        "the fresh database migrated",
+        || {
+            let url = url.clone();
+            async move {
+                let pool = sqlx::PgPool::connect(&url).await.ok()?;
+                let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+                pool.close().await;
+                (applied == migrations).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        coordinator.try_wait().unwrap().is_none(),
+        "the coordinator runs on"
+    );
+    coordinator.kill().await.unwrap();
+    let admin = sqlx::PgPool::connect(&crate::env::admin_database_url())
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_error_and_its_causes_are_said_once() {
+    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/omoi", free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .arg("migrate")
+        .env("OMOI_DATABASE_URL", &dead_pg)
+        .env("OMOI_NAMESPACE", "terronce")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&dead_pg), "{stderr}");
+    // Before: `connect to PostgreSQL at …: pool timed out …: pool timed out …`.
+    let line = stderr.lines().find(|l| l.starts_with("omoi: ")).unwrap();
+    let parts: Vec<&str> = line.split(": ").collect();
+    for (i, part) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(part), "said twice: {line}");
+    }
+}
