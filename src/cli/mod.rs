@@ -294,8 +294,10 @@ async fn locks(settings: &Settings, args: LocksArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let now = chrono::Utc::now().timestamp_millis();
+    let mut held = 0;
     for (name, lock) in manager.list().await? {
         for h in lock.live_holders(now) {
+            held += 1;
             println!(
                 "{name}\t{}\tholder={}\tagent={}\texpires_in_ms={}",
                 lock.mode
@@ -313,6 +315,9 @@ async fn locks(settings: &Settings, args: LocksArgs) -> anyhow::Result<()> {
                 now - w.since_ms
             );
         }
+    }
+    if held == 0 {
+        eprintln!("no locks held");
     }
     Ok(())
 }

@@ -135,10 +135,10 @@ async fn the_cli_submits_a_yaml_workflow_waits_for_it_and_lists_locks() {
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Nothing is held: said, not left to an empty screen (stdout stays for lock lines).
+    assert!(stderr.contains("no locks held"), "{stderr}");
+    assert!(out.stdout.is_empty());
     c.stop().await;
 }
