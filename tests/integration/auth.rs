@@ -85,11 +85,7 @@ async fn every_route_but_the_openapi_document_needs_a_token_and_says_so_in_json(
 
 #[tokio::test]
 async fn each_role_gets_exactly_its_permissions() {
-    let c = Cluster::start_with(|s| {
-        s.agent_stale_after_ms = 600_000;
-        s.agent_offline_after_ms = 1_200_000;
-    })
-    .await;
+    let c = Cluster::start_with(crate::cluster::patient).await;
     let admin = c.http();
     let addr = c.http_addr.unwrap();
     let viewer = Http::with_token(addr, &create_token(&admin, "v", "viewer", &[]).await);

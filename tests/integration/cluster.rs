@@ -240,6 +240,14 @@ impl Cluster {
     }
 }
 
+/// Liveness settings for tests whose agents are registered over HTTP and never heartbeat: they
+/// stay live (eligible for dispatches and handoffs) for the whole test, however slow the
+/// machine — not just for the default test settings' 400 ms.
+pub fn patient(s: &mut omoi::config::Settings) {
+    s.agent_stale_after_ms = 600_000;
+    s.agent_offline_after_ms = 1_200_000;
+}
+
 /// `kill -9` of a child process, and its end awaited.
 pub async fn kill9(child: &mut Child) {
     let pid = child.id().expect("running child").to_string();

@@ -7,7 +7,7 @@ use omoi::domain::TaskStatus;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
-use crate::cluster::{Cluster, task};
+use crate::cluster::{Cluster, patient, task};
 use crate::env::eventually;
 use crate::http::Http;
 
@@ -33,7 +33,7 @@ async fn agent_id(c: &Cluster, name: &str) -> String {
 
 #[tokio::test]
 async fn threads_messages_cursors_and_read_receipts() {
-    let c = Cluster::start().await;
+    let c = Cluster::start_with(patient).await;
     let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x"]).await;
@@ -194,7 +194,7 @@ async fn threads_messages_cursors_and_read_receipts() {
 
 #[tokio::test]
 async fn handoffs_keep_their_state_reason_and_refuse_a_second_decision() {
-    let c = Cluster::start().await;
+    let c = Cluster::start_with(patient).await;
     let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x", "y"]).await;
@@ -341,7 +341,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
 
 #[tokio::test]
 async fn two_agents_racing_to_accept_an_open_handoff_get_exactly_one_winner() {
-    let c = Cluster::start().await;
+    let c = Cluster::start_with(patient).await;
     let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["review"]).await;
@@ -467,7 +467,7 @@ async fn a_message_to_a_stopped_workers_agent_is_delivered_in_order_when_it_rest
 
 #[tokio::test]
 async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
-    let c = Cluster::start().await;
+    let c = Cluster::start_with(patient).await;
     let http = c.http();
     let a = register(&http, "a", &["x"]).await;
     let b = register(&http, "b", &["x"]).await;
@@ -599,7 +599,7 @@ async fn an_executor_asks_for_a_handoff_and_the_worker_releases_the_task_to_the_
 
 #[tokio::test]
 async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtered_stream_works() {
-    let c = Cluster::start().await;
+    let c = Cluster::start_with(patient).await;
     let http = c.http();
     let b = register(&http, "b", &["x"]).await;
 

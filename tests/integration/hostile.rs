@@ -12,15 +12,9 @@ use omoi::protocol::{Outcome, TaskReport};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, patient};
 use crate::env::eventually;
 use crate::http::Http;
-
-/// Settings for tests whose agents are registered by hand and never heartbeat.
-fn patient(s: &mut omoi::config::Settings) {
-    s.agent_stale_after_ms = 600_000;
-    s.agent_offline_after_ms = 1_200_000;
-}
 
 /// Every dead letter of the namespace: (subject, reason, payload).
 pub async fn dead_letters(c: &Cluster) -> Vec<(String, String, Vec<u8>)> {
