@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// Longest wait, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
+    /// Keep the run waiting when no live agent can take some of its steps (for agents about to
+    /// start); without it such a run is cancelled at once, saying what to start.
+    #[arg(long)]
+    pub wait_for_agents: bool,
 }
 
 /// Loads a pattern by name or path, searching `patterns_dir` and `./patterns`.
@@ -147,13 +151,16 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
         pattern.name(),
         submitted.workflow_id
     );
-    for u in &submitted.unschedulable {
-        // Accepted, but nothing runs it until an agent with these capabilities registers.
-        eprintln!(
-            "warning: no live agent has {} for step `{}`: it waits for one (start a worker with them, or pass the pattern's capabilities parameter)",
-            u.missing(),
-            u.key
-        );
+    if !submitted.unschedulable.is_empty() {
+        let said = unschedulable_help(&pattern, &submitted.unschedulable);
+        if !args.wait_for_agents {
+            let _ = client.cancel(submitted.workflow_id).await;
+            bail!(
+                "{said}workflow {} cancelled; start them and run it again, or pass --wait-for-agents to keep a run waiting for them",
+                submitted.workflow_id
+            );
+        }
+        eprintln!("{said}waiting for them (--wait-for-agents)");
     }
     let view = follow(
         &client,
@@ -170,6 +177,51 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What no live agent can take, step by step, and what would: the worker to start (every missing
+/// capability and executor in one command) and the pattern's parameters that choose
+/// capabilities, if it has any.
+fn unschedulable_help(
+    pattern: &crate::pattern::Pattern,
+    steps: &[crate::service::workflows::Unschedulable],
+) -> String {
+    let mut said = String::new();
+    let mut capabilities = std::collections::BTreeSet::new();
+    let mut executors = std::collections::BTreeSet::new();
+    for u in steps {
+        said.push_str(&format!(
+            "no live agent has {} for step `{}`\n",
+            u.missing(),
+            u.key
+        ));
+        capabilities.extend(u.missing_capabilities.iter().cloned());
+        executors.extend(u.missing_executor.iter().cloned());
+    }
+    let mut command = "omoi worker --agent helper".to_string();
+    if !capabilities.is_empty() {
+        let list: Vec<String> = capabilities.into_iter().collect();
+        command.push_str(&format!(" --capabilities {}", list.join(",")));
+    }
+    if !executors.is_empty() {
+        let list: Vec<String> = executors.into_iter().collect();
+        command.push_str(&format!(" --executors {}", list.join(",")));
+    }
+    said.push_str(&format!("start an agent that has them: {command}\n"));
+    let choosers: Vec<String> = pattern
+        .parameters()
+        .iter()
+        .filter(|p| p.name.ends_with("capabilities"))
+        .map(|p| format!("--param {}=…", p.name))
+        .collect();
+    if !choosers.is_empty() {
+        said.push_str(&format!(
+            "or ask for capabilities your agents have (empty: any agent): omoi run {} {}\n",
+            pattern.name(),
+            choosers.join(" ")
+        ));
+    }
+    said
 }
 
 /// Polls the workflow and draws a progress bar per step group on stderr until it finishes.

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::AsyncBufReadExt;
+
 use omoi::domain::{TaskStatus, WorkflowStatus};
 use serde_json::json;
 
@@ -327,4 +329,77 @@ async fn an_invalid_pattern_file_fails_validation_with_its_line_and_column() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken.yaml:4:"), "{stderr}");
     assert!(stderr.contains("retries"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_run_no_live_agent_can_take_says_what_to_start_at_once_and_waits_only_if_asked() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w1", "echo", 2).await;
+    // The pattern's first steps ask for `code`: nobody has it.
+    let out = omoi(
+        &c.env,
+        &["run", "review_feedback_loop", "--param", "task=t"],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no live agent has capabilities [code] for step"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("omoi worker --agent helper --capabilities code\n"),
+        "{stderr}"
+    );
+    // It names the parameters this pattern has, not one it lacks.
+    assert!(
+        stderr.contains("--param implementer_capabilities=… --param reviewer_capabilities=…"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--param capabilities="), "{stderr}");
+    let list: Vec<serde_json::Value> = {
+        let (status, v) = c.http().get("/api/v1/workflows").await;
+        assert_eq!(status, 200);
+        serde_json::from_value(v).unwrap()
+    };
+    assert_eq!(list[0]["status"], "cancelled", "{list:?}");
+
+    // Asked to wait, it does, and runs once an agent with them starts.
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args([
+            "run",
+            "majority_vote",
+            "--param",
+            "question=q",
+            "--wait-for-agents",
+        ])
+        .envs(c.env.child_env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            said.push_str(&line);
+            said.push('\n');
+            if line.contains("waiting for them (--wait-for-agents)") {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the run says it waits: {said}"));
+    // The rest (progress) is drained, so the run never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(said.contains("--param capabilities=…"), "{said}");
+    c.spawn_worker("w2", "review", 3).await;
+    let status = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .expect("the run ends once an agent can take its steps")
+        .unwrap();
+    assert!(status.success());
+    c.stop().await;
 }
