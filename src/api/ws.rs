@@ -1,7 +1,8 @@
 //! WebSocket streams of live events:
 //!
 //! * `/api/v1/collaboration/ws?agent_id=…` — messages, handoffs and threads involving the agent;
-//! * `/api/v1/ws/events?types=task.>&agent_id=&task_id=&workflow_id=` — any events, filtered.
+//! * `/api/v1/ws/events?types=task.%3E&agent_id=&task_id=&workflow_id=` — any events, filtered,
+//!   in the events stream's order (a consumer of `<ns>_events`, not core subscriptions).
 //!
 //! Both need a token (a `viewer` one, or for the collaboration stream an `agent` token of that
 //! agent) as `Authorization: Bearer` or the subprotocol `omoi.token.<token>` beside `omoi.v1`,
@@ -237,27 +238,38 @@ async fn serve(socket: WebSocket, state: AppState, mut filters: Filters) {
             }
         }
     });
+    let js = async_nats::jetstream::new(state.nats.clone());
+    let mut events = match crate::bus::events::tail(&js, &state.names).await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "websocket: cannot read the events");
+            let _ = close_tx.send(CloseFrame {
+                code: 1011,
+                reason: Utf8Bytes::from_static("events unavailable; try again"),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            return;
+        }
+    };
     let mut close_tx = Some(close_tx);
     let mut too_slow = || {
         if let Some(c) = close_tx.take() {
             let _ = c.send(too_slow_frame());
         }
     };
-    let mut subs = Vec::new();
-    for prefix in ["agent.>", "task.>", "workflow.>"] {
-        match state.nats.subscribe(state.names.event(prefix)).await {
-            Ok(s) => subs.push(s),
-            Err(e) => tracing::warn!(error = %e, "websocket: cannot subscribe"),
-        }
-    }
-    let mut events = futures::stream::select_all(subs);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     loop {
         tokio::select! {
             msg = events.next() => {
-                let Some(msg) = msg else { break };
-                // Heartbeats and inboxes share the `agent.` prefix but are not events.
+                let msg = match msg {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "websocket: events consumer hiccup");
+                        continue;
+                    }
+                    None => break,
+                };
                 let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload) else { continue };
                 if !filters.matches(&env) {
                     continue;

@@ -33,6 +33,34 @@ pub struct Subscription {
     pub only_new: bool,
 }
 
+/// Every event published from now on, in the order the `<ns>_events` stream stored them — for
+/// live views. An ordered consumer: nothing to ack, and the client recreates it if a message
+/// was missed. One stream, whatever the events' subjects, so the events of a workflow arrive
+/// in the order their changes were committed (a `workflow.completed` after its last
+/// `task.completed`), which separate subscriptions per subject do not promise.
+pub async fn tail(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<consumer::pull::Ordered, BusError> {
+    let stream_name = names.stream(STREAM_EVENTS);
+    let err = |reason: String| BusError::Consumer {
+        stream: stream_name.clone(),
+        reason,
+    };
+    let stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    consumer.messages().await.map_err(|e| err(e.to_string()))
+}
+
 impl EventBus {
     pub fn new(js: jetstream::Context, names: Names) -> Self {
         Self { js, names }

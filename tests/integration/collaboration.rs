@@ -663,3 +663,46 @@ async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtere
     assert!(frames < 4_000, "the client was not sent everything");
     c.stop().await;
 }
+
+#[tokio::test]
+async fn the_event_stream_carries_coordination_events_and_a_workflows_events_in_commit_order() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w1", "x", 4).await;
+    // The documented form: `>` encoded, as a URL must have it.
+    let mut events = c
+        .ws("/api/v1/ws/events?types=task.%3E,workflow.*,coordination.%3E")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..3 {
+        let wf = c
+            .submit(json!({"name": format!("ordered{round}"), "tasks": [
+                {"key": "plan", "input": {"items": [1, 2, 3, 4, 5, 6]}},
+                {"key": "fan", "depends_on": ["plan"],
+                 "split": {"items": "${deps.plan.output.input.items}", "task": {}}},
+                {"key": "after", "depends_on": ["fan"]}]}))
+            .await;
+        let id = json!(wf.workflow_id);
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let e = next_event(&mut events).await;
+            let mine = e["data"]["workflow_id"] == id;
+            if !mine {
+                continue;
+            }
+            let kind = e["type"].as_str().unwrap().to_string();
+            let end = kind == "workflow.completed";
+            seen.push(kind);
+            if end {
+                break;
+            }
+        }
+        assert!(
+            seen.iter().any(|k| k.starts_with("coordination.")),
+            "round {round}: {seen:?}"
+        );
+        // plan, fan (the node completes when its children have), 6 children, after.
+        let completed = seen.iter().filter(|k| *k == "task.completed").count();
+        assert_eq!(completed, 9, "round {round}: {seen:?}");
+    }
+    c.stop().await;
+}
