@@ -96,3 +96,120 @@ fn every_route_has_an_access_rule_and_every_rule_a_route() {
         );
     }
 }
+
+/// Where the Dockerfile's build stage puts what it copies: each source path of a `COPY`
+/// (without `--from`) before the first runtime stage.
+fn docker_build_copies(dockerfile: &str) -> Vec<String> {
+    let mut copied = Vec::new();
+    let mut stages = 0;
+    for line in dockerfile.lines().map(str::trim) {
+        if line.starts_with("FROM ") {
+            stages += 1;
+        }
+        if stages == 1 && line.starts_with("COPY ") && !line.contains("--from") {
+            let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+            let (_, sources) = words.split_last().expect("COPY <src>… <dest>");
+            copied.extend(sources.iter().map(|s| s.trim_end_matches('/').to_string()));
+        }
+    }
+    copied
+}
+
+/// Every file the build reads besides `src/`: `include_str!`/`include_bytes!` arguments
+/// (relative to their source file) and `sqlx::migrate!` directories, as repository paths.
+fn files_the_build_reads(root: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut sources = Vec::new();
+    walk(&root.join("src"), &mut sources);
+    let mut read = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    for file in sources {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (macro_name, relative_to_file) in [
+            ("include_str!(\"", true),
+            ("include_bytes!(\"", true),
+            ("migrate!(\"", false),
+        ] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = &text[at + macro_name.len()..];
+                let arg = &rest[..rest.find('"').unwrap()];
+                let base = if relative_to_file {
+                    file.parent().unwrap().to_path_buf()
+                } else {
+                    root.to_path_buf()
+                };
+                let path = std::fs::canonicalize(base.join(arg)).unwrap();
+                let repo_path = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                read.push(repo_path);
+            }
+        }
+    }
+    read
+}
+
+#[test]
+fn the_docker_image_builds_from_what_it_copies_runs_unprivileged_and_compose_sits_beside_local_servers()
+ {
+    let root = std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copied = docker_build_copies(&dockerfile);
+    assert!(copied.contains(&"src".to_string()), "{copied:?}");
+    let read = files_the_build_reads(&root);
+    assert!(
+        read.iter().any(|p| p == "docs/openapi.json"),
+        "the scan finds the embedded files: {read:?}"
+    );
+    for path in &read {
+        assert!(
+            copied
+                .iter()
+                .any(|c| path == c || path.starts_with(&format!("{c}/"))),
+            "the build reads {path}, which the Dockerfile does not copy ({copied:?})"
+        );
+    }
+    // Multi-stage, and the runtime stage runs as a user without privileges.
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(dockerfile.matches("\nFROM ").count() >= 1, "multi-stage");
+    let user = runtime
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("USER "))
+        .expect("a USER in the runtime stage");
+    assert!(!["root", "0"].contains(&user.trim()), "{user}");
+
+    let compose: Value =
+        serde_norway::from_str(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap())
+            .unwrap();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        assert!(
+            service.get("healthcheck").is_some(),
+            "service {name} has no healthcheck"
+        );
+        // Host ports are set by variables, so the stack runs beside a local NATS and
+        // PostgreSQL; their defaults are not the local servers' ports.
+        for port in service
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let port = port.as_str().unwrap();
+            assert!(port.contains("${OMOI_"), "{name}: {port} is fixed");
+            for taken in [":-4222}", ":-5432}"] {
+                assert!(!port.contains(taken), "{name}: {port} collides by default");
+            }
+        }
+    }
+}
