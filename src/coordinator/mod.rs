@@ -98,6 +98,9 @@ async fn prepare(
 /// Starts every component on `shutdown`'s tracker and returns once they are up.
 pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, CoordinatorError> {
     let names = Names::new(&settings.namespace).map_err(CoordinatorError::Config)?;
+    // Metrics recorded before the recorder is installed are lost: install it now, not at the
+    // first scrape (a control plane embedded in another program has no CLI to do it).
+    let _ = crate::runtime::telemetry::prometheus();
     let instance_id = format!("coordinator-{}", uuid::Uuid::now_v7().simple());
     let (pool, nats) = prepare(settings, &instance_id).await?;
     check_auth(settings, &pool).await?;

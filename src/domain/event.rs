@@ -258,6 +258,10 @@ pub struct TaskEvent {
     /// For `task.retrying`: when the next attempt becomes ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// For `task.completed`: how long the attempt waited for its resource locks, as its agent
+    /// reported (the spec's `lock.wait_time`, per task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_wait_ms: Option<i64>,
 }
 
 /// A collaboration thread was opened.
@@ -382,6 +386,7 @@ mod tests {
             agent_id: None,
             error: None,
             retry_at: None,
+            lock_wait_ms: None,
         };
         let wf = WorkflowEvent {
             workflow_id: WorkflowId::new(),

@@ -27,9 +27,26 @@ pub fn init_tracing(format: LogFormat, level: &str) {
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Bucket bounds, in seconds, of every `…_seconds` histogram: exported as Prometheus
+/// histograms (cumulative buckets, aggregatable across processes), not as summaries whose
+/// quantiles cover a sliding window and read 0 once it has passed.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> Option<&'static PrometheusHandle> {
     PROMETHEUS
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    SECONDS_BUCKETS,
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
         .as_ref()
 }

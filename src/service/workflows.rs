@@ -107,6 +107,7 @@ pub fn task_event(t: &TaskRecord) -> TaskEvent {
         agent_id: t.agent_id,
         error: t.error.clone(),
         retry_at: t.retry_at,
+        lock_wait_ms: t.lock_wait_ms.filter(|_| t.status == TaskStatus::Completed),
     }
 }
 
@@ -191,6 +192,7 @@ impl Workflows {
                         agent_id: None,
                         error: None,
                         retry_at: None,
+                        lock_wait_ms: None,
                     })
                 }),
         );

@@ -278,6 +278,7 @@ mod tests {
             agent_id: agent,
             error: None,
             retry_at: None,
+            lock_wait_ms: None,
         };
         let events = vec![
             at(0, Event::TaskStarted(ev(1, Some(a1), TaskStatus::Running))),

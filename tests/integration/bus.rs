@@ -22,6 +22,7 @@ fn one_of_each() -> Vec<Event> {
         agent_id: Some(AgentId::new()),
         error: None,
         retry_at: None,
+        lock_wait_ms: None,
     };
     let wf = WorkflowEvent {
         workflow_id: WorkflowId::new(),

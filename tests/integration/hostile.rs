@@ -866,6 +866,7 @@ async fn a_forged_cancel_on_an_open_server_does_not_strand_the_task() {
             agent_id: running.agent_id,
             error: None,
             retry_at: None,
+            lock_wait_ms: None,
         },
     ));
     c.env

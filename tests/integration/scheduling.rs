@@ -436,3 +436,62 @@ async fn the_http_executor_posts_the_input_and_returns_the_reply() {
     assert_eq!(task(&view, "call").output, Some(json!({"got": 42})));
     c.stop().await;
 }
+
+#[tokio::test]
+async fn lock_waits_reach_the_control_planes_metrics_and_the_completed_events() {
+    let mut c = Cluster::start().await;
+    c.spawn_worker("w1", "x", 2).await;
+    // Two tasks on one exclusive resource, run by a worker process: one waits for the other.
+    let locked = |key: &str| {
+        json!({"key": key, "executor": "sleep", "capabilities": ["x"], "input": {"ms": 300},
+               "resources": [{"name": "repo:one", "mode": "exclusive"}]})
+    };
+    let view = c
+        .run(
+            json!({"name": "waits", "tasks": [locked("a"), locked("b"),
+                {"key": "free", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 1}}]}),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(view.workflow.status, WorkflowStatus::Completed);
+    let mut events = c
+        .env
+        .bus
+        .subscribe(omoi::bus::events::Subscription {
+            filter: Some("task.completed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut waits = HashMap::new();
+    while waits.len() < 3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the task.completed events")
+            .unwrap()
+            .unwrap();
+        let t = d.value.event.task().unwrap().clone();
+        if t.workflow_id == view.workflow.id {
+            waits.insert(t.key, t.lock_wait_ms);
+        }
+    }
+    assert!(waits["a"].is_some() && waits["b"].is_some(), "{waits:?}");
+    assert_eq!(waits["free"], None, "no resources, no wait to report");
+    // Where an operator looks: the control plane's /metrics, from the workers' reports, as a
+    // Prometheus histogram.
+    let (status, metrics) = c.http().get_text("/metrics").await;
+    assert_eq!(status, 200);
+    let count: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("omoi_task_lock_wait_seconds_count "))
+        .expect("omoi_task_lock_wait_seconds on the control plane")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(count >= 2.0, "{count}");
+    assert!(
+        metrics.contains("omoi_task_lock_wait_seconds_bucket{le="),
+        "buckets, not a summary"
+    );
+    c.stop().await;
+}

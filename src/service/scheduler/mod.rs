@@ -582,6 +582,10 @@ impl Scheduler {
             .await
             .map_err(db)?;
         applied += done.len();
+        // The fleet's lock waits, where an operator looks (workers serve no /metrics).
+        for waited in done.iter().filter_map(|t| t.lock_wait_ms) {
+            metrics::histogram!("omoi_task_lock_wait_seconds").record(waited as f64 / 1000.0);
+        }
         changes.tasks(done.clone());
         let b = scheduling::requeue(
             &mut *conn,
