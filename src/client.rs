@@ -260,9 +260,15 @@ impl WorkflowClient {
                     };
                 }
                 Ok(_) => {}
-                // A control plane restarting (none answers for a moment) is not the end.
+                // A control plane restarting (none answers for a moment), or one whose database
+                // or NATS is away for a while, is not the end: what it survives, waiting does.
                 Err(ClientError::NoResponders(_) | ClientError::Transport { .. })
                     if tokio::time::Instant::now() < deadline => {}
+                Err(ClientError::Service(e))
+                    if e.is_transient() && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "the control plane is unavailable; waiting on");
+                }
                 Err(e) => return Err(e),
             }
             let next_poll = (tokio::time::Instant::now() + WAIT_POLL).min(deadline);

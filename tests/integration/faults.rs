@@ -426,3 +426,125 @@ async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
     assert_eq!(done.output, Some(json!({"ran": true})));
     c.stop().await;
 }
+
+/// A TCP proxy in front of PostgreSQL that can go down: cut every connection through it and
+/// refuse new ones (as a database restarting does), then come back.
+struct PgProxy {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PgProxy {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let accepting = up.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let upstream = upstream.clone();
+                let mut cuts = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    // Only a cut after this connection was made ends it.
+                    cuts.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            cut,
+            task,
+        }
+    }
+
+    fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn submit_wait_rides_out_a_database_outage_of_the_control_plane() {
+    let mut c = Cluster::without_control_plane().await;
+    let url: url::Url = c.env.database_url.parse().unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let proxy = PgProxy::start(upstream).await;
+    let mut through = url.clone();
+    through.set_port(Some(proxy.addr.port())).unwrap();
+    let _coordinator = c.spawn_coordinator_with(&[("OMOI_DATABASE_URL", through.as_str())]);
+    c.spawn_worker("w1", "x", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.json");
+    std::fs::write(
+        &file,
+        json!({"name": "outage", "tasks": [
+            {"key": "slow", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 2000}},
+            {"key": "after", "depends_on": ["slow"], "capabilities": ["x"]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
+        .args([
+            "submit",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "120",
+        ])
+        .envs(c.env.child_env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the workflow submitted",
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM workflows")
+                .fetch_one(&c.env.pool)
+                .await
+                .unwrap();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    // The database goes away for longer than a state request waits for a connection (5 s):
+    // the control plane answers `unavailable` meanwhile.
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    proxy.up();
+    let out = tokio::time::timeout(Duration::from_secs(90), cli.wait_with_output())
+        .await
+        .expect("the wait ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("\"completed\""), "{stdout}");
+}
