@@ -263,6 +263,8 @@ impl Scheduler {
             }
         }
         listener.abort();
+        // A control plane that is not leading holds no connection for steps.
+        *self.hot.lock().await = None;
     }
 
     /// Taking the lease: what the outbox holds is published, memory is built, and the
