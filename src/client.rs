@@ -246,6 +246,16 @@ impl WorkflowClient {
         workflow_id: crate::domain::WorkflowId,
         timeout: Duration,
     ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        self.wait_with(workflow_id, timeout, |_| {}).await
+    }
+
+    /// [`WorkflowClient::wait`], showing `progress` each state it reads before the end.
+    pub async fn wait_with(
+        &self,
+        workflow_id: crate::domain::WorkflowId,
+        timeout: Duration,
+        mut progress: impl FnMut(&crate::service::workflows::WorkflowView),
+    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut ends = self.workflow_ends().await;
         loop {
@@ -259,7 +269,7 @@ impl WorkflowClient {
                         other => other,
                     };
                 }
-                Ok(_) => {}
+                Ok(view) => progress(&view),
                 // A control plane restarting (none answers for a moment), or one whose database
                 // or NATS is away for a while, is not the end: what it survives, waiting does.
                 Err(ClientError::NoResponders(_) | ClientError::Transport { .. })

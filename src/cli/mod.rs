@@ -259,10 +259,26 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("submitted workflow {}; waiting", submitted.workflow_id);
+    // A line on stderr whenever the counts change (stdout is for the final state).
+    let mut last = String::new();
     let view = client
-        .wait(
+        .wait_with(
             submitted.workflow_id,
             std::time::Duration::from_secs(args.timeout),
+            |view| {
+                let total: usize = view.counts.values().sum();
+                let parts: Vec<String> = view
+                    .counts
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(status, n)| format!("{n} {status}"))
+                    .collect();
+                let line = format!("progress: {} (of {total})", parts.join(", "));
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            },
         )
         .await?;
     println!("{}", serde_json::to_string_pretty(&view)?);

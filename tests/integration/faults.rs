@@ -547,4 +547,9 @@ async fn submit_wait_rides_out_a_database_outage_of_the_control_plane() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("\"completed\""), "{stdout}");
+    // It showed how far the workflow had got while it waited.
+    assert!(
+        stderr.contains("progress: ") && stderr.contains("(of 2)"),
+        "{stderr}"
+    );
 }
