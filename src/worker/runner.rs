@@ -1,9 +1,9 @@
 //! Runs one hosted agent's tasks: pulls its dispatches (`<ns>.dispatch.<agent_id>`, durable
 //! consumer `agent-<agent_id>`) only as fast as it has free slots, and for each one takes its
-//! resource locks (reporting `started` once the attempt has gone on for 20 ms), runs the executor under the task's timeout while
-//! extending the message's ack deadline and the locks' leases, reports the outcome, releases the
-//! locks and only then acknowledges the dispatch — so a worker killed at any point leaves the
-//! task to be redelivered or reclaimed, never lost.
+//! resource locks (reporting `started` once the attempt has gone on for 20 ms), runs the
+//! executor under the task's timeout while extending the message's ack deadline and the locks'
+//! leases, reports the outcome, releases the locks and only then acknowledges the dispatch — so
+//! a worker killed at any point leaves the task to be redelivered or reclaimed, never lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI32, Ordering};
