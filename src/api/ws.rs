@@ -8,8 +8,10 @@
 //! agent) as `Authorization: Bearer` or the subprotocol `omoi.token.<token>` beside `omoi.v1`,
 //! and refuse pages of origins not allowed (api/auth.rs).
 //!
-//! Each server frame is an event envelope (docs/protocol.md) as JSON text. A client changes its
-//! filters by sending `{"filters": {"types": [...], "agent_id": …, "task_id": …, "workflow_id": …}}`
+//! The first server frame is `{"type": "ready"}`, once the stream is live: every event committed
+//! after it is delivered. Each later server frame is an event envelope (docs/protocol.md) as
+//! JSON text. A client changes its filters by sending
+//! `{"filters": {"types": [...], "agent_id": …, "task_id": …, "workflow_id": …}}`
 //! (answered `{"type": "filters", …}`); a malformed frame is answered with
 //! `{"type": "error", "message": …}` and the connection stays open. Idle clients are pinged every
 //! 20 s. A client that cannot keep up (256 frames queued) is closed with code 1013 and reason
@@ -251,6 +253,9 @@ async fn serve(socket: WebSocket, state: AppState, mut filters: Filters) {
             return;
         }
     };
+    // From here on every event committed is delivered: say so, so a client knows when what it
+    // does next will be seen.
+    let _ = tx.try_send(text(serde_json::json!({"type": "ready"})));
     let mut close_tx = Some(close_tx);
     let mut too_slow = || {
         if let Some(c) = close_tx.take() {

@@ -480,7 +480,7 @@ async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
     let mut ws = c
         .ws(&format!("/api/v1/collaboration/ws?agent_id={b}"))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    ready(&mut ws).await;
 
     http.post(
         "/api/v1/collaboration/messages",
@@ -535,6 +535,12 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next text frame as JSON (pings and pongs skipped).
+/// Waits for the stream's `{"type": "ready"}`: from then on every event committed reaches it.
+async fn ready(ws: &mut Socket) {
+    let frame = next_event(ws).await;
+    assert_eq!(frame["type"], "ready", "{frame}");
+}
+
 async fn next_event(ws: &mut Socket) -> Value {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -613,7 +619,7 @@ async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtere
             wf.workflow_id
         ))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    ready(&mut events).await;
     c.submit(json!({"name": "other", "tasks": [{"key": "t"}]}))
         .await;
     c.client.cancel(wf.workflow_id).await.unwrap();
@@ -627,7 +633,7 @@ async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtere
     let mut slow = c
         .ws(&format!("/api/v1/collaboration/ws?agent_id={b}"))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    ready(&mut slow).await;
     let agent: omoi::domain::AgentId = b.parse().unwrap();
     let flood: Vec<omoi::domain::Event> = (0..4_000)
         .map(|i| {
@@ -672,7 +678,7 @@ async fn the_event_stream_carries_coordination_events_and_a_workflows_events_in_
     let mut events = c
         .ws("/api/v1/ws/events?types=task.%3E,workflow.*,coordination.%3E")
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    ready(&mut events).await;
     for round in 0..3 {
         let wf = c
             .submit(json!({"name": format!("ordered{round}"), "tasks": [
