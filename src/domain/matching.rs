@@ -242,6 +242,9 @@ pub fn best(
 pub struct Picker<'a> {
     heap: std::collections::BinaryHeap<Candidate<'a>>,
     req: Requirements,
+    /// The plan's clock and freshness window (fixed while it runs).
+    now: DateTime<Utc>,
+    stale_after_ms: i64,
 }
 
 /// An agent's key in a [`Picker`] (greater: better), and the version of the agent it was
@@ -295,24 +298,21 @@ impl<'a> Picker<'a> {
         let mut picker = Self {
             heap: std::collections::BinaryHeap::new(),
             req,
+            now,
+            stale_after_ms,
         };
         for i in candidates {
-            picker.push(agents, i, versions, now, stale_after_ms);
+            picker.enter(agents, i, versions);
         }
         picker
     }
 
-    /// (Re-)enters agent `i` at its current key, if it can take work.
-    fn push(
-        &mut self,
-        agents: &[AgentSnapshot<'a>],
-        i: usize,
-        versions: &[u32],
-        now: DateTime<Utc>,
-        stale_after_ms: i64,
-    ) {
+    /// (Re-)enters agent `i` at its current key, if it can take work: after it was given a
+    /// task (the caller changed its load and bumped its version), or when its entry surfaced
+    /// stale.
+    pub fn enter(&mut self, agents: &[AgentSnapshot<'a>], i: usize, versions: &[u32]) {
         let Some(a) = agents.get(i) else { return };
-        let Some(score) = score_only(a, &self.req, now, stale_after_ms) else {
+        let Some(score) = score_only(a, &self.req, self.now, self.stale_after_ms) else {
             return;
         };
         self.heap.push(Candidate {
@@ -327,33 +327,15 @@ impl<'a> Picker<'a> {
     }
 
     /// The best agent now, or `None`. The caller then changes that agent (its load), bumps
-    /// its version in `versions`, and calls [`Picker::taken`].
-    pub fn best(
-        &mut self,
-        agents: &[AgentSnapshot<'a>],
-        versions: &[u32],
-        now: DateTime<Utc>,
-        stale_after_ms: i64,
-    ) -> Option<usize> {
+    /// its version in `versions`, and enters it again ([`Picker::enter`]).
+    pub fn best(&mut self, agents: &[AgentSnapshot<'a>], versions: &[u32]) -> Option<usize> {
         while let Some(top) = self.heap.pop() {
             if versions.get(top.index).copied().unwrap_or(0) == top.version {
                 return Some(top.index);
             }
-            self.push(agents, top.index, versions, now, stale_after_ms);
+            self.enter(agents, top.index, versions);
         }
         None
-    }
-
-    /// Agent `i`, just given a task, goes back in at its new key (if it has room left).
-    pub fn taken(
-        &mut self,
-        agents: &[AgentSnapshot<'a>],
-        i: usize,
-        versions: &[u32],
-        now: DateTime<Utc>,
-        stale_after_ms: i64,
-    ) {
-        self.push(agents, i, versions, now, stale_after_ms);
     }
 }
 
@@ -472,13 +454,13 @@ mod tests {
         let mut picks = 0;
         loop {
             let expected = best(&snaps, 0..snaps.len(), &req, now, 3_000);
-            let got = picker.best(&snaps, &versions, now, 3_000);
+            let got = picker.best(&snaps, &versions);
             assert_eq!(got, expected, "pick {picks}");
             let Some(i) = got else { break };
             snaps[i].load += 1;
             snaps[i].last_assigned_at = Some(now + chrono::Duration::microseconds(picks));
             versions[i] += 1;
-            picker.taken(&snaps, i, &versions, now, 3_000);
+            picker.enter(&snaps, i, &versions);
             picks += 1;
         }
         let room: i32 = agents[..12]

@@ -157,19 +157,26 @@ async fn omoi_dev_starts_a_private_nats_when_none_answers_and_runs_workers() {
     assert!(out.status.success(), "{stderr}");
 }
 
-#[tokio::test]
-async fn omoi_dev_without_postgres_names_the_url_it_tried_and_how_to_start_one() {
+/// `omoi <command>` pointed at a PostgreSQL that does not answer: its failed run's stderr, which
+/// names the URL it was given.
+async fn without_postgres(command: &str, namespace: &str) -> String {
     let dead_pg = format!("postgres://postgres@127.0.0.1:{}/omoi", free_port());
     let out = Command::new(env!("CARGO_BIN_EXE_omoi"))
-        .arg("dev")
+        .arg(command)
         .env("OMOI_DATABASE_URL", &dead_pg)
-        .env("OMOI_NAMESPACE", "tdevnopg")
+        .env("OMOI_NAMESPACE", namespace)
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(stderr.contains(&dead_pg), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn omoi_dev_without_postgres_names_the_url_it_tried_and_how_to_start_one() {
+    let stderr = without_postgres("dev", "tdevnopg").await;
     assert!(
         stderr.contains("pg_ctlcluster") && stderr.contains("docker compose up -d postgres"),
         "{stderr}"
@@ -272,17 +279,7 @@ async fn omoi_coordinator_on_a_fresh_server_creates_its_database_and_migrates_it
 
 #[tokio::test]
 async fn an_error_and_its_causes_are_said_once() {
-    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/omoi", free_port());
-    let out = Command::new(env!("CARGO_BIN_EXE_omoi"))
-        .arg("migrate")
-        .env("OMOI_DATABASE_URL", &dead_pg)
-        .env("OMOI_NAMESPACE", "terronce")
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&dead_pg), "{stderr}");
+    let stderr = without_postgres("migrate", "terronce").await;
     // Before: `connect to PostgreSQL at …: pool timed out …: pool timed out …`.
     let line = stderr.lines().find(|l| l.starts_with("omoi: ")).unwrap();
     let parts: Vec<&str> = line.split(": ").collect();

@@ -291,7 +291,7 @@ impl State {
                         };
                         Picker::new(&snapshots, fits, &versions, req, now, stale_after_ms)
                     });
-                    picker.best(&snapshots, &versions, now, stale_after_ms)?
+                    picker.best(&snapshots, &versions)?
                 }
             };
             let s = &mut snapshots[chosen];
@@ -299,13 +299,9 @@ impl State {
             // Spreads equal candidates: the next tie goes to another agent.
             s.last_assigned_at = Some(now + chrono::Duration::microseconds(assigned as i64));
             versions[chosen] += 1;
-            if let Some(picker) = needs
-                .pinned
-                .is_none()
-                .then(|| pickers.get_mut(needs))
-                .flatten()
-            {
-                picker.taken(&snapshots, chosen, &versions, now, stale_after_ms);
+            // Back in at its new key (other kinds' heaps see its version changed).
+            if let Some(picker) = pickers.get_mut(needs) {
+                picker.enter(&snapshots, chosen, &versions);
             }
             assigned += 1;
             free -= 1;
