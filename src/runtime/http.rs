@@ -61,6 +61,11 @@ pub async fn serve(
         let app = app.clone();
         let token = token.clone();
         connections.spawn(async move {
+            let mut stream = stream;
+            if answered_unreadable_target(&mut stream, limits.header_timeout).await {
+                drop(slot);
+                return;
+            }
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
@@ -89,4 +94,56 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A first request whose target hyper would refuse with an empty 400 — say `?types=task.>`,
+/// a raw `>` being no URL character — is answered here in the API's error format, saying what
+/// to encode. The request line is peeked, not read: anything else goes to hyper untouched (a
+/// line that has not fully arrived yet too, and later requests of the connection). Returns
+/// whether the connection is done with: answered, or silent for the whole header timeout.
+async fn answered_unreadable_target(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut head = [0u8; 8192];
+    let Ok(peeked) = tokio::time::timeout(wait, stream.peek(&mut head)).await else {
+        // Nothing arrived within the header timeout: closed, as hyper would.
+        return true;
+    };
+    let Ok(n) = peeked else { return false };
+    let Some(end) = head[..n].windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    let mut parts = head[..end].split(|b| *b == b' ');
+    let (Some(_method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let readable = std::str::from_utf8(target)
+        .map(|t| t.parse::<axum::http::Uri>().is_ok())
+        .unwrap_or(false);
+    if readable || !version.starts_with(b"HTTP/1.") {
+        return false;
+    }
+    let reply = crate::protocol::ErrorReply {
+        error: crate::protocol::ErrorBody {
+            code: "malformed".into(),
+            message: "the request target is not a valid URI: percent-encode what a URL may not \
+                      hold raw, such as `>` (%3E), `<` (%3C), `\"` (%22), `{` (%7B), `}` (%7D) \
+                      or a space (%20)"
+                .into(),
+            field: None,
+        },
+    };
+    let body = serde_json::to_vec(&reply).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    use tokio::io::AsyncWriteExt;
+    let written = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(wait, written).await;
+    true
 }

@@ -954,3 +954,30 @@ async fn a_large_submission_under_a_burst_of_requests_starves_neither_the_pool_n
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_raw_character_no_url_may_hold_is_answered_in_json_not_with_an_empty_400() {
+    let c = Cluster::start().await;
+    let addr = c.http_addr.unwrap();
+    // The documented form once, written the way curl sends it.
+    let answer = head_only(
+        addr,
+        "GET /api/v1/ws/events?types=task.> HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "malformed", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("%3E"),
+        "{body}"
+    );
+    // A valid target still goes through, on the same server.
+    let answer = head_only(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    c.stop().await;
+}
