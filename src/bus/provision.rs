@@ -243,6 +243,24 @@ pub async fn ensure_agent_consumers(
     Ok(())
 }
 
+/// Drops the dispatches waiting for (or delivered to and not yet acknowledged by) an agent whose
+/// tasks were taken back: a process that comes back as that agent must not run them. Best
+/// effort: a dispatch left behind is fenced off by its attempt when its report comes.
+pub async fn purge_dispatches(
+    js: &jetstream::Context,
+    names: &Names,
+    agent: crate::domain::AgentId,
+) {
+    if let Ok(stream) = js
+        .get_stream_no_info(names.stream(super::names::STREAM_DISPATCH))
+        .await
+    {
+        if let Err(e) = stream.purge().filter(names.dispatch(agent)).await {
+            tracing::warn!(agent.id = %agent, error = %e, "could not purge an agent's dispatches");
+        }
+    }
+}
+
 /// Deletes an agent's dispatch and inbox consumers (it was deregistered); missing ones are fine.
 pub async fn delete_agent_consumers(
     js: &jetstream::Context,

@@ -470,6 +470,23 @@ pub async fn reclaim_from_lost_agents(
     Ok(rows.into_iter().map(|r| (r.task, r.lost_agent)).collect())
 }
 
+/// The tasks `agent` holds go back to ready (their next dispatch raises the attempt, fencing off
+/// the holder): its process was replaced by a new one under the same name.
+pub async fn reclaim_from_agent(
+    db: &mut PgConnection,
+    agent: AgentId,
+) -> Result<Vec<TaskRecord>, DbError> {
+    Ok(sqlx::query_as::<_, TaskRecord>(
+        "UPDATE tasks SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now(),
+             error = 'its agent was registered again by a new process'
+         WHERE agent_id = $1 AND status IN ('assigned', 'running')
+         RETURNING *",
+    )
+    .bind(agent)
+    .fetch_all(&mut *db)
+    .await?)
+}
+
 /// Running tasks past their timeout, and assigned tasks never started within
 /// `start_timeout_ms` (their dispatch was lost or never picked up).
 pub async fn overdue(

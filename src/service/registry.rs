@@ -270,6 +270,7 @@ impl Registry {
         };
         let mut tx = self.pool.begin().await.map_err(crate::db::DbError::from)?;
         let mut retired = None;
+        let mut reclaimed = Vec::new();
         let (agent, previous) = match agents::lock_live_by_name(&mut tx, &req.name).await? {
             Some(old) if !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
                 return Err(ServiceError::Conflict(format!(
@@ -277,8 +278,23 @@ impl Registry {
                     old.name, old.status, old.id
                 )));
             }
-            // A silent agent's name is taken over: same id, new fields.
-            Some(old) if old.id == id => (agents::reregister(&mut tx, &new).await?, Some(old)),
+            // A silent agent's name is taken over: same id, new fields — by a new process, so
+            // what the silent one held goes back to ready at once (not after its dispatches'
+            // redelivery, at the same attempt, into the new process), and its dispatches left
+            // pending are dropped before the new process can pull them.
+            Some(old) if old.id == id => {
+                let agent = agents::reregister(&mut tx, &new).await?;
+                reclaimed = crate::db::scheduling::reclaim_from_agent(&mut tx, id).await?;
+                if !reclaimed.is_empty() {
+                    crate::bus::provision::purge_dispatches(
+                        self.bus.jetstream(),
+                        self.bus.names(),
+                        id,
+                    )
+                    .await;
+                }
+                (agent, Some(old))
+            }
             // Registered before ids came from names: retired, and registered anew.
             Some(old) => {
                 agents::terminate(&mut *tx, old.id).await?;
@@ -336,6 +352,10 @@ impl Registry {
                 }));
             }
         }
+        if !reclaimed.is_empty() {
+            tracing::warn!(agent.id = %agent.id, tasks = reclaimed.len(), "a new process took the agent over; what the old one held is dispatched again");
+        }
+        events.extend(super::workflows::task_events(&reclaimed));
         self.bus.publish_all(events).await?;
         tracing::info!(agent.id = %agent.id, reactivated = previous.is_some(), "agent registered");
         Ok((agent, previous.is_none()))

@@ -287,3 +287,48 @@ async fn an_error_and_its_causes_are_said_once() {
         assert!(!parts[i + 1..].contains(part), "said twice: {line}");
     }
 }
+
+#[tokio::test]
+async fn a_worker_restarted_under_its_name_runs_its_old_tasks_at_once_at_a_new_attempt() {
+    let env = TestEnv::new().await;
+    let shutdown = Shutdown::new();
+    omoi::coordinator::start(&env.settings(), &shutdown)
+        .await
+        .unwrap();
+    let mut worker = spawn_worker(&env, "w1");
+    let agent = registered(&env, "w1").await;
+    let client = omoi::client::WorkflowClient::new(env.nats.clone(), env.names.clone());
+    let spec: omoi::domain::dag::WorkflowSpec = serde_json::from_value(serde_json::json!({
+        "name": "restart", "tasks": [
+            {"key": "long", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 1500}}]
+    }))
+    .unwrap();
+    let submitted = client.submit(&spec).await.unwrap();
+    let task = submitted.tasks["long"];
+    eventually(Duration::from_secs(15), "running on w1", || async {
+        let t = omoi::db::tasks::get(&env.pool, task).await.unwrap();
+        (t.status == omoi::domain::TaskStatus::Running && t.agent_id == Some(agent.id))
+            .then_some(())
+    })
+    .await;
+    signal(&worker, "-KILL");
+    let _ = worker.wait().await;
+    // Restarted at once: it takes the agent over as soon as the agent is stale, before it is
+    // offline — when nothing else would take the killed process's task back.
+    let mut restarted = spawn_worker(&env, "w1");
+    // The task is dispatched again at once, at a new attempt (before: its dispatch came back
+    // only after the 30 s ack wait, at the same attempt), and completes.
+    let view = client
+        .wait(submitted.workflow_id, Duration::from_secs(25))
+        .await
+        .unwrap();
+    let long = view.tasks.iter().find(|t| t.key == "long").unwrap();
+    assert_eq!(
+        view.workflow.status,
+        omoi::domain::WorkflowStatus::Completed
+    );
+    assert_eq!(long.attempt, 2, "{long:?}");
+    signal(&restarted, "-TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(10), restarted.wait()).await;
+    shutdown.drain(Duration::from_secs(5)).await;
+}

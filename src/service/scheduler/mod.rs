@@ -41,7 +41,7 @@ use state::{Dependants, State};
 use super::ServiceError;
 use super::outbox::{Outbox, Staged};
 use super::workflows::{task_events, workflow_event};
-use crate::bus::names::{CONSUMER_SCHEDULER, STREAM_DISPATCH, STREAM_RESULTS};
+use crate::bus::names::{CONSUMER_SCHEDULER, STREAM_RESULTS};
 use crate::bus::{Delivery, EventBus, Names, TypedConsumer};
 use crate::db::scheduling::{self, Assigned, Fence};
 use crate::db::tasks::{self, TaskRecord};
@@ -384,9 +384,7 @@ impl Scheduler {
         let dispatched = assigned.len();
         for agent in &changes.lost {
             // A lost agent that comes back must not run what was taken from it.
-            if let Ok(stream) = self.js.get_stream(self.names.stream(STREAM_DISPATCH)).await {
-                let _ = stream.purge().filter(self.names.dispatch(*agent)).await;
-            }
+            crate::bus::provision::purge_dispatches(&self.js, &self.names, *agent).await;
         }
         let more = assigned.len() >= DISPATCH_BATCH;
         if !assigned.is_empty() {
