@@ -2,7 +2,8 @@
 //! (which also closes keep-alive connections idle longer than it), upgrades for WebSockets, and
 //! graceful shutdown. Connections past the limit are closed at once rather than queued, so an
 //! idle or slow flood cannot hold the server; the request-level limits (body size, in-flight
-//! requests, time) are layers of the router.
+//! requests, time) are layers of the router. A first request line whose target hyper would
+//! refuse with an empty 400 is answered here in the API's error format.
 
 use std::sync::Arc;
 use std::time::Duration;
