@@ -53,13 +53,19 @@ async fn registered(env: &TestEnv, name: &str) -> agents::AgentRecord {
     .await
 }
 
-#[tokio::test]
-async fn a_worker_heartbeats_and_exits_cleanly_on_sigterm() {
+/// A fresh environment with a control plane running in this process.
+async fn with_control_plane() -> (TestEnv, Shutdown) {
     let env = TestEnv::new().await;
     let shutdown = Shutdown::new();
     omoi::coordinator::start(&env.settings(), &shutdown)
         .await
         .unwrap();
+    (env, shutdown)
+}
+
+#[tokio::test]
+async fn a_worker_heartbeats_and_exits_cleanly_on_sigterm() {
+    let (env, shutdown) = with_control_plane().await;
     let mut worker = spawn_worker(&env, "w1");
     let agent = registered(&env, "w1").await;
     assert_eq!(agent.capabilities, vec!["echo", "sleep"]);
@@ -84,11 +90,7 @@ async fn a_worker_heartbeats_and_exits_cleanly_on_sigterm() {
 
 #[tokio::test]
 async fn a_killed_worker_goes_stale_then_offline_and_its_restart_reclaims_the_agent() {
-    let env = TestEnv::new().await;
-    let shutdown = Shutdown::new();
-    omoi::coordinator::start(&env.settings(), &shutdown)
-        .await
-        .unwrap();
+    let (env, shutdown) = with_control_plane().await;
     let mut worker = spawn_worker(&env, "w1");
     let agent = registered(&env, "w1").await;
 
@@ -185,11 +187,7 @@ async fn omoi_dev_without_postgres_names_the_url_it_tried_and_how_to_start_one()
 
 #[tokio::test]
 async fn a_worker_hosts_several_agents_from_an_agents_file() {
-    let env = TestEnv::new().await;
-    let shutdown = Shutdown::new();
-    omoi::coordinator::start(&env.settings(), &shutdown)
-        .await
-        .unwrap();
+    let (env, shutdown) = with_control_plane().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("agents.toml");
     std::fs::write(
@@ -290,11 +288,7 @@ async fn an_error_and_its_causes_are_said_once() {
 
 #[tokio::test]
 async fn a_worker_restarted_under_its_name_runs_its_old_tasks_at_once_at_a_new_attempt() {
-    let env = TestEnv::new().await;
-    let shutdown = Shutdown::new();
-    omoi::coordinator::start(&env.settings(), &shutdown)
-        .await
-        .unwrap();
+    let (env, shutdown) = with_control_plane().await;
     let mut worker = spawn_worker(&env, "w1");
     let agent = registered(&env, "w1").await;
     let client = omoi::client::WorkflowClient::new(env.nats.clone(), env.names.clone());
