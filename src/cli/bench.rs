@@ -491,7 +491,8 @@ async fn ready_tasks(
 
 /// 10,000 ready tasks over 100 agents of capacity 100, no worker behind them: each round plans
 /// every task onto an agent from the scheduler's memory and assigns them in one statement, then
-/// the tasks are put back to ready and the table vacuumed (not timed). Then the memory of 100,000 pending tasks.
+/// the tasks are put back to ready and the table vacuumed (not timed). Then the memory of
+/// 100,000 pending tasks.
 async fn fetch_and_assign(
     pool: &sqlx::PgPool,
     database_url: &str,

@@ -102,8 +102,8 @@ pub fn score(
     Some((s, covered(&req.capabilities, agent.capabilities)))
 }
 
-/// [`score`] without the matched list (allocates nothing: the scheduler calls it per task and
-/// candidate).
+/// [`score`] without the matched list (allocates nothing: a [`Picker`] calls it each time it
+/// keys an agent).
 pub fn score_only(
     agent: &AgentSnapshot<'_>,
     req: &Requirements,
@@ -209,7 +209,9 @@ fn order(a: &AgentSnapshot<'_>, a_score: f64, b: &AgentSnapshot<'_>, b_score: f6
         .then(a.id.cmp(&b.id))
 }
 
-/// The first of [`rank`], among the agents at `candidates` only, without sorting them all.
+/// The first of [`rank`], among the agents at `candidates` only, without sorting them all: what
+/// a [`Picker`] must agree with (the scheduler picks through one).
+#[cfg(test)]
 pub fn best(
     agents: &[AgentSnapshot<'_>],
     candidates: impl IntoIterator<Item = usize>,

@@ -114,6 +114,18 @@ impl Cluster {
             .expect("spawn omoi coordinator")
     }
 
+    /// `omoi <args>` as a child process of this environment, its stdout and stderr piped.
+    pub fn spawn_omoi(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_omoi"))
+            .args(args)
+            .envs(self.env.child_env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn omoi")
+    }
+
     /// Starts an `omoi worker` process hosting one agent and waits until it is registered.
     pub async fn spawn_worker(&mut self, name: &str, capabilities: &str, capacity: u32) {
         self.spawn_worker_with(name, capabilities, capacity, &[])

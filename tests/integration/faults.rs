@@ -508,20 +508,13 @@ async fn submit_wait_rides_out_a_database_outage_of_the_control_plane() {
         .to_string(),
     )
     .unwrap();
-    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
-        .args([
-            "submit",
-            file.to_str().unwrap(),
-            "--wait",
-            "--timeout",
-            "120",
-        ])
-        .envs(c.env.child_env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let cli = c.spawn_omoi(&[
+        "submit",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
     eventually(
         Duration::from_secs(30),
         "the workflow submitted",

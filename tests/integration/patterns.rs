@@ -365,20 +365,13 @@ async fn a_run_no_live_agent_can_take_says_what_to_start_at_once_and_waits_only_
     assert_eq!(list[0]["status"], "cancelled", "{list:?}");
 
     // Asked to wait, it does, and runs once an agent with them starts.
-    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_omoi"))
-        .args([
-            "run",
-            "majority_vote",
-            "--param",
-            "question=q",
-            "--wait-for-agents",
-        ])
-        .envs(c.env.child_env())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut run = c.spawn_omoi(&[
+        "run",
+        "majority_vote",
+        "--param",
+        "question=q",
+        "--wait-for-agents",
+    ]);
     let mut lines = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
     let mut said = String::new();
     tokio::time::timeout(Duration::from_secs(30), async {
