@@ -80,6 +80,13 @@ pub enum Command {
     /// cost (started by the bench).
     #[command(hide = true)]
     BenchSchedulerMemory,
+    /// Runs a `shell` task's program in a process group that dies with the worker (started by
+    /// the worker; reads the payload line, then watches its stdin).
+    #[command(hide = true)]
+    ExecGuard {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        program: Vec<std::ffi::OsString>,
+    },
     /// List, show and validate pattern files (patterns/README.md).
     #[command(subcommand)]
     Patterns(patterns::PatternsCommand),
@@ -162,16 +169,24 @@ struct AgentsFile {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        // No settings, no logging: the guard's stdout and stderr are the task's.
+        Command::ExecGuard { program } => {
+            std::process::exit(crate::worker::guard::run(program).await)
+        }
+        command => command,
+    };
     let mut settings = Settings::load(&cli.global.sources())?;
     // Commands that host a control plane only to measure or report on it stay quiet unless a
     // log level was asked for: their output is the report.
-    let reporting = matches!(cli.command, Command::Simulate(_) | Command::Bench(_));
+    let reporting = matches!(command, Command::Simulate(_) | Command::Bench(_));
     if reporting && cli.global.log_level.is_none() && std::env::var_os("OMOI_LOG_LEVEL").is_none() {
         settings.log_level = "warn".into();
     }
     telemetry::init_tracing(settings.log_format, &settings.log_level);
     let _ = telemetry::prometheus();
-    match cli.command {
+    match command {
+        Command::ExecGuard { .. } => Ok(()), // ran above
         Command::Config => {
             print!("{}", settings.render_toml());
             Ok(())

@@ -6,8 +6,8 @@
 //! |---|---|---|
 //! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
 //! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
-//! | `shell` | `{"command": "…"}` run by `sh -c` with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT` set; stdin is `{"input", "dependencies"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
-//! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies"}` as JSON, only to addresses `http_executor_allow` permits (policy.rs) | the response body as JSON (or text); a non-2xx status fails |
+//! | `shell` | `{"command": "…"}` run by `sh -c` under `omoi exec-guard` (guard.rs: its processes die with the task and with the worker) with `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT`, `OMOI_LOCK_TOKENS` set; stdin is `{"input", "dependencies", "task_id", "attempt", "lock_tokens"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
+//! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies", "task_id", "attempt", "lock_tokens"}` as JSON, only to addresses `http_executor_allow` permits (policy.rs) | the response body as JSON (or text); a non-2xx status fails |
 //! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "index": 0, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[index]` or `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …, "simulated_ms": …}` |
 //!
 //! A task asks to be handed to another agent by returning [`TaskFailure::handoff`]: a `shell`
@@ -138,7 +138,8 @@ impl Executors {
 }
 
 fn payload(ctx: &TaskContext) -> Value {
-    json!({"input": ctx.input, "dependencies": ctx.dependencies, "task_id": ctx.task_id, "attempt": ctx.attempt})
+    json!({"input": ctx.input, "dependencies": ctx.dependencies, "task_id": ctx.task_id,
+           "attempt": ctx.attempt, "lock_tokens": ctx.lock_tokens})
 }
 
 struct Echo;
@@ -252,33 +253,51 @@ impl Executor for Shell {
                     "shell executor: input.command (a string) is required",
                 ));
             };
-            let mut child = tokio::process::Command::new("sh")
-                .arg("-c")
+            // The program runs under `omoi exec-guard` (guard.rs), in a process group that dies
+            // when this future is dropped (timeout, cancel) or the worker dies, even by kill -9.
+            let guard = std::env::current_exe()
+                .map_err(|e| TaskFailure::new(format!("shell executor: own executable: {e}")))?;
+            let lock_tokens = serde_json::to_string(&ctx.lock_tokens).unwrap_or_default();
+            let mut child = tokio::process::Command::new(guard)
+                .args(["exec-guard", "--", "sh", "-c"])
                 .arg(&command)
                 .env("OMOI_TASK_ID", ctx.task_id.to_string())
                 .env("OMOI_TASK_KEY", &ctx.key)
                 .env("OMOI_ATTEMPT", ctx.attempt.to_string())
                 .env("OMOI_AGENT", &ctx.agent_name)
+                .env("OMOI_LOCK_TOKENS", lock_tokens)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                // The task's timeout (or cancellation) drops this future: the process dies with it.
-                .kill_on_drop(true)
+                // Not `kill_on_drop`: a guard killed at once could not kill the group. Dropping
+                // `lifeline` (with this future) is what stops it.
                 .spawn()
                 .map_err(|e| TaskFailure::new(format!("cannot start `sh -c {command}`: {e}")))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                let body = payload(&ctx).to_string();
-                // A command that does not read stdin closes it early: not an error.
-                let _ = stdin.write_all(body.as_bytes()).await;
+            let mut lifeline = child.stdin.take();
+            if let Some(stdin) = lifeline.as_mut() {
+                // One line: serde_json escapes every newline inside the payload.
+                let mut line = payload(&ctx).to_string();
+                line.push('\n');
+                if stdin.write_all(line.as_bytes()).await.is_err() {
+                    lifeline = None;
+                }
             }
             // Both pipes at once (a child filling one while we wait on the other would hang),
-            // each read only up to its limit.
-            let (stdout, stderr) = tokio::join!(
-                read_limited(child.stdout.take(), MAX_OUTPUT_BYTES, Overflow::Refuse),
+            // each read only up to its limit. Too much stdout ends the program's group at once
+            // (dropping the lifeline), so that stderr reaches its end too.
+            let stdout = child.stdout.take();
+            let stdout = async move {
+                match read_limited(stdout, MAX_OUTPUT_BYTES, Overflow::Refuse).await {
+                    Some(out) => (Some(out), lifeline),
+                    None => (None, None),
+                }
+            };
+            let ((stdout, lifeline), stderr) = tokio::join!(
+                stdout,
                 read_limited(child.stderr.take(), MAX_STDERR_BYTES, Overflow::Truncate),
             );
             let Some(stdout) = stdout else {
-                let _ = child.kill().await;
+                let _ = child.wait().await;
                 return Err(TaskFailure::new(format!(
                     "`{}` wrote more than {MAX_OUTPUT_BYTES} bytes to stdout; it was stopped",
                     crate::domain::text::bounded(&command, 200)
@@ -289,6 +308,7 @@ impl Executor for Shell {
                 .wait()
                 .await
                 .map_err(|e| TaskFailure::new(format!("waiting for `{command}`: {e}")))?;
+            drop(lifeline);
             let text = String::from_utf8_lossy(&stdout).trim().to_string();
             if status.code() == Some(SHELL_HANDOFF_EXIT) {
                 #[derive(serde::Deserialize)]

@@ -7,6 +7,7 @@
 //! locks; keep heartbeating until all that is done; then mark the agents offline and exit.
 
 pub mod executor;
+pub mod guard;
 pub mod inbox;
 pub mod policy;
 pub mod runner;

@@ -119,6 +119,94 @@ async fn a_killed_lock_holder_loses_its_lock_at_expiry_and_the_waiter_proceeds()
     c.stop().await;
 }
 
+/// Whether process `pid` is running (a zombie, ended but not yet reaped, is not).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_killed_workers_shell_task_dies_with_it_so_the_next_lock_holder_never_overlaps() {
+    let mut c = Cluster::start().await;
+    c.spawn_shell_worker("doomed", "shell", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // Every attempt records its shell's pid, its fencing tokens (environment and stdin), and
+    // any earlier attempt's process still running while it holds the lock. The first attempt
+    // then sleeps in a child process, as long-running work does.
+    let script = format!(
+        "echo $$ > {d}/pid.$OMOI_ATTEMPT; echo \"$OMOI_LOCK_TOKENS\" > {d}/env.$OMOI_ATTEMPT; \
+         cat > {d}/stdin.$OMOI_ATTEMPT; \
+         for f in {d}/pid.* {d}/sleep.*; do [ -e \"$f\" ] || continue; p=$(cat $f); [ \"$p\" = $$ ] && continue; \
+           if [ -e /proc/$p ] && ! grep -q '^State:.*Z' /proc/$p/status; then echo $p >> {d}/overlap; fi; done; \
+         if [ \"$OMOI_ATTEMPT\" = 1 ]; then sleep 60 & echo $! > {d}/sleep.1; wait; fi; echo '{{\"done\": true}}'"
+    );
+    let wf = c
+        .submit(json!({"name": "fenced", "tasks": [
+            {"key": "long", "executor": "shell", "capabilities": ["shell"], "input": {"command": script},
+             "resources": [{"name": "repo:x"}]}]}))
+        .await;
+    let sleep_pid = dir.path().join("sleep.1");
+    let first = eventually(
+        Duration::from_secs(20),
+        "first attempt sleeping",
+        || async {
+            let shell = std::fs::read_to_string(dir.path().join("pid.1")).ok()?;
+            let sleep = std::fs::read_to_string(&sleep_pid).ok()?;
+            Some([shell.trim().to_string(), sleep.trim().to_string()])
+        },
+    )
+    .await;
+    assert!(first.iter().all(|p| alive(p)), "{first:?}");
+    let mut doomed = c.workers.remove("doomed").unwrap();
+    kill9(&mut doomed).await;
+    // The task's processes die with their worker, long before its lock lease lapses.
+    eventually(
+        Duration::from_secs(10),
+        "the task's processes gone",
+        || async { first.iter().all(|p| !alive(p)).then_some(()) },
+    )
+    .await;
+
+    c.spawn_shell_worker("rescuer", "shell", 1).await;
+    let view = c.wait(wf.workflow_id, Duration::from_secs(60)).await;
+    assert_eq!(
+        view.workflow.status,
+        WorkflowStatus::Completed,
+        "{:?}",
+        view.tasks
+    );
+    let long = task(&view, "long");
+    assert!(long.attempt >= 2, "{long:?}");
+    let attempt = long.attempt;
+    assert!(
+        !dir.path().join("overlap").exists(),
+        "a process of an earlier attempt was running while attempt {attempt} held the lock: {:?}",
+        std::fs::read_to_string(dir.path().join("overlap"))
+    );
+    // The fencing tokens reach the program, in its environment and on its stdin, and the new
+    // holder's is higher.
+    let read_json = |name: String| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+    };
+    let (env1, env_last) = (
+        read_json("env.1".into()),
+        read_json(format!("env.{attempt}")),
+    );
+    let stdin_last = read_json(format!("stdin.{attempt}"));
+    assert_eq!(stdin_last["lock_tokens"], env_last, "{stdin_last}");
+    let (t1, t_last) = (env1["repo:x"].as_u64(), env_last["repo:x"].as_u64());
+    assert!(
+        matches!((t1, t_last), (Some(a), Some(b)) if b > a),
+        "{env1} then {env_last}"
+    );
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_coordinator_killed_mid_workflow_is_replaced_and_nothing_is_lost_or_run_twice() {
     let mut c = Cluster::without_control_plane().await;
