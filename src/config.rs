@@ -33,7 +33,12 @@ pub enum LogFormat {
 pub struct Settings {
     /// Prefix of every subject, stream and KV bucket (`<ns>.task.completed`, `<ns>_events`).
     pub namespace: String,
+    /// One NATS server, or several comma-separated (the servers of a cluster: a client that
+    /// loses one reconnects to another).
     pub nats_url: String,
+    /// Replicas of every stream and bucket `omoi migrate` and the control plane provision
+    /// (3 on a 3-node cluster); 0 keeps what each has (a new one gets 1).
+    pub nats_replicas: u32,
     /// An NKEY seed file to sign in to NATS with (`omoi nats-auth` writes them).
     pub nats_nkey_file: String,
     /// A NATS credentials (JWT) file, for operator-mode servers.
@@ -132,6 +137,7 @@ impl Default for Settings {
         Self {
             namespace: "omoi".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_replicas: 0,
             nats_nkey_file: String::new(),
             nats_creds_file: String::new(),
             database_url: "postgres://postgres@127.0.0.1:5432/omoi".into(),
@@ -255,12 +261,29 @@ impl Settings {
             key: "namespace",
             reason,
         })?;
-        check_url(&self.nats_url, &["nats", "tls", "ws", "wss"]).map_err(|reason| {
-            ConfigError::Invalid {
+        if nats_urls(&self.nats_url).next().is_none() {
+            return Err(ConfigError::Invalid {
                 key: "nats_url",
-                reason,
-            }
-        })?;
+                reason: "no NATS server given".into(),
+            });
+        }
+        for url in nats_urls(&self.nats_url) {
+            check_url(url, &["nats", "tls", "ws", "wss"]).map_err(|reason| {
+                ConfigError::Invalid {
+                    key: "nats_url",
+                    reason,
+                }
+            })?;
+        }
+        if self.nats_replicas > 5 {
+            return Err(ConfigError::Invalid {
+                key: "nats_replicas",
+                reason: format!(
+                    "{} replicas: JetStream allows at most 5",
+                    self.nats_replicas
+                ),
+            });
+        }
         check_url(&self.database_url, &["postgres", "postgresql"]).map_err(|reason| {
             ConfigError::Invalid {
                 key: "database_url",
@@ -379,7 +402,10 @@ impl Settings {
             }
         };
         Self {
-            nats_url: mask_url_password(&self.nats_url),
+            nats_url: nats_urls(&self.nats_url)
+                .map(mask_url_password)
+                .collect::<Vec<_>>()
+                .join(","),
             database_url: mask_url_password(&self.database_url),
             bootstrap_admin_token: secret(&self.bootstrap_admin_token),
             ..self.clone()
@@ -471,6 +497,11 @@ fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// The servers of a `nats_url` (comma-separated), trimmed; empty entries skipped.
+pub fn nats_urls(raw: &str) -> impl Iterator<Item = &str> {
+    raw.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
 /// Replaces the password of a URL with `***`; a string that is not a URL is returned unchanged.
 pub fn mask_url_password(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -559,6 +590,35 @@ mod tests {
                 err.contains(key),
                 "{var}={value}: `{err}` should name `{key}`"
             );
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list_each_checked_and_masked() {
+        let cluster = Settings {
+            nats_url: "nats://n1:4222, nats://u:p4ss@n2:4222,nats://n3:4222".into(),
+            nats_replicas: 3,
+            ..Settings::default()
+        };
+        cluster.validate().unwrap();
+        assert_eq!(nats_urls(&cluster.nats_url).count(), 3);
+        let shown = cluster.render_toml();
+        assert!(
+            !shown.contains("p4ss") && shown.contains("nats://n3:4222"),
+            "{shown}"
+        );
+        for (url, replicas) in [
+            ("nats://n1:4222,http://n2:80", 0),
+            (" , ", 0),
+            ("nats://n1:4222", 7),
+        ] {
+            let bad = Settings {
+                nats_url: url.into(),
+                nats_replicas: replicas,
+                ..Settings::default()
+            };
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains("nats_"), "{url} {replicas}: {err}");
         }
     }
 

@@ -122,6 +122,19 @@ async fn options(
     Ok(options)
 }
 
+/// The servers of a (comma-separated) URL list.
+fn servers(url: &str) -> Vec<&str> {
+    crate::config::nats_urls(url).collect()
+}
+
+/// A URL list with its passwords masked, for messages.
+fn masked(url: &str) -> String {
+    crate::config::nats_urls(url)
+        .map(crate::config::mask_url_password)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects to NATS with a client name that shows up in `nats server report connections`,
 /// retrying until the server answers.
 pub async fn connect(access: NatsAccess<'_>, name: &str) -> Result<async_nats::Client, BusError> {
@@ -129,10 +142,10 @@ pub async fn connect(access: NatsAccess<'_>, name: &str) -> Result<async_nats::C
         .await?
         .retry_on_initial_connect()
         .connection_timeout(std::time::Duration::from_secs(3))
-        .connect(access.url)
+        .connect(servers(access.url))
         .await
         .map_err(|source| BusError::Connect {
-            url: crate::config::mask_url_password(access.url),
+            url: masked(access.url),
             source,
         })
 }
@@ -145,10 +158,10 @@ pub async fn connect_once(
     options(access, name)
         .await?
         .connection_timeout(std::time::Duration::from_secs(2))
-        .connect(access.url)
+        .connect(servers(access.url))
         .await
         .map_err(|source| BusError::Connect {
-            url: crate::config::mask_url_password(access.url),
+            url: masked(access.url),
             source,
         })
 }

@@ -114,41 +114,80 @@ fn render(template: &str, names: &Names) -> String {
     template.replace("{ns}", names.namespace())
 }
 
-/// Creates or updates every stream and bucket of the namespace. Safe to run any number of
+/// Creates or updates every stream and bucket of the namespace with `replicas` replicas
+/// (`nats_replicas`; 0 keeps each one's count, and a new one gets 1). Safe to run any number of
 /// times, from any number of processes at once.
 #[tracing::instrument(skip_all, fields(namespace = names.namespace()))]
-pub async fn ensure_all(js: &jetstream::Context, names: &Names) -> Result<(), BusError> {
+pub async fn ensure_all(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+) -> Result<(), BusError> {
     let defs = Definitions::builtin()?;
     for key in defs.streams.keys() {
         if let Some(config) = defs.stream_config(names, key) {
-            ensure_stream(js, config).await?;
+            ensure_stream(js, config, replicas).await?;
         }
     }
     for key in defs.buckets.keys() {
         if let Some(config) = defs.bucket_stream_config(names, key) {
-            ensure_stream(js, config).await?;
+            ensure_stream(js, config, replicas).await?;
         }
     }
     tracing::debug!("jetstream streams and buckets ensured");
     Ok(())
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BusError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    mut config: stream::Config,
+    replicas: usize,
+) -> Result<(), BusError> {
     let name = config.name.clone();
     // Two processes starting together may both miss the stream and race to create it;
     // the loser's create fails with "already in use", and a second update then succeeds.
+    // A cluster electing a stream's leader answers errors for a few seconds: retried too.
     let mut last = String::new();
-    for _ in 0..3 {
+    for round in 0..10 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * (1 << round.min(5)))).await;
+        }
+        config.num_replicas = match replicas {
+            0 => match current_replicas(js, &name).await {
+                Ok(current) => current.unwrap_or(1),
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            },
+            n => n,
+        };
         match js.create_or_update_stream(config.clone()).await {
             Ok(_) => return Ok(()),
             Err(e) => last = e.to_string(),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(BusError::Provision {
         what: format!("stream {name}"),
         reason: last,
     })
+}
+
+/// The replicas of stream `name`, or `None` if it does not exist: a control plane restarted
+/// without `nats_replicas` must not shrink what `omoi migrate --replicas 3` grew.
+async fn current_replicas(js: &jetstream::Context, name: &str) -> Result<Option<usize>, String> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream.cached_info().config.num_replicas.max(1))),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j)
+                if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e.to_string()),
+        },
+    }
 }
 
 /// Opens the KV bucket `key` (after [`ensure_all`]).

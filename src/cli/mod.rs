@@ -62,7 +62,7 @@ pub enum Command {
     /// Run a stateless worker hosting one agent (flags) or several (--agents-file).
     Worker(WorkerArgs),
     /// Apply database migrations and create or update JetStream streams and buckets.
-    Migrate,
+    Migrate(MigrateArgs),
     /// Print the effective configuration (secrets masked).
     Config,
     /// Run a control plane and N workers in one process, for development.
@@ -111,6 +111,14 @@ pub struct SubmitArgs {
     /// Longest wait, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Replicas of every stream and bucket (3 on a 3-node NATS cluster); default
+    /// `nats_replicas`, and when that is 0, what each already has (1 for a new one).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub replicas: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -191,7 +199,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", settings.render_toml());
             Ok(())
         }
-        Command::Migrate => {
+        Command::Migrate(args) => {
+            if let Some(replicas) = args.replicas {
+                settings.nats_replicas = replicas;
+            }
             if crate::db::ensure_database(&settings.database_url).await? {
                 eprintln!(
                     "created database {}",
@@ -199,8 +210,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             crate::coordinator::migrate(&settings).await?;
+            let replicas = match settings.nats_replicas {
+                0 => String::new(),
+                n => format!(" ({n} replicas each)"),
+            };
             eprintln!(
-                "migrations applied; streams and buckets of namespace `{}` ready",
+                "migrations applied; streams and buckets of namespace `{}` ready{replicas}",
                 settings.namespace
             );
             Ok(())

@@ -50,7 +50,7 @@ impl Scratch {
             admin_url: settings.database_url.clone(),
             db_name,
         };
-        if let Err(e) = provision::ensure_all(&scratch.js, &scratch.names).await {
+        if let Err(e) = provision::ensure_all(&scratch.js, &scratch.names, 0).await {
             scratch.remove().await;
             return Err(e.into());
         }

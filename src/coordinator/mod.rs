@@ -91,7 +91,12 @@ async fn prepare(
     crate::db::migrate(&pool).await?;
     let nats =
         crate::bus::connect(crate::bus::NatsAccess::from_settings(settings), client_name).await?;
-    provision::ensure_all(&jetstream::new(nats.clone()), &names).await?;
+    provision::ensure_all(
+        &jetstream::new(nats.clone()),
+        &names,
+        settings.nats_replicas as usize,
+    )
+    .await?;
     Ok((pool, nats))
 }
 

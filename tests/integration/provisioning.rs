@@ -32,8 +32,8 @@ async fn provisioning_twice_keeps_streams_and_buckets_as_defined() {
     let first = events.info().await.unwrap().config.clone();
     // Concurrent provisioning from several processes must also be safe.
     let (a, b) = tokio::join!(
-        provision::ensure_all(&env.js, &env.names),
-        provision::ensure_all(&env.js, &env.names)
+        provision::ensure_all(&env.js, &env.names, 0),
+        provision::ensure_all(&env.js, &env.names, 0)
     );
     a.unwrap();
     b.unwrap();
