@@ -272,9 +272,7 @@ async fn measure(
     };
     let started = Instant::now();
     let submitted = workflows.submit(chain).await?;
-    let view = client
-        .wait(submitted.workflow_id, Duration::from_secs(1_800))
-        .await?;
+    let view = wait_showing_progress(&client, submitted.workflow_id, "chain").await?;
     let chain_time = started.elapsed();
     if view.workflow.status != WorkflowStatus::Completed {
         bail!("chain ended {}", view.workflow.status);
@@ -322,9 +320,7 @@ async fn measure(
     }))?;
     let started = Instant::now();
     let submitted = workflows.submit(split).await?;
-    let view = client
-        .wait(submitted.workflow_id, Duration::from_secs(1_800))
-        .await?;
+    let view = wait_showing_progress(&client, submitted.workflow_id, "split").await?;
     let split_time = started.elapsed();
     if view.workflow.status != WorkflowStatus::Completed {
         bail!("split workflow ended {}", view.workflow.status);
@@ -612,6 +608,37 @@ struct WideRun {
 }
 
 /// Submits a wide DAG and waits for it, measuring time, CPU and memory.
+/// Waits (at most an hour) for a workflow of the bench, telling on stderr how far it is (stdout
+/// is the report): when submitted, at the first look and every few seconds, and when it ends.
+async fn wait_showing_progress(
+    client: &crate::client::WorkflowClient,
+    id: crate::domain::WorkflowId,
+    label: &str,
+) -> anyhow::Result<crate::service::workflows::WorkflowView> {
+    const EVERY: Duration = Duration::from_secs(5);
+    let started = Instant::now();
+    let mut shown: Option<Instant> = None;
+    let line = |view: &crate::service::workflows::WorkflowView| {
+        let total: usize = view.counts.values().sum();
+        let done = view.counts.get("completed").copied().unwrap_or(0);
+        eprintln!(
+            "bench: {label}: {done} of {total} completed after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    eprintln!("bench: {label}: submitted");
+    let view = client
+        .wait_with(id, Duration::from_secs(3_600), |view| {
+            if shown.is_none_or(|at| at.elapsed() >= EVERY) {
+                shown = Some(Instant::now());
+                line(view);
+            }
+        })
+        .await?;
+    line(&view);
+    Ok(view)
+}
+
 async fn run_wide(
     workflows: &crate::service::workflows::Workflows,
     client: &crate::client::WorkflowClient,
@@ -637,9 +664,8 @@ async fn run_wide(
     let started = Instant::now();
     let submitted = workflows.submit(spec).await?;
     let submit = started.elapsed();
-    let view = client
-        .wait(submitted.workflow_id, Duration::from_secs(3_600))
-        .await?;
+    let view =
+        wait_showing_progress(client, submitted.workflow_id, &format!("{size} tasks")).await?;
     let elapsed = started.elapsed();
     let cpu = meter.stop(worker_pids);
     sampler.abort();

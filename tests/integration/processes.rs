@@ -326,3 +326,62 @@ async fn a_worker_restarted_under_its_name_runs_its_old_tasks_at_once_at_a_new_a
     let _ = tokio::time::timeout(Duration::from_secs(10), restarted.wait()).await;
     shutdown.drain(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn omoi_bench_prints_every_figure_and_shows_its_progress() {
+    let env = TestEnv::new().await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(600),
+        Command::new(env!("CARGO_BIN_EXE_omoi"))
+            .args([
+                "bench",
+                "--tasks",
+                "1500",
+                "--chain",
+                "10",
+                "--split",
+                "10",
+                "--samples",
+                "20",
+                "--backlog",
+                "0",
+                "--workers",
+                "2",
+                "--capacity",
+                "4",
+            ])
+            .envs(env.child_env())
+            .output(),
+    )
+    .await
+    .expect("bench finished")
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for figure in [
+        "raw pipelined fleet",
+        "1500-task wide DAG",
+        "10-task chain",
+        "10-item dynamic split",
+        "fetch-and-assign",
+        "scheduler memory",
+        "lock acquire",
+    ] {
+        assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
+    }
+    // Progress goes to stderr (stdout is the report): at the start and the end of each wait.
+    for label in ["1500 tasks", "chain", "split"] {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with(&format!("bench: {label}: ")))
+            .collect();
+        assert!(lines.len() >= 2, "{label}: {lines:?}\n{stderr}");
+    }
+    assert!(
+        stderr.contains("bench: 1500 tasks: 1500 of 1500 completed"),
+        "{stderr}"
+    );
+}
