@@ -402,10 +402,7 @@ impl Settings {
             }
         };
         Self {
-            nats_url: nats_urls(&self.nats_url)
-                .map(mask_url_password)
-                .collect::<Vec<_>>()
-                .join(","),
+            nats_url: mask_nats_urls(&self.nats_url),
             database_url: mask_url_password(&self.database_url),
             bootstrap_admin_token: secret(&self.bootstrap_admin_token),
             ..self.clone()
@@ -500,6 +497,14 @@ fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
 /// The servers of a `nats_url` (comma-separated), trimmed; empty entries skipped.
 pub fn nats_urls(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// A `nats_url` (one server or several) with every password replaced by `***`.
+pub fn mask_nats_urls(raw: &str) -> String {
+    nats_urls(raw)
+        .map(mask_url_password)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Replaces the password of a URL with `***`; a string that is not a URL is returned unchanged.

@@ -127,14 +127,6 @@ fn servers(url: &str) -> Vec<&str> {
     crate::config::nats_urls(url).collect()
 }
 
-/// A URL list with its passwords masked, for messages.
-fn masked(url: &str) -> String {
-    crate::config::nats_urls(url)
-        .map(crate::config::mask_url_password)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Connects to NATS with a client name that shows up in `nats server report connections`,
 /// retrying until the server answers.
 pub async fn connect(access: NatsAccess<'_>, name: &str) -> Result<async_nats::Client, BusError> {
@@ -145,7 +137,7 @@ pub async fn connect(access: NatsAccess<'_>, name: &str) -> Result<async_nats::C
         .connect(servers(access.url))
         .await
         .map_err(|source| BusError::Connect {
-            url: masked(access.url),
+            url: crate::config::mask_nats_urls(access.url),
             source,
         })
 }
@@ -161,7 +153,7 @@ pub async fn connect_once(
         .connect(servers(access.url))
         .await
         .map_err(|source| BusError::Connect {
-            url: masked(access.url),
+            url: crate::config::mask_nats_urls(access.url),
             source,
         })
 }

@@ -607,7 +607,6 @@ struct WideRun {
     peak_rss_growth: u64,
 }
 
-/// Submits a wide DAG and waits for it, measuring time, CPU and memory.
 /// Waits (at most an hour) for a workflow of the bench, telling on stderr how far it is (stdout
 /// is the report): when submitted, at the first look and every few seconds, and when it ends.
 async fn wait_showing_progress(
@@ -639,6 +638,7 @@ async fn wait_showing_progress(
     Ok(view)
 }
 
+/// Submits a wide DAG and waits for it, measuring time, CPU and memory.
 async fn run_wide(
     workflows: &crate::service::workflows::Workflows,
     client: &crate::client::WorkflowClient,

