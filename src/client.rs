@@ -162,7 +162,21 @@ impl AgentRegistryClient {
     }
 }
 
-/// Client of the workflow service (`<ns>.workflow.submit|get|cancel`).
+/// Room left for headers below the server's `max_payload` in an inline submission.
+const HEADER_ROOM: usize = 64 * 1024;
+/// Longest wait for the reply to an uploaded submission.
+const UPLOAD_SUBMIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Largest submission sent inline: the server's `max_payload` (1 MiB by default) less room for
+/// headers.
+fn inline_limit(nats: &async_nats::Client) -> usize {
+    match nats.server_info().max_payload {
+        0 => 1024 * 1024 - HEADER_ROOM,
+        max => max.saturating_sub(HEADER_ROOM),
+    }
+}
+
+/// Client of the workflow service (`<ns>.workflow.submit|submit_upload|run|get|cancel`).
 #[derive(Clone)]
 pub struct WorkflowClient {
     nats: async_nats::Client,
@@ -179,15 +193,53 @@ impl WorkflowClient {
         }
     }
 
+    /// Submits a workflow: in one `workflow.submit` request when it fits in a message, else
+    /// through the uploads object store and `workflow.submit_upload` (docs/protocol.md).
     pub async fn submit(
         &self,
         spec: &crate::domain::dag::WorkflowSpec,
     ) -> Result<crate::service::workflows::Submitted, ClientError> {
+        let subject = self.names.workflow_endpoint("submit");
+        let body = serde_json::to_vec(spec).map_err(|e| ClientError::Transport {
+            subject: subject.clone(),
+            reason: e.to_string(),
+        })?;
+        if body.len() <= inline_limit(&self.nats) {
+            return request_raw(&self.nats, subject, body.into(), self.timeout).await;
+        }
+        self.submit_upload(body).await
+    }
+
+    /// Puts a submission in the uploads object store and asks for it to be submitted.
+    async fn submit_upload(
+        &self,
+        body: Vec<u8>,
+    ) -> Result<crate::service::workflows::Submitted, ClientError> {
+        let store = self.names.bucket(crate::bus::names::OBJECT_STORE_UPLOADS);
+        let failed = |reason: String| ClientError::Transport {
+            subject: format!("object store {store}"),
+            reason,
+        };
+        let uploads = async_nats::jetstream::new(self.nats.clone())
+            .get_object_store(&store)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let object = format!("submit-{}", uuid::Uuid::new_v4());
+        uploads
+            .put(object.as_str(), &mut body.as_slice())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let ask = crate::protocol::SubmitUpload {
+            v: crate::protocol::PROTOCOL_VERSION,
+            object,
+        };
+        // A large workflow takes the control plane longer to validate and store.
+        let timeout = self.timeout.max(UPLOAD_SUBMIT_TIMEOUT);
         request(
             &self.nats,
-            self.names.workflow_endpoint("submit"),
-            spec,
-            self.timeout,
+            self.names.workflow_endpoint("submit_upload"),
+            &ask,
+            timeout,
         )
         .await
     }

@@ -13,6 +13,17 @@ fn v1() -> u32 {
     PROTOCOL_VERSION
 }
 
+/// `<ns>.workflow.submit_upload`: submit the workflow (the JSON of a `workflow.submit` request)
+/// that was put in the object store `<ns>_uploads` under `object` — for a submission too large
+/// for one NATS message. The control plane deletes the object once read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitUpload {
+    #[serde(default = "v1")]
+    pub v: u32,
+    pub object: String,
+}
+
 /// Sent by a worker on `<ns>.act.<agent_id>.heartbeat` for each hosted agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -18,6 +18,7 @@
 //! | an agent's inbox | `<ns>.agent.inbox.<agent_id>` |
 //! | streams | `<ns>_events`, `<ns>_dispatch`, `<ns>_results`, `<ns>_inbox`, `<ns>_deadletter` |
 //! | KV buckets | `<ns>_agents`, `<ns>_locks`, `<ns>_leases` |
+//! | object store | `<ns>_uploads` (submissions too large for one message) |
 
 use crate::domain::AgentId;
 
@@ -33,6 +34,8 @@ pub const CONSUMER_SCHEDULER: &str = "scheduler";
 pub const BUCKET_AGENTS: &str = "agents";
 pub const BUCKET_LEASES: &str = "leases";
 pub const BUCKET_LOCKS: &str = "locks";
+/// Object store keys; the store is named `<ns>_<key>` (stream `OBJ_<ns>_<key>`).
+pub const OBJECT_STORE_UPLOADS: &str = "uploads";
 
 /// What an agent does on `<ns>.act.<agent_id>.<verb>`.
 pub const ACT_REGISTER: &str = "register";
@@ -59,7 +62,7 @@ pub const ACT_VERBS: &[&str] = &[
     ACT_CANCEL,
 ];
 /// The workflow endpoints `<ns>.workflow.<verb>`.
-pub const WORKFLOW_VERBS: &[&str] = &["submit", "run", "get", "cancel"];
+pub const WORKFLOW_VERBS: &[&str] = &["submit", "submit_upload", "run", "get", "cancel"];
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DEADLETTER_REASON: &str = "Omoi-Deadletter-Reason";

@@ -7,13 +7,13 @@
 //! |---|---|
 //! | control plane | the whole namespace: its subjects, JetStream API, buckets, service discovery; answer requests |
 //! | worker (for named agents) | act as its agents (`<ns>.act.<id>.>`), report as them (`<ns>.result.<id>.>`), pull and ack their dispatch and inbox consumers, read and write the lock bucket, read the registry, hear `task.cancelled` and `task.ready`, dead-letter what it cannot read |
-//! | submitter | the workflow endpoints and registry reads; hear workflow, task and coordination events |
+//! | submitter | the workflow endpoints and registry reads; put submissions in the uploads object store; hear workflow, task and coordination events |
 //! | observer | read: events, dead letters, stream and consumer info, the KV buckets (watch them) |
 
 use super::Names;
 use super::names::{
-    BUCKET_AGENTS, BUCKET_LEASES, BUCKET_LOCKS, STREAM_DEADLETTER, STREAM_DISPATCH, STREAM_EVENTS,
-    STREAM_INBOX, WORKFLOW_VERBS,
+    BUCKET_AGENTS, BUCKET_LEASES, BUCKET_LOCKS, OBJECT_STORE_UPLOADS, STREAM_DEADLETTER,
+    STREAM_DISPATCH, STREAM_EVENTS, STREAM_INBOX, WORKFLOW_VERBS,
 };
 use crate::domain::AgentId;
 
@@ -55,6 +55,7 @@ pub fn permissions(names: &Names, role: &Role, public_key: &str) -> Permissions 
     let inbox = format!("{}.>", super::inbox_prefix(public_key));
     let kv = |key: &str| format!("$KV.{}.>", names.bucket(key));
     let kv_stream = |key: &str| format!("KV_{}", names.bucket(key));
+    let uploads = names.bucket(OBJECT_STORE_UPLOADS);
     match role {
         Role::ControlPlane => Permissions {
             publish: vec![
@@ -65,6 +66,7 @@ pub fn permissions(names: &Names, role: &Role, public_key: &str) -> Permissions 
                 kv(BUCKET_AGENTS),
                 kv(BUCKET_LEASES),
                 kv(BUCKET_LOCKS),
+                format!("$O.{uploads}.>"),
                 "$SRV.>".into(),
             ],
             subscribe: vec![format!("{ns}.>"), inbox, "$SRV.>".into()],
@@ -115,6 +117,13 @@ pub fn permissions(names: &Names, role: &Role, public_key: &str) -> Permissions 
                 .map(|v| names.workflow_endpoint(v))
                 .collect();
             publish.extend([names.registry("search"), names.registry("best_fit")]);
+            // Put a submission too large for one message in the uploads object store (the
+            // object's chunks and its metadata; the store's info; a name's current metadata).
+            publish.extend([
+                format!("$O.{uploads}.>"),
+                format!("$JS.API.STREAM.INFO.OBJ_{uploads}"),
+                format!("$JS.API.DIRECT.GET.OBJ_{uploads}.>"),
+            ]);
             let mut subscribe = vec![inbox];
             subscribe.extend(
                 [

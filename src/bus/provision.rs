@@ -20,6 +20,7 @@ pub const DEFINITIONS_YAML: &str = include_str!("../../nats/jetstream.yaml");
 pub struct Definitions {
     pub streams: BTreeMap<String, StreamDef>,
     pub buckets: BTreeMap<String, BucketDef>,
+    pub object_stores: BTreeMap<String, ObjectStoreDef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +51,15 @@ pub struct StreamDef {
 pub struct BucketDef {
     pub description: String,
     pub history: i64,
+    #[serde(default)]
+    pub max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreDef {
+    pub description: String,
+    /// Objects older than this are dropped (0 = kept).
     #[serde(default)]
     pub max_age_secs: u64,
 }
@@ -108,6 +118,42 @@ impl Definitions {
             ..Default::default()
         })
     }
+
+    /// The backing stream config of the object store `key`: what async-nats'
+    /// `create_object_store` makes, created here for the same reason as the buckets'.
+    pub fn object_store_stream_config(&self, names: &Names, key: &str) -> Option<stream::Config> {
+        let def = self.object_stores.get(key)?;
+        let store = names.bucket(key);
+        Some(stream::Config {
+            name: format!("OBJ_{store}"),
+            description: Some(def.description.clone()),
+            subjects: vec![format!("$O.{store}.C.>"), format!("$O.{store}.M.>")],
+            max_age: Duration::from_secs(def.max_age_secs),
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: true,
+            ..Default::default()
+        })
+    }
+
+    /// The name of every stream of the namespace: streams, then the buckets' and the object
+    /// stores' backing streams.
+    pub fn stream_names(&self, names: &Names) -> Vec<String> {
+        let mut all: Vec<String> = self.streams.keys().map(|k| names.stream(k)).collect();
+        all.extend(
+            self.buckets
+                .keys()
+                .map(|k| format!("KV_{}", names.bucket(k))),
+        );
+        all.extend(
+            self.object_stores
+                .keys()
+                .map(|k| format!("OBJ_{}", names.bucket(k))),
+        );
+        all
+    }
 }
 
 fn render(template: &str, names: &Names) -> String {
@@ -131,6 +177,11 @@ pub async fn ensure_all(
     }
     for key in defs.buckets.keys() {
         if let Some(config) = defs.bucket_stream_config(names, key) {
+            ensure_stream(js, config, replicas).await?;
+        }
+    }
+    for key in defs.object_stores.keys() {
+        if let Some(config) = defs.object_store_stream_config(names, key) {
             ensure_stream(js, config, replicas).await?;
         }
     }
@@ -188,6 +239,21 @@ async fn current_replicas(js: &jetstream::Context, name: &str) -> Result<Option<
             _ => Err(e.to_string()),
         },
     }
+}
+
+/// Opens the object store `key` (after [`ensure_all`]).
+pub async fn open_object_store(
+    js: &jetstream::Context,
+    names: &Names,
+    key: &str,
+) -> Result<jetstream::object_store::ObjectStore, BusError> {
+    let store = names.bucket(key);
+    js.get_object_store(&store)
+        .await
+        .map_err(|e| BusError::Provision {
+            what: format!("object store {store}"),
+            reason: e.to_string(),
+        })
 }
 
 /// Opens the KV bucket `key` (after [`ensure_all`]).
@@ -325,12 +391,7 @@ pub async fn delete_agent_consumers(
 /// Deletes every stream and bucket of the namespace (tests and `omoi` teardown tooling).
 pub async fn delete_all(js: &jetstream::Context, names: &Names) -> Result<(), BusError> {
     let defs = Definitions::builtin()?;
-    let streams = defs.streams.keys().map(|k| names.stream(k)).chain(
-        defs.buckets
-            .keys()
-            .map(|k| format!("KV_{}", names.bucket(k))),
-    );
-    for name in streams {
+    for name in defs.stream_names(names) {
         if let Err(e) = js.delete_stream(&name).await {
             use async_nats::jetstream::context::DeleteStreamErrorKind;
             if !matches!(e.kind(), DeleteStreamErrorKind::JetStream(ref je) if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)

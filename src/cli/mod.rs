@@ -284,6 +284,13 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<()> {
             .await?;
     let client = crate::client::WorkflowClient::new(nats, names);
     let submitted = client.submit(&spec).await?;
+    if submitted.tasks_omitted {
+        eprintln!(
+            "task ids left out: the reply would not fit in one NATS message \
+             (`GET /api/v1/workflows/{}` lists them)",
+            submitted.workflow_id
+        );
+    }
     if !args.wait {
         println!("{}", serde_json::to_string_pretty(&submitted)?);
         return Ok(());

@@ -74,22 +74,25 @@ pub async fn respond<T: Serialize>(req: &service::Request, result: Result<T, Ser
 /// Parses a request body; a malformed one is answered with a `malformed` error by the caller,
 /// one with an unsupported `"v"` or holding U+0000 with a `validation` error.
 pub fn parse<T: DeserializeOwned>(req: &service::Request) -> Result<T, ServiceError> {
-    let payload = &req.message.payload;
+    parse_json(
+        &req.message.payload,
+        &format!("a request on {}", req.message.subject),
+    )
+}
+
+/// [`parse`] of a body that arrived some other way (`what` says how, for messages).
+pub fn parse_json<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, ServiceError> {
     // Every request is a JSON object (serde would read a struct from an array too).
     if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ServiceError::Malformed(format!(
-            "a request on {} is a JSON object",
-            req.message.subject
-        )));
+        return Err(ServiceError::Malformed(format!("{what} is a JSON object")));
     }
     #[derive(serde::Deserialize)]
     struct Version {
         #[serde(default)]
         v: Option<serde_json::Value>,
     }
-    let version = serde_json::from_slice::<Version>(payload).map_err(|e| {
-        ServiceError::Malformed(format!("malformed request on {}: {e}", req.message.subject))
-    })?;
+    let version = serde_json::from_slice::<Version>(payload)
+        .map_err(|e| ServiceError::Malformed(format!("{what}: malformed: {e}")))?;
     if let Some(v) = version.v {
         if v.as_u64() != Some(u64::from(crate::protocol::PROTOCOL_VERSION)) {
             return Err(ServiceError::validation(
@@ -108,9 +111,8 @@ pub fn parse<T: DeserializeOwned>(req: &service::Request) -> Result<T, ServiceEr
             "contains U+0000 (NUL), which cannot be stored",
         ));
     }
-    serde_json::from_slice(payload).map_err(|e| {
-        ServiceError::Malformed(format!("malformed request on {}: {e}", req.message.subject))
-    })
+    serde_json::from_slice(payload)
+        .map_err(|e| ServiceError::Malformed(format!("{what}: malformed: {e}")))
 }
 
 /// Runs a handler's future, turning a panic into an `internal` error: one bad request must
@@ -351,14 +353,23 @@ pub async fn start(
 /// Name shown by `nats micro ls` for the workflow endpoints.
 pub const WORKFLOW_SERVICE_NAME: &str = "omoi-workflows";
 
-/// Starts `omoi-workflows`: `<ns>.workflow.submit`, `.run` (a pattern), `.get`, `.cancel`.
+/// Starts `omoi-workflows`: `<ns>.workflow.submit`, `.submit_upload` (a submission put in the
+/// `<ns>_uploads` object store, at most `max_upload_bytes`), `.run` (a pattern), `.get`,
+/// `.cancel`.
 pub async fn start_workflows(
     nats: async_nats::Client,
     names: Names,
     workflows: Workflows,
     pattern_dirs: Vec<std::path::PathBuf>,
+    max_upload_bytes: u64,
     shutdown: &Shutdown,
 ) -> Result<(), crate::bus::BusError> {
+    let uploads = crate::bus::provision::open_object_store(
+        &async_nats::jetstream::new(nats.clone()),
+        &names,
+        crate::bus::names::OBJECT_STORE_UPLOADS,
+    )
+    .await?;
     let service =
         Endpoints::start(&nats, WORKFLOW_SERVICE_NAME, "workflows", &names, shutdown).await?;
     let wf = workflows.clone();
@@ -368,7 +379,23 @@ pub async fn start_workflows(
             names.workflow_endpoint("submit"),
             move |spec: WorkflowSpec| {
                 let wf = wf.clone();
-                async move { wf.submit(spec).await }
+                async move { Ok(wf.submit(spec).await?.fit(MAX_REPLY_BYTES)) }
+            },
+        )
+        .await?;
+    let wf = workflows.clone();
+    service
+        .json(
+            "submit_upload",
+            names.workflow_endpoint("submit_upload"),
+            move |upload: crate::protocol::SubmitUpload| {
+                let (wf, uploads) = (wf.clone(), uploads.clone());
+                async move {
+                    let body = take_upload(&uploads, &upload.object, max_upload_bytes).await?;
+                    let what = format!("the upload `{}`", upload.object);
+                    let spec: WorkflowSpec = parse_json(&body, &what)?;
+                    Ok(wf.submit(spec).await?.fit(MAX_REPLY_BYTES))
+                }
             },
         )
         .await?;
@@ -401,12 +428,67 @@ pub async fn start_workflows(
             names.workflow_endpoint("cancel"),
             move |r: WorkflowRef| {
                 let wf = workflows.clone();
-                async move { wf.cancel(r.workflow_id).await }
+                // The cancel is done: its reply must not turn into an error for its size.
+                async move { Ok(wf.cancel(r.workflow_id).await?.fit(MAX_REPLY_BYTES)) }
             },
         )
         .await?;
     service.stop_on_shutdown();
     Ok(())
+}
+
+/// Reads the object `name` of the uploads store — at most `limit` bytes — and deletes it: an
+/// upload is submitted once.
+async fn take_upload(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    name: &str,
+    limit: u64,
+) -> Result<Vec<u8>, ServiceError> {
+    use async_nats::jetstream::object_store::InfoErrorKind;
+    use tokio::io::AsyncReadExt;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ServiceError::Unavailable(format!("the uploads object store: {e}"))
+    };
+    let info = match store.info(name).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == InfoErrorKind::NotFound => {
+            return Err(ServiceError::NotFound(format!(
+                "no upload `{}`: put the workflow in the uploads object store first (an upload \
+                 is deleted once submitted, and after an hour)",
+                crate::domain::text::bounded(name, 200)
+            )));
+        }
+        Err(e) if e.kind() == InfoErrorKind::InvalidName => {
+            return Err(ServiceError::validation("object", e.to_string()));
+        }
+        Err(e) => return Err(unavailable(&e)),
+    };
+    let too_large = |size: u64| ServiceError::TooLarge {
+        message: format!(
+            "the upload is {size} bytes; a submission may be at most {limit} bytes \
+             (http_max_body_bytes)"
+        ),
+    };
+    if info.size as u64 > limit {
+        let _ = store.delete(name).await;
+        return Err(too_large(info.size as u64));
+    }
+    let mut object = store.get(name).await.map_err(|e| unavailable(&e))?;
+    let mut body = Vec::with_capacity(info.size);
+    let read = (&mut object)
+        .take(limit + 1)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| unavailable(&e));
+    // Deleted whatever happens next; the store's max age drops it anyway.
+    if let Err(e) = store.delete(name).await {
+        tracing::debug!(error = %e, object = name, "could not delete an upload; it expires");
+    }
+    read?;
+    if body.len() as u64 > limit {
+        return Err(too_large(body.len() as u64));
+    }
+    Ok(body)
 }
 
 /// Name shown by `nats micro ls` for the collaboration endpoints.

@@ -128,6 +128,7 @@ pub async fn start(settings: &Settings, shutdown: &Shutdown) -> Result<Running, 
         names.clone(),
         workflows.clone(),
         settings.pattern_dirs(),
+        settings.http_max_body_bytes,
         shutdown,
     )
     .await?;

@@ -24,8 +24,57 @@ pub struct Submitted {
     pub workflow_id: WorkflowId,
     /// Task ids by key.
     pub tasks: BTreeMap<String, TaskId>,
-    /// Tasks needing a capability no registered agent has: accepted, but they wait.
+    /// Tasks needing a capability no registered agent has: accepted, but they wait. At most
+    /// [`UNSCHEDULABLE_KEPT`], every distinct need among them.
     pub unschedulable: Vec<Unschedulable>,
+    /// How many more unschedulable tasks there are than `unschedulable` lists.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unschedulable_omitted: usize,
+    /// Set (over NATS only) when the reply would not fit in one message: `tasks` is then empty;
+    /// read the tasks with `workflow.get` or over HTTP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tasks_omitted: bool,
+}
+
+/// Most unschedulable tasks a reply lists (a 100,000-task workflow no agent can take would
+/// otherwise list them all).
+pub const UNSCHEDULABLE_KEPT: usize = 100;
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// At most [`UNSCHEDULABLE_KEPT`] of `all` — the first task of each distinct need before any
+/// second one, so that every missing capability and executor is named — and how many are left
+/// out.
+fn keep_unschedulable(all: Vec<Unschedulable>) -> (Vec<Unschedulable>, usize) {
+    if all.len() <= UNSCHEDULABLE_KEPT {
+        return (all, 0);
+    }
+    let total = all.len();
+    let mut seen = std::collections::HashSet::new();
+    let (mut kept, rest): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|u| seen.insert((u.missing_capabilities.clone(), u.missing_executor.clone())));
+    kept.extend(rest);
+    kept.truncate(UNSCHEDULABLE_KEPT);
+    let omitted = total - kept.len();
+    (kept, omitted)
+}
+
+impl Submitted {
+    /// This reply made to fit in `limit` bytes of JSON: the task ids are left out, saying so,
+    /// when the whole would not fit.
+    pub fn fit(mut self, limit: usize) -> Self {
+        let size = serde_json::to_vec(&self)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        if size > limit {
+            self.tasks.clear();
+            self.tasks_omitted = true;
+        }
+        self
+    }
 }
 
 /// A task no live agent can take: capabilities none has, or an executor none offers.
@@ -62,7 +111,30 @@ pub struct WorkflowView {
     pub workflow: WorkflowRecord,
     pub tasks: Vec<TaskRecord>,
     pub counts: BTreeMap<String, usize>,
+    /// At most [`UNSCHEDULABLE_KEPT`] unfinished tasks no live agent can take.
     pub unschedulable: Vec<Unschedulable>,
+    /// How many more there are than `unschedulable` lists.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unschedulable_omitted: usize,
+    /// Set (over NATS only) when a reply that must not fail — a cancel's — would not fit in one
+    /// message: `tasks` is then empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tasks_omitted: bool,
+}
+
+impl WorkflowView {
+    /// This view made to fit in `limit` bytes of JSON: the tasks are left out, saying so, when
+    /// the whole would not fit.
+    pub fn fit(mut self, limit: usize) -> Self {
+        let size = serde_json::to_vec(&self)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        if size > limit {
+            self.tasks.clear();
+            self.tasks_omitted = true;
+        }
+        self
+    }
 }
 
 fn yes() -> bool {
@@ -204,10 +276,13 @@ impl Workflows {
             tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
         }
         tracing::info!(workflow.id = %id, "workflow submitted");
+        let (unschedulable, unschedulable_omitted) = keep_unschedulable(unschedulable);
         Ok(Submitted {
             workflow_id: id,
             tasks: new_tasks.into_iter().map(|t| (t.key, t.id)).collect(),
             unschedulable,
+            unschedulable_omitted,
+            tasks_omitted: false,
         })
     }
 
@@ -254,11 +329,14 @@ impl Workflows {
         } else {
             self.unschedulable(id).await?
         };
+        let (unschedulable, unschedulable_omitted) = keep_unschedulable(unschedulable);
         Ok(WorkflowView {
             workflow,
             tasks,
             counts,
             unschedulable,
+            unschedulable_omitted,
+            tasks_omitted: false,
         })
     }
 
@@ -379,5 +457,53 @@ impl Workflows {
             submitted,
             pattern: pattern.name().to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn needing(key: usize, capability: &str) -> Unschedulable {
+        Unschedulable {
+            key: format!("t{key}"),
+            missing_capabilities: vec![capability.to_string()],
+            missing_executor: None,
+        }
+    }
+
+    #[test]
+    fn a_long_unschedulable_list_keeps_every_distinct_need_and_counts_the_rest() {
+        let few: Vec<_> = (0..3).map(|i| needing(i, "a")).collect();
+        assert_eq!(keep_unschedulable(few.clone()), (few, 0));
+        // 500 tasks needing `a`, then one needing `b` and one needing executor `shell`.
+        let mut all: Vec<_> = (0..500).map(|i| needing(i, "a")).collect();
+        all.push(needing(500, "b"));
+        all.push(Unschedulable {
+            key: "t501".into(),
+            missing_capabilities: vec![],
+            missing_executor: Some("shell".into()),
+        });
+        let (kept, omitted) = keep_unschedulable(all);
+        assert_eq!(kept.len(), UNSCHEDULABLE_KEPT);
+        assert_eq!(omitted, 502 - UNSCHEDULABLE_KEPT);
+        let keys: Vec<&str> = kept.iter().take(3).map(|u| u.key.as_str()).collect();
+        assert_eq!(keys, ["t0", "t500", "t501"]);
+    }
+
+    #[test]
+    fn a_reply_too_large_for_a_message_leaves_its_task_ids_out_and_says_so() {
+        let submitted = Submitted {
+            workflow_id: WorkflowId::new(),
+            tasks: (0..100).map(|i| (format!("t{i}"), TaskId::new())).collect(),
+            unschedulable: vec![],
+            unschedulable_omitted: 0,
+            tasks_omitted: false,
+        };
+        let whole = submitted.clone().fit(1_000_000);
+        assert_eq!((whole.tasks.len(), whole.tasks_omitted), (100, false));
+        let cut = submitted.fit(1_000);
+        assert!(cut.tasks.is_empty() && cut.tasks_omitted);
+        assert!(serde_json::to_vec(&cut).unwrap().len() <= 1_000);
     }
 }

@@ -50,7 +50,9 @@ impl Cluster {
             client,
         };
         let leader = running.leader.clone();
-        eventually(Duration::from_secs(5), "leadership", || {
+        // A condition, not a margin: on a loaded machine (or with R3 buckets on a three-node
+        // cluster) taking the lease can take seconds.
+        eventually(Duration::from_secs(30), "leadership", || {
             let l = *leader.borrow();
             async move { l.then_some(()) }
         })

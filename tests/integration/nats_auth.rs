@@ -288,6 +288,18 @@ async fn least_privilege_holds_on(server: PathBuf) {
     let on = |key: &str| view.tasks.iter().find(|t| t.key == key).unwrap().agent_id;
     assert_eq!((on("first"), on("second")), (Some(alpha), Some(beta)));
 
+    // Allowed: a submission too large for one message, through the uploads object store.
+    let tasks: Vec<_> = (0..8_000)
+        .map(|i| json!({"key": format!("t{i}"), "capabilities": ["c"], "input": {"pad": "x".repeat(120)}}))
+        .collect();
+    let huge: omoi::domain::dag::WorkflowSpec =
+        serde_json::from_value(json!({"name": "huge", "tasks": tasks})).unwrap();
+    assert!(serde_json::to_vec(&huge).unwrap().len() > 1024 * 1024);
+    let big = workflows.submit(&huge).await.unwrap();
+    let counted = workflows.view(big.workflow_id, false).await.unwrap();
+    assert_eq!(counted.counts.values().sum::<usize>(), 8_000);
+    workflows.cancel(big.workflow_id).await.unwrap();
+
     // Allowed: alpha opens a thread and writes to beta, over NATS, as itself; beta's worker
     // reads it from its own inbox.
     let mut w1 = client_as(&nats, &keys, "w1").await;

@@ -142,3 +142,132 @@ async fn the_cli_submits_a_yaml_workflow_waits_for_it_and_lists_locks() {
     assert!(out.stdout.is_empty());
     c.stop().await;
 }
+
+/// `n` tasks no agent can take, padded so that the workflow's JSON passes one NATS message.
+fn huge_workflow(n: usize) -> serde_json::Value {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"key": format!("t{i:05}"), "capabilities": ["nobody-has-this"],
+                   "input": {"pad": "x".repeat(100)}})
+        })
+        .collect();
+    json!({"name": "huge", "tasks": tasks})
+}
+
+async fn uploads_left(c: &Cluster) -> usize {
+    use futures::StreamExt;
+    let store = c
+        .env
+        .js
+        .get_object_store(c.env.names.bucket("uploads"))
+        .await
+        .unwrap();
+    store.list().await.unwrap().count().await
+}
+
+#[tokio::test]
+async fn a_submission_too_large_for_one_message_goes_through_the_uploads_store() {
+    let c = Cluster::start().await;
+    let spec = huge_workflow(12_000);
+    let size = serde_json::to_vec(&spec).unwrap().len();
+    assert!(size > 1024 * 1024, "{size} bytes");
+
+    // The client (over NATS, as every test client) puts it in the object store and submits it.
+    let submitted = c.submit(spec.clone()).await;
+    let view = c.client.view(submitted.workflow_id, false).await.unwrap();
+    assert_eq!(view.counts.values().sum::<usize>(), 12_000);
+    // The reply fits in a message: whole, or without the task ids, saying so.
+    assert!(
+        submitted.tasks_omitted || submitted.tasks.len() == 12_000,
+        "{} task ids",
+        submitted.tasks.len()
+    );
+    assert_eq!(uploads_left(&c).await, 0, "the upload is deleted once read");
+    c.client.cancel(submitted.workflow_id).await.unwrap();
+
+    // `omoi submit` does the same from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("huge.json");
+    std::fs::write(&file, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let out = c
+        .spawn_omoi(&["submit", file.to_str().unwrap()])
+        .wait_with_output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let id: omoi::domain::WorkflowId =
+        serde_json::from_value(reply["workflow_id"].clone()).unwrap();
+    let view = c.client.view(id, false).await.unwrap();
+    assert_eq!(view.counts.values().sum::<usize>(), 12_000);
+    c.client.cancel(id).await.unwrap();
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is_deleted() {
+    use omoi::service::ServiceError;
+    let c = Cluster::start_with(|s| s.http_max_body_bytes = 64 * 1024).await;
+    let store = c
+        .env
+        .js
+        .get_object_store(c.env.names.bucket("uploads"))
+        .await
+        .unwrap();
+    let ask = |object: &str| {
+        let (nats, subject) = (
+            c.env.nats.clone(),
+            c.env.names.workflow_endpoint("submit_upload"),
+        );
+        let body = json!({"object": object});
+        async move {
+            omoi::client::request::<_, serde_json::Value>(
+                &nats,
+                subject,
+                &body,
+                Duration::from_secs(20),
+            )
+            .await
+        }
+    };
+    let err = ask("never-put").await.unwrap_err().to_string();
+    assert!(err.contains("no upload `never-put`"), "{err}");
+
+    let big = serde_json::to_vec(&huge_workflow(1_000)).unwrap();
+    store.put("big", &mut big.as_slice()).await.unwrap();
+    match ask("big").await {
+        Err(omoi::client::ClientError::Service(ServiceError::TooLarge { message })) => {
+            assert!(message.contains("at most 65536 bytes"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    store.put("junk", &mut &b"[1, 2, 3]"[..]).await.unwrap();
+    assert!(matches!(
+        ask("junk").await,
+        Err(omoi::client::ClientError::Service(ServiceError::Malformed(
+            _
+        )))
+    ));
+    let cyclic = json!({"name": "loop", "tasks": [
+        {"key": "a", "depends_on": ["b"]}, {"key": "b", "depends_on": ["a"]}]});
+    store
+        .put(
+            "cyclic",
+            &mut serde_json::to_vec(&cyclic).unwrap().as_slice(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        ask("cyclic").await,
+        Err(omoi::client::ClientError::Service(
+            ServiceError::Validation { .. }
+        ))
+    ));
+    assert_eq!(uploads_left(&c).await, 0, "every upload read is deleted");
+    c.stop().await;
+}
