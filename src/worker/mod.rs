@@ -165,6 +165,7 @@ pub async fn run_with(
             default_timeout: Duration::from_millis(settings.executor_timeout_ms),
             load,
             running: Default::default(),
+            finished: Default::default(),
         };
         let inbox_dir = (!settings.worker_inbox_dir.is_empty())
             .then(|| std::path::PathBuf::from(&settings.worker_inbox_dir));

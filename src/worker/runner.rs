@@ -61,6 +61,41 @@ impl Drop for StartedReport {
     }
 }
 
+/// The attempts an agent finished lately (reported and acknowledged), so that a redelivery of
+/// one of their dispatches — its ack lost, say in a NATS failover — is acknowledged again rather
+/// than run a second time. An attempt is dispatched once: a new dispatch raises it.
+#[derive(Debug, Default)]
+pub struct Finished {
+    order: std::collections::VecDeque<(TaskId, i32)>,
+    set: std::collections::HashSet<(TaskId, i32)>,
+}
+
+impl Finished {
+    /// Attempts remembered; older ones are forgotten (their redeliveries, long after, are
+    /// fenced by the scheduler anyway).
+    pub const KEPT: usize = 4_096;
+
+    pub fn contains(&self, task: TaskId, attempt: i32) -> bool {
+        self.set.contains(&(task, attempt))
+    }
+
+    pub fn insert(&mut self, task: TaskId, attempt: i32) {
+        if !self.set.insert((task, attempt)) {
+            return;
+        }
+        self.order.push_back((task, attempt));
+        if self.order.len() > Self::KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// How long a worker keeps sending a report that is not stored before it gives the dispatch
+/// back for redelivery (well within the dispatch's 30 s ack wait).
+const REPORT_RETRY_FOR: Duration = Duration::from_secs(15);
+
 /// One agent's runner.
 #[derive(Clone)]
 pub struct AgentRunner {
@@ -80,6 +115,8 @@ pub struct AgentRunner {
     pub load: Arc<AtomicI32>,
     /// Attempt and cancellation handle of each running task.
     pub running: Arc<Mutex<HashMap<TaskId, (i32, CancellationToken)>>>,
+    /// Attempts this agent finished lately.
+    pub finished: Arc<Mutex<Finished>>,
 }
 
 enum Ending {
@@ -298,25 +335,39 @@ impl AgentRunner {
             };
             payload = encode(&failed)?;
         }
-        let msg = async_nats::jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(format!(
-                "report:{task_id}:{attempt}:{}",
-                report.outcome.name()
-            ));
-        let ack = self
-            .js
-            .send_publish(subject.clone(), msg)
-            .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })?;
-        ack.await.map_err(|e| BusError::Publish {
-            subject,
-            reason: e.to_string(),
-        })?;
-        Ok(())
+        let payload = bytes::Bytes::from(payload);
+        let id = format!("report:{task_id}:{attempt}:{}", report.outcome.name());
+        // The message id makes a retry idempotent (the results stream drops a duplicate within
+        // its window): a report whose store or acknowledgement was lost — a NATS server
+        // restarting, a stream electing its leader — is sent again rather than the task run
+        // again for want of it.
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let sent = async {
+                let msg = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(id.clone());
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            .await;
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(reason) if started.elapsed() + pause > REPORT_RETRY_FOR => {
+                    return Err(BusError::Publish { subject, reason });
+                }
+                Err(reason) => {
+                    tracing::debug!(task.id = %task_id, %reason, "report not stored; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     #[tracing::instrument(skip_all, fields(agent = %self.agent_name))]
@@ -369,6 +420,16 @@ impl AgentRunner {
             tracing::info_span!("task", task.id = %task_id, task.key = %dispatch.key, attempt);
         // Cancelled by a `task.cancelled` event; `hard_stop` is the worker stopping.
         let token = CancellationToken::new();
+        if self
+            .finished
+            .lock()
+            .is_ok_and(|f| f.contains(task_id, attempt))
+        {
+            // Already run and reported here; only the acknowledgement was lost.
+            tracing::info!(task.id = %task_id, attempt, "redelivered dispatch of a finished attempt acknowledged, not run again");
+            let _ = msg.ack().await;
+            return;
+        }
         {
             let Ok(mut running) = self.running.lock() else {
                 return;
@@ -390,6 +451,9 @@ impl AgentRunner {
         self.load.fetch_sub(1, Ordering::SeqCst);
         match outcome {
             Ok(()) => {
+                if let Ok(mut finished) = self.finished.lock() {
+                    finished.insert(task_id, attempt);
+                }
                 let _ = msg.ack().await;
             }
             Err(e) => {

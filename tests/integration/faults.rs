@@ -208,6 +208,72 @@ async fn a_killed_workers_shell_task_dies_with_it_so_the_next_lock_holder_never_
 }
 
 #[tokio::test]
+async fn a_dispatch_delivered_again_after_its_attempt_finished_is_acknowledged_not_run_again() {
+    let mut c = Cluster::start().await;
+    c.spawn_shell_worker("w", "shell", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let command = format!("echo \"$OMOI_ATTEMPT\" >> {}; echo '{{}}'", log.display());
+    let view = c
+        .run(
+            json!({"name": "once", "tasks": [{"key": "once", "executor": "shell",
+                   "capabilities": ["shell"], "input": {"command": command}}]}),
+            Duration::from_secs(30),
+        )
+        .await;
+    let t = task(&view, "once").clone();
+    let agent = t.agent_id.unwrap();
+    // The same dispatch again, as JetStream delivers one whose acknowledgement was lost.
+    let dispatch = omoi::protocol::Dispatch {
+        v: omoi::protocol::PROTOCOL_VERSION,
+        task_id: t.id,
+        workflow_id: view.workflow.id,
+        key: t.key.clone(),
+        attempt: t.attempt,
+        agent_id: agent,
+        executor: "shell".into(),
+        input: json!({"command": command}),
+        dependencies: Default::default(),
+        dependencies_omitted: false,
+        resources: vec![],
+        timeout_seconds: None,
+    };
+    let ack = c
+        .env
+        .js
+        .publish(
+            c.env.names.dispatch(agent),
+            serde_json::to_vec(&dispatch).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stream = c.env.names.stream("dispatch");
+    let consumer = c.env.names.dispatch_consumer(agent);
+    eventually(
+        Duration::from_secs(20),
+        "the dispatch acknowledged",
+        || async {
+            let mut info = c
+                .env
+                .js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    &consumer, &stream,
+                )
+                .await
+                .ok()?;
+            let info = info.info().await.ok()?;
+            (info.ack_floor.stream_sequence >= ack.sequence).then_some(())
+        },
+    )
+    .await;
+    let runs = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(runs.lines().count(), 1, "ran again: {runs:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn a_coordinator_killed_mid_workflow_is_replaced_and_nothing_is_lost_or_run_twice() {
     let mut c = Cluster::without_control_plane().await;
     let mut coordinator = c.spawn_coordinator();

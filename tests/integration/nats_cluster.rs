@@ -97,21 +97,37 @@ impl NatsCluster {
     }
 }
 
-/// Every stream and bucket stream of the namespace, with its replica count.
+/// Every stream of the namespace (buckets' and object stores' included), with its replica
+/// count.
 async fn replicas(env: &TestEnv) -> HashMap<String, usize> {
     let defs = omoi::bus::provision::Definitions::builtin().unwrap();
-    let mut names: Vec<String> = defs.streams.keys().map(|k| env.names.stream(k)).collect();
-    names.extend(
-        defs.buckets
-            .keys()
-            .map(|k| format!("KV_{}", env.names.bucket(k))),
-    );
     let mut out = HashMap::new();
-    for name in names {
+    for name in defs.stream_names(&env.names) {
         let stream = env.js.get_stream(&name).await.unwrap();
         out.insert(name, stream.cached_info().config.num_replicas);
     }
     out
+}
+
+/// Whether every stream of the namespace has a leader and two current followers (grown to R3,
+/// the new replicas have caught up).
+async fn all_replicated(env: &TestEnv) -> bool {
+    let defs = omoi::bus::provision::Definitions::builtin().unwrap();
+    for name in defs.stream_names(&env.names) {
+        let Ok(mut stream) = env.js.get_stream(&name).await else {
+            return false;
+        };
+        let Ok(info) = stream.info().await else {
+            return false;
+        };
+        let healthy = info.cluster.as_ref().is_some_and(|c| {
+            c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current)
+        });
+        if !healthy {
+            return false;
+        }
+    }
+    true
 }
 
 #[tokio::test]
@@ -134,6 +150,14 @@ async fn a_three_node_cluster_loses_a_node_mid_workflow_and_nothing_is_lost_or_d
     );
     let grown = replicas(&env).await;
     assert!(grown.values().all(|&r| r == 3), "{grown:?}");
+    // Growing a stream moves and elects its leader: wait until each has settled, as an
+    // operator would before counting on R3.
+    eventually(
+        Duration::from_secs(60),
+        "every stream R3 and current",
+        || async { all_replicated(&env).await.then_some(()) },
+    )
+    .await;
 
     // A control plane with the default `nats_replicas` (0) keeps them at three.
     let mut c = Cluster::start_in(env, |_| {}).await;
@@ -234,8 +258,35 @@ async fn a_three_node_cluster_loses_a_node_mid_workflow_and_nothing_is_lost_or_d
             "resource r{r} held twice at once"
         );
     }
+    // No attempt ran twice: a dispatch whose acknowledgement the failover lost comes back to
+    // the worker that ran it, which acknowledges it again; a report whose store was lost is
+    // sent again. (A task may still run at a later attempt if it was taken back.)
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    let mut attempts: Vec<(&str, &str)> = log_text
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            (f.next().unwrap_or(""), f.next().unwrap_or(""))
+        })
+        .collect();
+    let all = attempts.len();
+    attempts.sort();
+    attempts.dedup();
+    assert_eq!(attempts.len(), all, "an attempt ran twice:\n{log_text}");
+    let again: Vec<String> = (0..40)
+        .filter(|i| runs.iter().filter(|r| r.0 == *i).count() > 1)
+        .map(|i| {
+            let attempts: Vec<String> = std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .filter(|l| l.split(' ').next() == Some(format!("t{i}").as_str()))
+                .map(|l| l.split(' ').nth(1).unwrap_or("?").to_string())
+                .collect();
+            format!("t{i} at attempts {}", attempts.join(","))
+        })
+        .collect();
     eprintln!(
-        "cluster test: killed {leader}; {} runs for 40 tasks",
+        "cluster test: killed {leader}; {} runs for 40 tasks; run again: {again:?}",
         runs.len()
     );
     c.stop().await;
