@@ -979,5 +979,44 @@ async fn a_raw_character_no_url_may_hold_is_answered_in_json_not_with_an_empty_4
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The second request of a keep-alive connection, and a request line that arrives in two
+    // pieces, are answered in JSON too — and so is a header hyper cannot read.
+    let json_400 = |answer: String| {
+        let tail = answer
+            .rsplit("HTTP/1.1 ")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(tail.starts_with("400"), "{answer}");
+        let body: Value = serde_json::from_str(tail.split("\r\n\r\n").nth(1).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert_eq!(body["error"]["code"], "malformed", "{body}");
+        body
+    };
+    let answer = head_only(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /api/v1/ws/events?types=task.> HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = json_400(answer);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("%3E"),
+        "{body}"
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /api/v1/ws/events?types=ta")
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"sk.> HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    json_400(String::from_utf8_lossy(&out).into_owned());
+    json_400(head_only(addr, "GET /healthz HTTP/1.1\r\nHost t\r\n\r\n").await);
     c.stop().await;
 }
