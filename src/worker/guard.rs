@@ -29,6 +29,14 @@ pub async fn run(program: Vec<OsString>) -> i32 {
         eprintln!("omoi exec-guard: no program to run");
         return GUARD_FAILED_EXIT;
     };
+    // SIGINT and SIGTERM sent to the worker's process group (Ctrl-C in a terminal) must not end
+    // the task behind the worker's back: the worker decides, within its shutdown grace, and
+    // closes the pipe when it gives the task up. Registering a handler replaces the default
+    // action (terminate) for good; the streams are kept but never read.
+    let _ignored = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+    );
     let mut lifeline = BufReader::new(tokio::io::stdin());
     let mut payload = Vec::new();
     if let Err(e) = lifeline.read_until(b'\n', &mut payload).await {
@@ -69,14 +77,6 @@ pub async fn run(program: Vec<OsString>) -> i32 {
             let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         }
     };
-    // SIGINT and SIGTERM sent to the worker's process group (Ctrl-C in a terminal) must not end
-    // the task behind the worker's back: the worker decides, within its shutdown grace, and
-    // closes the pipe when it gives the task up. Registering a handler replaces the default
-    // action (terminate) for good; the streams are kept but never read.
-    let _ignored = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-    );
     let status = tokio::select! {
         status = child.wait() => status,
         () = until_closed(lifeline) => {
