@@ -149,3 +149,41 @@ async fn the_http_executor_refuses_loopback_and_private_addresses_unless_allowed
     );
     c.stop().await;
 }
+
+#[tokio::test]
+async fn a_shell_command_gets_its_task_variables_but_not_the_workers_settings() {
+    let mut c = Cluster::start().await;
+    c.spawn_shell_worker("sh", "shell", 1).await;
+    let view = c
+        .run(
+            json!({"name": "env", "tasks": [{"key": "env", "executor": "shell",
+                   "capabilities": ["shell"], "input": {"command": "env"}}]}),
+            Duration::from_secs(30),
+        )
+        .await;
+    let out = crate::cluster::task(&view, "env").output.clone().unwrap();
+    let env = out["stdout"].as_str().unwrap();
+    let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    for wanted in [
+        "PATH",
+        "OMOI_TASK_ID",
+        "OMOI_TASK_KEY",
+        "OMOI_ATTEMPT",
+        "OMOI_AGENT",
+        "OMOI_LOCK_TOKENS",
+    ] {
+        assert!(names.contains(&wanted), "no {wanted} in:\n{env}");
+    }
+    // The worker runs with every setting as an OMOI_ variable (the admin token among them).
+    let leaked: Vec<&&str> = names
+        .iter()
+        .filter(|n| n.starts_with("OMOI_") && !n.starts_with("OMOI_TASK_"))
+        .filter(|n| !["OMOI_ATTEMPT", "OMOI_AGENT", "OMOI_LOCK_TOKENS"].contains(n))
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    assert!(
+        !env.contains(&c.env.admin_token),
+        "the admin token reached the task"
+    );
+    c.stop().await;
+}
