@@ -44,6 +44,11 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// Whether `reply` is at most `limit` bytes of JSON.
+fn fits(reply: &impl Serialize, limit: usize) -> bool {
+    serde_json::to_vec(reply).is_ok_and(|b| b.len() <= limit)
+}
+
 /// At most [`UNSCHEDULABLE_KEPT`] of `all` — the first task of each distinct need before any
 /// second one, so that every missing capability and executor is named — and how many are left
 /// out.
@@ -66,10 +71,7 @@ impl Submitted {
     /// This reply made to fit in `limit` bytes of JSON: the task ids are left out, saying so,
     /// when the whole would not fit.
     pub fn fit(mut self, limit: usize) -> Self {
-        let size = serde_json::to_vec(&self)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
-        if size > limit {
+        if !fits(&self, limit) {
             self.tasks.clear();
             self.tasks_omitted = true;
         }
@@ -126,10 +128,7 @@ impl WorkflowView {
     /// This view made to fit in `limit` bytes of JSON: the tasks are left out, saying so, when
     /// the whole would not fit.
     pub fn fit(mut self, limit: usize) -> Self {
-        let size = serde_json::to_vec(&self)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
-        if size > limit {
+        if !fits(&self, limit) {
             self.tasks.clear();
             self.tasks_omitted = true;
         }
