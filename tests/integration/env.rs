@@ -12,6 +12,15 @@ pub fn nats_url() -> String {
     std::env::var("OMOI_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on (for a private server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A PostgreSQL URL whose database is only used to create and drop per-test databases
 /// (`OMOI_TEST_DATABASE_URL`, default the local server's `postgres` database).
 pub fn admin_database_url() -> String {

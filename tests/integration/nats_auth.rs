@@ -73,11 +73,7 @@ struct PrivateNats {
 impl PrivateNats {
     async fn start(binary: &Path, auth_conf: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::env::free_port();
         let conf = dir.path().join("server.conf");
         // nats-server includes files relative to the including one.
         std::fs::copy(auth_conf, dir.path().join("auth.conf")).unwrap();

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 
 use crate::cluster::{Cluster, kill9, max_overlap, task};
-use crate::env::{TestEnv, eventually};
+use crate::env::{TestEnv, eventually, free_port};
 
 /// One node of the cluster; killed on drop.
 struct Node {
@@ -26,14 +26,6 @@ struct NatsCluster {
     nodes: Vec<Node>,
     url: String,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl NatsCluster {

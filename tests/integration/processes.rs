@@ -9,7 +9,7 @@ use omoi::domain::AgentStatus;
 use omoi::runtime::Shutdown;
 use tokio::process::{Child, Command};
 
-use crate::env::{TestEnv, eventually};
+use crate::env::{TestEnv, eventually, free_port};
 
 fn spawn_worker(env: &TestEnv, agent: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_omoi"))
@@ -111,14 +111,6 @@ async fn a_killed_worker_goes_stale_then_offline_and_its_restart_reclaims_the_ag
     signal(&restarted, "-TERM");
     let _ = tokio::time::timeout(Duration::from_secs(10), restarted.wait()).await;
     shutdown.drain(Duration::from_secs(5)).await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

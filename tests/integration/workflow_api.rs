@@ -154,15 +154,18 @@ fn huge_workflow(n: usize) -> serde_json::Value {
     json!({"name": "huge", "tasks": tasks})
 }
 
-async fn uploads_left(c: &Cluster) -> usize {
-    use futures::StreamExt;
-    let store = c
-        .env
+/// The namespace's uploads object store.
+async fn uploads(c: &Cluster) -> async_nats::jetstream::object_store::ObjectStore {
+    c.env
         .js
         .get_object_store(c.env.names.bucket("uploads"))
         .await
-        .unwrap();
-    store.list().await.unwrap().count().await
+        .unwrap()
+}
+
+async fn uploads_left(c: &Cluster) -> usize {
+    use futures::StreamExt;
+    uploads(c).await.list().await.unwrap().count().await
 }
 
 #[tokio::test]
@@ -213,12 +216,7 @@ async fn a_submission_too_large_for_one_message_goes_through_the_uploads_store()
 async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is_deleted() {
     use omoi::service::ServiceError;
     let c = Cluster::start_with(|s| s.http_max_body_bytes = 64 * 1024).await;
-    let store = c
-        .env
-        .js
-        .get_object_store(c.env.names.bucket("uploads"))
-        .await
-        .unwrap();
+    let store = uploads(&c).await;
     let ask = |object: &str| {
         let (nats, subject) = (
             c.env.nats.clone(),
