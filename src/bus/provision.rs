@@ -138,21 +138,30 @@ impl Definitions {
         })
     }
 
-    /// The name of every stream of the namespace: streams, then the buckets' and the object
-    /// stores' backing streams.
+    /// The config of every stream of the namespace: its streams, then the buckets' and the
+    /// object stores' backing streams.
+    pub fn stream_configs(&self, names: &Names) -> Vec<stream::Config> {
+        let streams = self
+            .streams
+            .keys()
+            .filter_map(|k| self.stream_config(names, k));
+        let buckets = self
+            .buckets
+            .keys()
+            .filter_map(|k| self.bucket_stream_config(names, k));
+        let stores = self
+            .object_stores
+            .keys()
+            .filter_map(|k| self.object_store_stream_config(names, k));
+        streams.chain(buckets).chain(stores).collect()
+    }
+
+    /// The name of every stream of the namespace, in [`Definitions::stream_configs`]' order.
     pub fn stream_names(&self, names: &Names) -> Vec<String> {
-        let mut all: Vec<String> = self.streams.keys().map(|k| names.stream(k)).collect();
-        all.extend(
-            self.buckets
-                .keys()
-                .map(|k| format!("KV_{}", names.bucket(k))),
-        );
-        all.extend(
-            self.object_stores
-                .keys()
-                .map(|k| format!("OBJ_{}", names.bucket(k))),
-        );
-        all
+        self.stream_configs(names)
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
     }
 }
 
@@ -169,21 +178,8 @@ pub async fn ensure_all(
     names: &Names,
     replicas: usize,
 ) -> Result<(), BusError> {
-    let defs = Definitions::builtin()?;
-    for key in defs.streams.keys() {
-        if let Some(config) = defs.stream_config(names, key) {
-            ensure_stream(js, config, replicas).await?;
-        }
-    }
-    for key in defs.buckets.keys() {
-        if let Some(config) = defs.bucket_stream_config(names, key) {
-            ensure_stream(js, config, replicas).await?;
-        }
-    }
-    for key in defs.object_stores.keys() {
-        if let Some(config) = defs.object_store_stream_config(names, key) {
-            ensure_stream(js, config, replicas).await?;
-        }
+    for config in Definitions::builtin()?.stream_configs(names) {
+        ensure_stream(js, config, replicas).await?;
     }
     tracing::debug!("jetstream streams and buckets ensured");
     Ok(())
