@@ -9,19 +9,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
-use crate::bus::names::{ACT_HEARTBEAT, ACT_REGISTER, ACT_UPDATE};
-use crate::db::agents::AgentRecord;
+use crate::bus::names::{ACT_DEREGISTER, ACT_HEARTBEAT, ACT_REGISTER, ACT_UPDATE};
 use crate::domain::AgentId;
-use crate::protocol::{ErrorReply, Heartbeat, HeartbeatAck};
-use crate::service::ServiceError;
-use crate::service::registry::{AgentMatch, AgentUpdate, RegisterRequest, SearchQuery};
+use crate::protocol::registry::{
+    AgentMatch, AgentRecord, AgentUpdate, Deregister, Heartbeat, HeartbeatAck, RegisterRequest,
+    SearchQuery,
+};
+use crate::protocol::{ErrorBody, ErrorCode, ErrorReply};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// omoi answered with an error.
+    /// omoi answered with an error (branch on its `code`).
     #[error(transparent)]
-    Service(#[from] ServiceError),
+    Remote(#[from] ErrorBody),
     /// Nobody serves this subject (no control plane running).
     #[error("no omoi control plane answers on {0}")]
     NoResponders(String),
@@ -29,6 +30,16 @@ pub enum ClientError {
     Transport { subject: String, reason: String },
     #[error("unreadable reply on {subject}: {reason}")]
     BadReply { subject: String, reason: String },
+}
+
+impl ClientError {
+    /// The error code omoi answered with, if it answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Remote(body) => Some(body.code),
+            _ => None,
+        }
+    }
 }
 
 /// Sends a JSON request and decodes the reply (or its error body).
@@ -77,7 +88,7 @@ pub async fn request_raw<Resp: DeserializeOwned>(
                 subject: subject.clone(),
                 reason: e.to_string(),
             })?;
-        return Err(ServiceError::from_body(body.error).into());
+        return Err(ClientError::Remote(body.error));
     }
     serde_json::from_slice(&reply.payload).map_err(|e| ClientError::BadReply {
         subject,
@@ -130,6 +141,18 @@ impl AgentRegistryClient {
         .await
     }
 
+    /// Deregisters agent `agent_id`, acting as it: it leaves the fleet (its name may register
+    /// again later). The reply is its record, `terminated`.
+    pub async fn deregister(&self, agent_id: AgentId) -> Result<AgentRecord, ClientError> {
+        request(
+            &self.nats,
+            self.names.act(agent_id, ACT_DEREGISTER),
+            &Deregister::default(),
+            self.timeout,
+        )
+        .await
+    }
+
     pub async fn search(&self, query: &SearchQuery) -> Result<Vec<AgentMatch>, ClientError> {
         request(
             &self.nats,
@@ -140,7 +163,7 @@ impl AgentRegistryClient {
         .await
     }
 
-    /// The best available agent; `Err(Service(NotFound))` when none fits.
+    /// The best available agent; an error with code `not_found` when none fits.
     pub async fn best_fit(&self, query: &SearchQuery) -> Result<AgentMatch, ClientError> {
         request(
             &self.nats,
@@ -198,7 +221,7 @@ impl WorkflowClient {
     pub async fn submit(
         &self,
         spec: &crate::domain::dag::WorkflowSpec,
-    ) -> Result<crate::service::workflows::Submitted, ClientError> {
+    ) -> Result<crate::protocol::workflows::Submitted, ClientError> {
         let subject = self.names.workflow_endpoint("submit");
         let body = serde_json::to_vec(spec).map_err(|e| ClientError::Transport {
             subject: subject.clone(),
@@ -214,7 +237,7 @@ impl WorkflowClient {
     async fn submit_upload(
         &self,
         body: Vec<u8>,
-    ) -> Result<crate::service::workflows::Submitted, ClientError> {
+    ) -> Result<crate::protocol::workflows::Submitted, ClientError> {
         let store = self.names.bucket(crate::bus::names::OBJECT_STORE_UPLOADS);
         let failed = |reason: String| ClientError::Transport {
             subject: format!("object store {store}"),
@@ -229,7 +252,7 @@ impl WorkflowClient {
             .put(object.as_str(), &mut body.as_slice())
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let ask = crate::protocol::SubmitUpload {
+        let ask = crate::protocol::workflows::SubmitUpload {
             v: crate::protocol::PROTOCOL_VERSION,
             object,
         };
@@ -247,7 +270,7 @@ impl WorkflowClient {
     pub async fn get(
         &self,
         workflow_id: crate::domain::WorkflowId,
-    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+    ) -> Result<crate::protocol::workflows::WorkflowView, ClientError> {
         self.view(workflow_id, true).await
     }
 
@@ -256,8 +279,8 @@ impl WorkflowClient {
         &self,
         workflow_id: crate::domain::WorkflowId,
         include_tasks: bool,
-    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
-        let body = crate::service::workflows::WorkflowRef {
+    ) -> Result<crate::protocol::workflows::WorkflowView, ClientError> {
+        let body = crate::protocol::workflows::WorkflowRef {
             v: None,
             workflow_id,
             include_tasks,
@@ -274,8 +297,8 @@ impl WorkflowClient {
     pub async fn cancel(
         &self,
         workflow_id: crate::domain::WorkflowId,
-    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
-        let body = crate::service::workflows::WorkflowRef {
+    ) -> Result<crate::protocol::workflows::WorkflowView, ClientError> {
+        let body = crate::protocol::workflows::WorkflowRef {
             v: None,
             workflow_id,
             include_tasks: true,
@@ -297,7 +320,7 @@ impl WorkflowClient {
         &self,
         workflow_id: crate::domain::WorkflowId,
         timeout: Duration,
-    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+    ) -> Result<crate::protocol::workflows::WorkflowView, ClientError> {
         self.wait_with(workflow_id, timeout, |_| {}).await
     }
 
@@ -306,8 +329,8 @@ impl WorkflowClient {
         &self,
         workflow_id: crate::domain::WorkflowId,
         timeout: Duration,
-        mut progress: impl FnMut(&crate::service::workflows::WorkflowView),
-    ) -> Result<crate::service::workflows::WorkflowView, ClientError> {
+        mut progress: impl FnMut(&crate::protocol::workflows::WorkflowView),
+    ) -> Result<crate::protocol::workflows::WorkflowView, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut ends = self.workflow_ends().await;
         loop {
@@ -317,7 +340,7 @@ impl WorkflowClient {
                         || tokio::time::Instant::now() >= deadline =>
                 {
                     return match self.get(workflow_id).await {
-                        Err(ClientError::Service(ServiceError::TooLarge { .. })) => Ok(view),
+                        Err(ClientError::Remote(e)) if e.code == ErrorCode::TooLarge => Ok(view),
                         other => other,
                     };
                 }
@@ -326,8 +349,8 @@ impl WorkflowClient {
                 // or NATS is away for a while, is not the end: what it survives, waiting does.
                 Err(ClientError::NoResponders(_) | ClientError::Transport { .. })
                     if tokio::time::Instant::now() < deadline => {}
-                Err(ClientError::Service(e))
-                    if e.is_transient() && tokio::time::Instant::now() < deadline =>
+                Err(ClientError::Remote(e))
+                    if e.code.is_transient() && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(error = %e, "the control plane is unavailable; waiting on");
                 }
@@ -339,7 +362,7 @@ impl WorkflowClient {
                     () = tokio::time::sleep_until(next_poll) => break,
                     env = ends.next() => match env {
                         Some(msg) => {
-                            let ended = serde_json::from_slice::<crate::domain::Envelope>(&msg.payload)
+                            let ended = serde_json::from_slice::<crate::protocol::Envelope>(&msg.payload)
                                 .is_ok_and(|e| e.event.workflow().is_some_and(|w| w.workflow_id == workflow_id));
                             if ended {
                                 break;

@@ -8,12 +8,12 @@ use serde::Deserialize;
 
 use super::auth::Acting;
 use super::{ApiError, ApiResult, AppState, Json, Path};
-use crate::db::agents::AgentRecord;
 use crate::domain::AgentId;
-use crate::service::ServiceError;
-use crate::service::registry::{
+use crate::protocol::registry::AgentRecord;
+use crate::protocol::registry::{
     AgentHealth, AgentMatch, AgentUpdate, RegisterRequest, RegistryStatistics, SearchQuery,
 };
+use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

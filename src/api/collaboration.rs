@@ -12,10 +12,10 @@ use uuid::Uuid;
 use super::auth::Acting;
 use super::{ApiError, ApiResult, AppState, Json, Path};
 use crate::domain::{AgentId, TaskId};
-use crate::service::ServiceError;
-use crate::service::collaboration::{
+use crate::protocol::collaboration::{
     CreateThread, Handoff, HandoffRequest, Message, MessagePage, SendMessage, Thread,
 };
+use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -7,11 +7,11 @@ use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, AppState, Json, Path};
-use crate::db::tasks::TaskRecord;
-use crate::db::workflows::WorkflowRecord;
 use crate::domain::dag::WorkflowSpec;
+use crate::protocol::workflows::TaskRecord;
+use crate::protocol::workflows::WorkflowRecord;
+use crate::protocol::workflows::{PatternRun, PatternSubmitted, Submitted, WorkflowView};
 use crate::service::ServiceError;
-use crate::service::workflows::{PatternRun, PatternSubmitted, Submitted, WorkflowView};
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -32,7 +32,8 @@ use tokio::sync::mpsc;
 use super::auth::{Acting, WS_PROTOCOL, check_origin};
 use super::{ApiError, AppState};
 use crate::bus::provision::subjects_overlap;
-use crate::domain::{AgentId, Envelope, TaskId, WorkflowId};
+use crate::domain::{AgentId, TaskId, WorkflowId};
+use crate::protocol::Envelope;
 use crate::service::ServiceError;
 use axum::http::HeaderMap;
 

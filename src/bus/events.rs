@@ -9,8 +9,8 @@ use futures::future::try_join_all;
 
 use super::names::STREAM_EVENTS;
 use super::{BusError, Names, TypedConsumer};
-use crate::domain::event::EVENT_SCHEMA_VERSION;
-use crate::domain::{Envelope, Event};
+use crate::protocol::events::EVENT_SCHEMA_VERSION;
+use crate::protocol::{Envelope, Event};
 
 /// Publishes whose acks are awaited together; well below async-nats' in-flight ack limit.
 pub const PUBLISH_CHUNK: usize = 512;

@@ -9,7 +9,7 @@
 //! | what | name |
 //! |---|---|
 //! | event of type `T` (e.g. `task.completed`) | `<ns>.T` |
-//! | an agent acting (request/reply): register, heartbeat, update, send, read, thread, handoff, accept, decline, cancel | `<ns>.act.<agent_id>.<verb>` |
+//! | an agent acting (request/reply): register, heartbeat, update, deregister, send, read, thread, handoff, accept, decline, cancel | `<ns>.act.<agent_id>.<verb>` |
 //! | registry reads (request/reply) | `<ns>.registry.search`, `<ns>.registry.best_fit` |
 //! | dead letter of a message first sent on `<ns>.S` | `<ns>.deadletter.S` |
 //! | task for an agent | `<ns>.dispatch.<agent_id>` |
@@ -41,6 +41,7 @@ pub const OBJECT_STORE_UPLOADS: &str = "uploads";
 pub const ACT_REGISTER: &str = "register";
 pub const ACT_HEARTBEAT: &str = "heartbeat";
 pub const ACT_UPDATE: &str = "update";
+pub const ACT_DEREGISTER: &str = "deregister";
 pub const ACT_SEND: &str = "send";
 pub const ACT_READ: &str = "read";
 pub const ACT_THREAD: &str = "thread";
@@ -53,6 +54,7 @@ pub const ACT_VERBS: &[&str] = &[
     ACT_REGISTER,
     ACT_HEARTBEAT,
     ACT_UPDATE,
+    ACT_DEREGISTER,
     ACT_SEND,
     ACT_READ,
     ACT_THREAD,

@@ -422,7 +422,7 @@ pub fn subjects_overlap(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Event;
+    use crate::protocol::Event;
 
     #[test]
     fn every_event_type_lands_in_exactly_one_stream_and_no_request_subject_does() {

@@ -22,11 +22,12 @@ use async_nats::jetstream::{self, consumer, stream};
 use clap::Args;
 use futures::StreamExt;
 
-use crate::bus::kv_lock::{Acquire, LockManager, LockMode};
+use crate::bus::kv_lock::{Acquire, LockManager};
 use crate::bus::{Names, provision};
 use crate::config::Settings;
 use crate::domain::WorkflowStatus;
 use crate::domain::dag::{TaskSpec, WorkflowSpec};
+use crate::protocol::locks::LockMode;
 use crate::runtime::Shutdown;
 
 #[derive(Debug, Args)]
@@ -613,11 +614,11 @@ async fn wait_showing_progress(
     client: &crate::client::WorkflowClient,
     id: crate::domain::WorkflowId,
     label: &str,
-) -> anyhow::Result<crate::service::workflows::WorkflowView> {
+) -> anyhow::Result<crate::protocol::workflows::WorkflowView> {
     const EVERY: Duration = Duration::from_secs(5);
     let started = Instant::now();
     let mut shown: Option<Instant> = None;
-    let line = |view: &crate::service::workflows::WorkflowView| {
+    let line = |view: &crate::protocol::workflows::WorkflowView| {
         let total: usize = view.counts.values().sum();
         let done = view.counts.get("completed").copied().unwrap_or(0);
         eprintln!(

@@ -10,9 +10,9 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use crate::config::Settings;
-use crate::db::tasks::TaskRecord;
 use crate::domain::{TaskStatus, WorkflowId};
-use crate::service::workflows::WorkflowView;
+use crate::protocol::workflows::TaskRecord;
+use crate::protocol::workflows::WorkflowView;
 
 #[derive(Debug, Subcommand)]
 pub enum PatternsCommand {
@@ -184,7 +184,7 @@ pub async fn run(settings: &Settings, args: RunArgs) -> anyhow::Result<()> {
 /// capabilities, if it has any.
 fn unschedulable_help(
     pattern: &crate::pattern::Pattern,
-    steps: &[crate::service::workflows::Unschedulable],
+    steps: &[crate::protocol::workflows::Unschedulable],
 ) -> String {
     let mut said = String::new();
     let mut capabilities = std::collections::BTreeSet::new();
@@ -239,9 +239,11 @@ pub async fn follow(
         let view = match client.get(id).await {
             Ok(v) => v,
             // A very large workflow does not fit a reply: fall back to counts.
-            Err(crate::client::ClientError::Service(crate::service::ServiceError::TooLarge {
-                ..
-            })) => client.view(id, false).await?,
+            Err(crate::client::ClientError::Remote(e))
+                if e.code == crate::protocol::ErrorCode::TooLarge =>
+            {
+                client.view(id, false).await?
+            }
             // A control plane restarting (none answers for a moment) is not the end.
             Err(
                 crate::client::ClientError::NoResponders(_)

@@ -16,17 +16,22 @@ use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
 use crate::bus::names::{
-    ACT_ACCEPT, ACT_CANCEL, ACT_DECLINE, ACT_HANDOFF, ACT_HEARTBEAT, ACT_READ, ACT_REGISTER,
-    ACT_SEND, ACT_THREAD, ACT_UPDATE,
+    ACT_ACCEPT, ACT_CANCEL, ACT_DECLINE, ACT_DEREGISTER, ACT_HANDOFF, ACT_HEARTBEAT, ACT_READ,
+    ACT_REGISTER, ACT_SEND, ACT_THREAD, ACT_UPDATE,
 };
 use crate::domain::AgentId;
 use crate::domain::dag::WorkflowSpec;
-use crate::protocol::{ErrorReply, HandoffDecision, Heartbeat, HeartbeatAck, MarkRead};
+use crate::protocol::ErrorReply;
+use crate::protocol::collaboration::{CreateThread, HandoffRequest, SendMessage};
+use crate::protocol::collaboration::{HandoffDecision, MarkRead};
+use crate::protocol::registry::{AgentUpdate, RegisterRequest, SearchQuery};
+use crate::protocol::registry::{Deregister, Heartbeat, HeartbeatAck};
+use crate::protocol::workflows::WorkflowRef;
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;
-use crate::service::collaboration::{Collaboration, CreateThread, HandoffRequest, SendMessage};
-use crate::service::registry::{AgentUpdate, RegisterRequest, Registry, SearchQuery};
-use crate::service::workflows::{WorkflowRef, Workflows};
+use crate::service::collaboration::Collaboration;
+use crate::service::registry::Registry;
+use crate::service::workflows::Workflows;
 
 /// Name shown by `nats micro ls`.
 pub const SERVICE_NAME: &str = "omoi-registry";
@@ -311,6 +316,13 @@ pub async fn start(
         .await?;
     let reg = registry.clone();
     service
+        .act(ACT_DEREGISTER, move |agent, _: Deregister| {
+            let reg = reg.clone();
+            async move { reg.deregister(agent).await }
+        })
+        .await?;
+    let reg = registry.clone();
+    service
         .json("search", names.registry("search"), move |q: SearchQuery| {
             let reg = reg.clone();
             async move { reg.search(&q).await }
@@ -388,7 +400,7 @@ pub async fn start_workflows(
         .json(
             "submit_upload",
             names.workflow_endpoint("submit_upload"),
-            move |upload: crate::protocol::SubmitUpload| {
+            move |upload: crate::protocol::workflows::SubmitUpload| {
                 let (wf, uploads) = (wf.clone(), uploads.clone());
                 async move {
                     let body = take_upload(&uploads, &upload.object, max_upload_bytes).await?;
@@ -405,7 +417,7 @@ pub async fn start_workflows(
         .json(
             "run",
             names.workflow_endpoint("run"),
-            move |run: crate::service::workflows::PatternRun| {
+            move |run: crate::protocol::workflows::PatternRun| {
                 let (wf, dirs) = (wf.clone(), dirs.clone());
                 async move { wf.submit_pattern(run, &dirs).await }
             },

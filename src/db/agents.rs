@@ -2,41 +2,11 @@
 //! Time comes from the database clock (`now()`) on both the heartbeat and the sweep side, so
 //! process clocks never disagree about who is stale.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 
 use super::DbError;
-use crate::domain::{AgentId, AgentStatus, HealthStatus};
-
-/// An agent as stored (and as mirrored into the `<ns>_agents` bucket and returned by the API).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct AgentRecord {
-    pub id: AgentId,
-    pub name: String,
-    pub agent_type: String,
-    pub phase_id: Option<String>,
-    pub capabilities: Vec<String>,
-    pub capacity: i32,
-    pub current_load: i32,
-    pub status: AgentStatus,
-    pub health_status: HealthStatus,
-    pub last_heartbeat: Option<DateTime<Utc>>,
-    pub last_assigned_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
-    pub metadata: serde_json::Value,
-    /// Executors it runs; `*` = any.
-    pub executors: Vec<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl AgentRecord {
-    /// Whether the agent runs tasks of `executor`.
-    pub fn offers(&self, executor: &str) -> bool {
-        crate::domain::agent::offers(&self.executors, executor)
-    }
-}
+use crate::domain::{AgentId, AgentStatus};
+use crate::protocol::registry::AgentRecord;
 
 /// An agent whose status changed, with the status it had before.
 #[derive(Debug, Clone, PartialEq)]

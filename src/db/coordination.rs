@@ -6,10 +6,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::DbError;
-use super::tasks::TaskRecord;
 use super::workflows::{NewTask, insert_tasks};
 use crate::domain::coordination::NodeKind;
 use crate::domain::{TaskId, TaskStatus, WorkflowId};
+use crate::protocol::workflows::TaskRecord;
 
 /// One dependency of a node as it stands.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sqlx::PgConnection;
 
 use super::DbError;
-use super::tasks::TaskRecord;
-use super::workflows::{WORKFLOW_COLUMNS, WorkflowRecord};
+use super::workflows::WORKFLOW_COLUMNS;
 use crate::domain::{AgentId, TaskId, WorkflowId};
+use crate::protocol::workflows::TaskRecord;
+use crate::protocol::workflows::WorkflowRecord;
 
 /// What the scheduler keeps in memory of a task: enough to queue it, and to know who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

@@ -1,55 +1,11 @@
 //! Task rows and their compare-and-set state transitions.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor};
 
 use super::DbError;
-use crate::domain::coordination::NodeKind;
-use crate::domain::{AgentId, Priority, TaskId, TaskStatus, WorkflowId};
-
-/// A task as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct TaskRecord {
-    pub id: TaskId,
-    pub workflow_id: WorkflowId,
-    pub key: String,
-    pub executor: String,
-    pub capabilities: Vec<String>,
-    pub input: serde_json::Value,
-    pub output: Option<serde_json::Value>,
-    pub depends_on: Vec<String>,
-    pub resources: serde_json::Value,
-    pub priority: Priority,
-    pub status: TaskStatus,
-    pub attempt: i32,
-    pub failures: i32,
-    pub max_attempts: i32,
-    pub timeout_seconds: Option<i32>,
-    pub agent_id: Option<AgentId>,
-    pub error: Option<String>,
-    pub retry_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub ready_at: Option<DateTime<Utc>>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    /// Set by an accepted handoff: the next dispatch goes to this agent only.
-    pub pinned_agent_id: Option<AgentId>,
-    /// `task` (run by an agent) or the coordination node it is.
-    pub kind: NodeKind,
-    /// Completed dependencies it waits for; `None`: all.
-    pub join_quorum: Option<i32>,
-    /// A coordination node's spec.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub coordination: Option<serde_json::Value>,
-    /// Expansions done (a split's children, a loop's iterations).
-    pub expansion: i32,
-    /// A sync point released by its timeout.
-    pub timed_out: bool,
-    /// How long the completed attempt waited for its resource locks.
-    pub lock_wait_ms: Option<i64>,
-}
+use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
+use crate::protocol::workflows::TaskRecord;
 
 /// What a transition changes besides the status. `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]

@@ -1,35 +1,17 @@
 //! Workflow rows; a workflow and all its tasks are inserted in one transaction.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor};
 
 use super::DbError;
-use super::tasks::TaskRecord;
 use crate::domain::coordination::NodeKind;
 use crate::domain::dag::TaskSpec;
-use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
+use crate::domain::{Priority, TaskId, TaskStatus, WorkflowId};
+use crate::protocol::workflows::{TaskRecord, WorkflowRecord};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct WorkflowRecord {
-    pub id: WorkflowId,
-    pub name: String,
-    pub status: WorkflowStatus,
-    pub failure_policy: String,
-    /// The submission as received; kept in the database, not sent in replies (it can be
-    /// megabytes for a large workflow, and every task is in the reply anyway).
-    #[serde(skip, default)]
-    pub spec: serde_json::Value,
-    pub error: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-/// The columns of a [`WorkflowRecord`] as read back: all but the submission (`spec` reads as
-/// `{}`), which can be megabytes and is never sent.
-pub(crate) const WORKFLOW_COLUMNS: &str = "id, name, status, failure_policy, '{}'::jsonb AS spec, error, created_at, updated_at, \
-     finished_at";
+/// The columns of a [`WorkflowRecord`]: all but the submission (`spec`), which can be
+/// megabytes and is never sent (every task is in a reply anyway).
+pub(crate) const WORKFLOW_COLUMNS: &str =
+    "id, name, status, failure_policy, error, created_at, updated_at, finished_at";
 
 /// A task to insert with its workflow.
 #[derive(Debug, Clone)]

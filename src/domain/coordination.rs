@@ -24,7 +24,18 @@ pub const MAX_SPLIT_ITEMS: usize = 10_000;
 pub const MAX_LOOP_ITERATIONS: u32 = 100;
 
 /// What kind of node a task is. `task` is run by an agent; the others by the coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum NodeKind {
@@ -49,7 +60,9 @@ impl NodeKind {
 
 /// How many of a task's dependencies must complete before it runs: `"all"` (the default),
 /// `"any"`, or `{"quorum": k}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Join {
     #[default]
@@ -70,7 +83,9 @@ impl Join {
 }
 
 /// What a sync point does when its timeout passes before its join is satisfied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTimeout {
     /// The sync point fails (and the workflow's failure policy applies).
@@ -82,7 +97,7 @@ pub enum OnTimeout {
 
 /// A sync point: waits for its dependencies per its `join`, optionally bounded in time. The
 /// clock starts when the first of its sources starts running.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSpec {
     #[serde(default)]
@@ -93,7 +108,7 @@ pub struct SyncSpec {
 
 /// A merge: combines the outputs of its completed dependencies and stores the result as its
 /// output (what its dependants receive).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MergeSpec {
     pub strategy: MergeStrategy,
@@ -104,7 +119,7 @@ pub struct MergeSpec {
 
 /// The task each item of a split becomes. In `input` and `capabilities`, the strings `${item}`,
 /// `${item.<field>…}` and `${index}` are replaced per item.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChildSpec {
     #[serde(default)]
@@ -127,7 +142,7 @@ pub struct ChildSpec {
 /// `${deps.<key>.output…}` reference when the split becomes ready. Children depend on the
 /// split's own dependencies; the split then completes when its children satisfy `join`, with
 /// output `{"count": n, "outputs": [child outputs in item order]}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SplitSpec {
     pub items: Value,
@@ -137,7 +152,7 @@ pub struct SplitSpec {
 }
 
 /// The test a loop applies to an output of its last iteration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     /// `<body key>` or `<body key>.<field>.<field>…` of the iteration just finished.
@@ -184,7 +199,7 @@ impl Condition {
 /// `<loop>/<i>/<body key>`. In the body, `${loop.iteration}` is the iteration (from 1) and
 /// `${prev.<body key>.output…}` the previous iteration's output (`null` in the first).
 /// Output: `{"iterations": n, "stopped": "condition" | "max_iterations", "outputs": {…}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoopSpec {
     pub body: Vec<TaskSpec>,

@@ -20,7 +20,9 @@ use super::coordination::{Join, LoopSpec, MergeSpec, NodeKind, SplitSpec, SyncSp
 pub const MAX_TASKS: usize = 100_000;
 
 /// What to do with the rest of a workflow when a task fails for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Fail the workflow: cancel every unfinished task.
@@ -40,7 +42,9 @@ impl FailurePolicy {
 }
 
 /// Lock mode of a task's resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ResourceMode {
     #[default]
@@ -49,7 +53,7 @@ pub enum ResourceMode {
 }
 
 /// A resource a task locks while it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResourceSpec {
     pub name: String,
     #[serde(default)]
@@ -67,7 +71,7 @@ pub(crate) fn empty_object() -> serde_json::Value {
 }
 
 /// One task of a submission.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     pub key: String,
@@ -132,7 +136,7 @@ impl TaskSpec {
 }
 
 /// A workflow submission (`POST /api/v1/workflows`, `<ns>.workflow.submit`, `omoi submit`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSpec {
     pub name: String,

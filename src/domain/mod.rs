@@ -1,11 +1,11 @@
-//! Pure types of omoi — ids, tasks and their state machine, agents, workflows, events.
+//! Pure types of omoi — ids, tasks and their state machine, agents, workflows (the events
+//! that announce their changes are wire messages: `protocol::events`).
 //! No I/O here: the database and the bus translate to and from these types.
 
 pub mod access;
 pub mod agent;
 pub mod coordination;
 pub mod dag;
-pub mod event;
 pub mod ids;
 pub mod matching;
 pub mod merge;
@@ -16,7 +16,6 @@ pub mod text;
 pub mod workflow;
 
 pub use agent::{AgentStatus, HealthStatus};
-pub use event::{Envelope, Event};
 pub use ids::{AgentId, TaskId, WorkflowId};
 pub use retry::{AfterFailure, RetryPolicy};
 pub use task::{IllegalTransition, Priority, TaskStatus};

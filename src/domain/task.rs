@@ -16,7 +16,18 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum TaskStatus {
@@ -142,6 +153,7 @@ impl FromStr for TaskStatus {
     Deserialize,
     Default,
     sqlx::Type,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "UPPERCASE")]
 #[sqlx(type_name = "text", rename_all = "UPPERCASE")]

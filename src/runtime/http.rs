@@ -127,7 +127,7 @@ async fn answered_unreadable_target(stream: &mut tokio::net::TcpStream, wait: Du
     }
     let reply = error_response(
         "400 Bad Request",
-        "malformed",
+        ErrorCode::Malformed,
         &format!("the request target is not a valid URI: {ENCODE_HINT}"),
     );
     use tokio::io::AsyncWriteExt;
@@ -143,11 +143,13 @@ async fn answered_unreadable_target(stream: &mut tokio::net::TcpStream, wait: Du
 const ENCODE_HINT: &str = "percent-encode what a URL may not hold raw, such as `>` (%3E), \
                            `<` (%3C), `\"` (%22), `{` (%7B), `}` (%7D) or a space (%20)";
 
+use crate::protocol::ErrorCode;
+
 /// A whole HTTP/1.1 response closing the connection, with the API's error body.
-fn error_response(status: &str, code: &str, message: &str) -> Vec<u8> {
+fn error_response(status: &str, code: ErrorCode, message: &str) -> Vec<u8> {
     let reply = crate::protocol::ErrorReply {
         error: crate::protocol::ErrorBody {
-            code: code.into(),
+            code,
             message: message.into(),
             field: None,
         },
@@ -180,12 +182,15 @@ fn instead_of_automatic(head: &[u8]) -> Option<Vec<u8>> {
     let status = text.lines().next()?.strip_prefix("HTTP/1.1 ")?;
     let (code, message) = match status.split(' ').next()? {
         "400" => (
-            "malformed",
+            ErrorCode::Malformed,
             format!("the request could not be parsed (its line or a header): {ENCODE_HINT}"),
         ),
-        "414" => ("too_large", "the request target is too long".to_string()),
+        "414" => (
+            ErrorCode::TooLarge,
+            "the request target is too long".to_string(),
+        ),
         "431" => (
-            "too_large",
+            ErrorCode::TooLarge,
             "the request's headers are too large".to_string(),
         ),
         _ => return None,

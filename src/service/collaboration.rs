@@ -6,8 +6,7 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::message::PublishMessage;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -17,10 +16,14 @@ use super::registry::normalize;
 use super::workflows::task_events;
 use crate::bus::EventBus;
 use crate::db::DbError;
-use crate::db::agents::AgentRecord;
-use crate::db::tasks::TaskRecord;
-use crate::domain::event::{CollabEnded, CollabStarted, HandoffEvent, MessageSent};
-use crate::domain::{AgentId, AgentStatus, Event, TaskId, WorkflowId};
+use crate::domain::{AgentId, AgentStatus, TaskId};
+use crate::protocol::Event;
+use crate::protocol::collaboration::{
+    CreateThread, Handoff, HandoffRequest, InboxItem, Message, MessagePage, SendMessage, Thread,
+};
+use crate::protocol::events::{CollabEnded, CollabStarted, HandoffEvent, MessageSent};
+use crate::protocol::registry::AgentRecord;
+use crate::protocol::workflows::TaskRecord;
 
 /// How many best-fit agents an open handoff is offered to.
 pub const OPEN_HANDOFF_OFFERS: usize = 5;
@@ -30,161 +33,6 @@ pub const MAX_HANDOFF_TTL_SECONDS: u64 = 30 * 86_400;
 
 /// Largest message content accepted.
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ThreadType {
-    Handoff,
-    Review,
-    Consultation,
-    Discussion,
-    Notification,
-}
-
-impl ThreadType {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Handoff => "handoff",
-            Self::Review => "review",
-            Self::Consultation => "consultation",
-            Self::Discussion => "discussion",
-            Self::Notification => "notification",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct Thread {
-    pub id: Uuid,
-    pub thread_type: String,
-    pub participants: Vec<AgentId>,
-    pub task_id: Option<TaskId>,
-    pub workflow_id: Option<WorkflowId>,
-    pub title: Option<String>,
-    pub status: String,
-    pub metadata: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub closed_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct Message {
-    pub id: Uuid,
-    pub thread_id: Uuid,
-    pub sender_id: AgentId,
-    pub recipient_id: Option<AgentId>,
-    pub message_type: String,
-    pub content: String,
-    pub metadata: serde_json::Value,
-    pub read_by: Vec<AgentId>,
-    pub created_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
-pub struct Handoff {
-    pub id: Uuid,
-    pub task_id: TaskId,
-    pub thread_id: Option<Uuid>,
-    pub from_agent_id: AgentId,
-    pub to_agent_id: Option<AgentId>,
-    pub capabilities: Vec<String>,
-    pub reason: String,
-    pub context: serde_json::Value,
-    pub on_decline: String,
-    pub status: String,
-    pub decided_by: Option<AgentId>,
-    pub decision_reason: Option<String>,
-    pub expires_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub decided_at: Option<DateTime<Utc>>,
-}
-
-/// `POST /api/v1/collaboration/threads`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateThread {
-    pub thread_type: ThreadType,
-    pub participants: Vec<AgentId>,
-    #[serde(default)]
-    pub task_id: Option<TaskId>,
-    #[serde(default)]
-    pub workflow_id: Option<WorkflowId>,
-    #[serde(default)]
-    pub title: Option<String>,
-    #[serde(default)]
-    pub metadata: Option<serde_json::Value>,
-}
-
-/// `POST /api/v1/collaboration/messages` and `<ns>.collab.send`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendMessage {
-    pub thread_id: Uuid,
-    pub sender_id: AgentId,
-    #[serde(default)]
-    pub recipient_id: Option<AgentId>,
-    #[serde(default = "text")]
-    pub message_type: String,
-    pub content: String,
-    #[serde(default)]
-    pub metadata: Option<serde_json::Value>,
-}
-
-fn text() -> String {
-    "text".into()
-}
-
-fn reschedule() -> String {
-    "reschedule".into()
-}
-
-/// `POST /api/v1/collaboration/handoff/request`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HandoffRequest {
-    pub task_id: TaskId,
-    pub from_agent_id: AgentId,
-    /// A named target; or leave it out and give `capabilities` for an open handoff.
-    #[serde(default)]
-    pub to_agent_id: Option<AgentId>,
-    #[serde(default)]
-    pub capabilities: Vec<String>,
-    #[serde(default)]
-    pub reason: String,
-    /// Passed into the task's input (as `input.handoff.context`) when accepted.
-    #[serde(default)]
-    pub context: Option<serde_json::Value>,
-    /// On decline or expiry: `reschedule` (next best fit) or `requester` (leave it be).
-    #[serde(default = "reschedule")]
-    pub on_decline: String,
-    #[serde(default)]
-    pub ttl_seconds: Option<u64>,
-    #[serde(default)]
-    pub thread_id: Option<Uuid>,
-    /// The requester gives the task up now (it must hold the task, at `attempt` when given): the
-    /// task waits for the decision instead of running anywhere.
-    #[serde(default)]
-    pub release: bool,
-    #[serde(default)]
-    pub attempt: Option<i32>,
-}
-
-/// One page of messages, newest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MessagePage {
-    pub messages: Vec<Message>,
-    /// Pass as `before` for the next (older) page; `None` at the end.
-    pub next_cursor: Option<Uuid>,
-}
-
-/// What lands in an agent's inbox (`<ns>.agent.inbox.<agent_id>`), tagged by `kind`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum InboxItem {
-    Message(MessageSent),
-    HandoffOffer(HandoffEvent),
-}
 
 #[derive(Clone)]
 pub struct Collaboration {

@@ -11,7 +11,7 @@ pub mod workflows;
 use crate::bus::BusError;
 use crate::db::DbError;
 use crate::domain::text::{MAX_ECHO_CHARS, bounded};
-use crate::protocol::ErrorBody;
+use crate::protocol::{ErrorBody, ErrorCode};
 
 /// A use-case failure, mapped to HTTP statuses and NATS service error codes in one place.
 #[derive(Debug, thiserror::Error)]
@@ -56,32 +56,22 @@ impl ServiceError {
 
     /// HTTP-like status code (also used as `Nats-Service-Error-Code`).
     pub fn status(&self) -> u16 {
-        match self {
-            Self::Validation { .. } | Self::Malformed(_) => 400,
-            Self::Unauthorized(_) => 401,
-            Self::Forbidden(_) => 403,
-            Self::NotFound(_) | Self::UnknownAgent(_) => 404,
-            Self::Conflict(_) => 409,
-            Self::Deregistered(_) => 410,
-            Self::TooLarge { .. } => 413,
-            Self::Internal(_) => 500,
-            Self::Unavailable(_) => 503,
-        }
+        self.code().status()
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Validation { .. } => "validation",
-            Self::Malformed(_) => "malformed",
-            Self::Unauthorized(_) => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
-            Self::NotFound(_) => "not_found",
-            Self::UnknownAgent(_) => "unknown_agent",
-            Self::Conflict(_) => "conflict",
-            Self::TooLarge { .. } => "too_large",
-            Self::Deregistered(_) => "deregistered",
-            Self::Internal(_) => "internal",
-            Self::Unavailable(_) => "unavailable",
+            Self::Validation { .. } => ErrorCode::Validation,
+            Self::Malformed(_) => ErrorCode::Malformed,
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::UnknownAgent(_) => ErrorCode::UnknownAgent,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::Deregistered(_) => ErrorCode::Deregistered,
+            Self::Internal(_) => ErrorCode::Internal,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 
@@ -92,7 +82,7 @@ impl ServiceError {
             other => (other.to_string(), None),
         };
         ErrorBody {
-            code: self.code().to_string(),
+            code: self.code(),
             message: bounded(&message, MAX_ERROR_MESSAGE_CHARS),
             field: field.map(|f| bounded(&f, MAX_ECHO_CHARS)),
         }
@@ -101,28 +91,6 @@ impl ServiceError {
     /// One line, bounded: for a header or a log field.
     pub fn summary(&self) -> String {
         bounded(&self.to_string(), MAX_ECHO_CHARS)
-    }
-
-    /// Rebuilds an error from a reply body (client side).
-    pub fn from_body(body: ErrorBody) -> Self {
-        match body.code.as_str() {
-            "validation" => Self::Validation {
-                field: body.field.unwrap_or_default(),
-                message: body.message,
-            },
-            "malformed" => Self::Malformed(body.message),
-            "forbidden" => Self::Forbidden(body.message),
-            "not_found" => Self::NotFound(body.message),
-            "unknown_agent" => Self::UnknownAgent(body.message),
-            "conflict" => Self::Conflict(body.message),
-            "too_large" => Self::TooLarge {
-                message: body.message,
-            },
-            "unauthorized" => Self::Unauthorized(body.message),
-            "deregistered" => Self::Deregistered(body.message),
-            "unavailable" => Self::Unavailable(body.message),
-            _ => Self::Internal(body.message),
-        }
     }
 }
 

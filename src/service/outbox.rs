@@ -22,7 +22,7 @@ use super::ServiceError;
 use crate::bus::Names;
 use crate::db::DbError;
 use crate::db::outbox::{self, OutboxRow};
-use crate::domain::{Envelope, Event};
+use crate::protocol::{Envelope, Event};
 use crate::runtime::Shutdown;
 
 /// Messages to commit with a change.

@@ -3,145 +3,26 @@
 //! is then mirrored and announced as an event.
 
 use async_nats::jetstream::kv;
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use super::ServiceError;
 use crate::bus::EventBus;
-use crate::db::agents::{self, AgentRecord, NewAgent, StatusChange};
+use crate::db::agents::{self, NewAgent, StatusChange};
 use crate::domain::agent::{normalize_capabilities, normalize_executors};
-use crate::domain::event::{
+use crate::domain::{AgentId, AgentStatus};
+use crate::protocol::Event;
+use crate::protocol::events::{
     AgentCapabilityUpdated, AgentDeregistered, AgentRegistered, AgentStatusChanged,
 };
-use crate::domain::{AgentId, AgentStatus, Event};
+use crate::protocol::registry::AgentRecord;
+use crate::protocol::registry::{
+    AgentHealth, AgentMatch, AgentUpdate, RegisterRequest, RegistryStatistics, SearchQuery,
+};
 
 /// Most tasks one agent may hold at once.
 pub const MAX_CAPACITY: i32 = 1_000;
 /// Longest agent name.
 pub const MAX_NAME_LEN: usize = 128;
-
-fn default_agent_type() -> String {
-    "worker".into()
-}
-fn default_capacity() -> i32 {
-    1
-}
-
-/// `POST /api/v1/agents/register` and `<ns>.act.<agent_id>.register`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegisterRequest {
-    /// Protocol version (1); any other is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub v: Option<u32>,
-    pub name: String,
-    #[serde(default = "default_agent_type")]
-    pub agent_type: String,
-    #[serde(default)]
-    pub phase_id: Option<String>,
-    pub capabilities: Vec<String>,
-    #[serde(default = "default_capacity")]
-    pub capacity: i32,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    #[serde(default)]
-    pub metadata: Option<serde_json::Value>,
-    /// The executors the agent runs (a task goes only to an agent offering its executor);
-    /// none named: any (`*`).
-    #[serde(default)]
-    pub executors: Vec<String>,
-}
-
-/// `PATCH /api/v1/agents/{id}` and `<ns>.act.<agent_id>.update`: only the fields present change.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentUpdate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capabilities: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<AgentStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tags: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub executors: Option<Vec<String>>,
-}
-
-/// A search: `GET /api/v1/agents/search` and `<ns>.registry.search`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchQuery {
-    #[serde(default)]
-    pub capabilities: Vec<String>,
-    #[serde(default)]
-    pub preferred_tags: Vec<String>,
-    #[serde(default)]
-    pub agent_type: Option<String>,
-    #[serde(default)]
-    pub phase_id: Option<String>,
-    #[serde(default)]
-    pub partial: bool,
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Only agents that run this executor.
-    #[serde(default)]
-    pub executor: Option<String>,
-}
-
-/// One search result, in upstream's shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentMatch {
-    pub agent: AgentRecord,
-    pub match_score: f64,
-    pub matched_capabilities: Vec<String>,
-}
-
-/// `GET /api/v1/agents/{id}/health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentHealth {
-    pub agent_id: AgentId,
-    pub name: String,
-    pub status: AgentStatus,
-    pub health_status: crate::domain::HealthStatus,
-    pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
-    pub seconds_since_heartbeat: Option<f64>,
-    pub current_load: i32,
-    pub capacity: i32,
-}
-
-impl From<&AgentRecord> for AgentHealth {
-    fn from(a: &AgentRecord) -> Self {
-        Self {
-            agent_id: a.id,
-            name: a.name.clone(),
-            status: a.status,
-            health_status: a.health_status,
-            last_heartbeat: a.last_heartbeat,
-            seconds_since_heartbeat: a
-                .last_heartbeat
-                .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
-            current_load: a.current_load,
-            capacity: a.capacity,
-        }
-    }
-}
-
-/// `GET /api/v1/agents/statistics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegistryStatistics {
-    pub total_agents: usize,
-    pub by_status: std::collections::BTreeMap<String, usize>,
-    pub by_health: std::collections::BTreeMap<String, usize>,
-    pub by_type: std::collections::BTreeMap<String, usize>,
-    pub capabilities: std::collections::BTreeMap<String, usize>,
-    pub total_capacity: i64,
-    pub total_load: i64,
-    /// Load over capacity of agents that can take work.
-    pub utilisation: f64,
-}
 
 /// Most results a search returns when no limit is given.
 pub const DEFAULT_SEARCH_LIMIT: usize = 50;

@@ -1,53 +1,26 @@
 //! Workflow use-cases any control plane can serve: submit (validate the whole DAG, then store
 //! everything in one transaction), read, list, cancel, retry a failed task.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use super::ServiceError;
 use super::outbox::{Outbox, Staged};
 use crate::bus::EventBus;
-use crate::db::tasks::{self, TaskRecord};
-use crate::db::workflows::{self, NewTask, WorkflowRecord};
+use crate::db::tasks::{self};
+use crate::db::workflows::{self, NewTask};
 use crate::db::{DbError, scheduling};
 use crate::domain::dag::{DagError, WorkflowSpec, validate};
-use crate::domain::event::{TaskEvent, WorkflowEvent};
-use crate::domain::{Event, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
-
-/// Reply to a submission.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Submitted {
-    pub workflow_id: WorkflowId,
-    /// Task ids by key.
-    pub tasks: BTreeMap<String, TaskId>,
-    /// Tasks needing a capability no registered agent has: accepted, but they wait. At most
-    /// [`UNSCHEDULABLE_KEPT`], every distinct need among them.
-    pub unschedulable: Vec<Unschedulable>,
-    /// How many more unschedulable tasks there are than `unschedulable` lists.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub unschedulable_omitted: usize,
-    /// Set (over NATS only) when the reply would not fit in one message: `tasks` is then empty;
-    /// read the tasks with `workflow.get` or over HTTP.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub tasks_omitted: bool,
-}
-
-/// Most unschedulable tasks a reply lists (a 100,000-task workflow no agent can take would
-/// otherwise list them all).
-pub const UNSCHEDULABLE_KEPT: usize = 100;
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
-}
-
-/// Whether `reply` is at most `limit` bytes of JSON.
-fn fits(reply: &impl Serialize, limit: usize) -> bool {
-    serde_json::to_vec(reply).is_ok_and(|b| b.len() <= limit)
-}
+use crate::domain::{TaskId, TaskStatus, WorkflowId, WorkflowStatus};
+use crate::protocol::Event;
+use crate::protocol::events::{TaskEvent, WorkflowEvent};
+use crate::protocol::workflows::TaskRecord;
+use crate::protocol::workflows::WorkflowRecord;
+use crate::protocol::workflows::{
+    PatternRun, PatternSubmitted, Submitted, UNSCHEDULABLE_KEPT, Unschedulable, WorkflowView,
+};
 
 /// At most [`UNSCHEDULABLE_KEPT`] of `all` — the first task of each distinct need before any
 /// second one, so that every missing capability and executor is named — and how many are left
@@ -65,91 +38,6 @@ fn keep_unschedulable(all: Vec<Unschedulable>) -> (Vec<Unschedulable>, usize) {
     kept.truncate(UNSCHEDULABLE_KEPT);
     let omitted = total - kept.len();
     (kept, omitted)
-}
-
-impl Submitted {
-    /// This reply made to fit in `limit` bytes of JSON: the task ids are left out, saying so,
-    /// when the whole would not fit.
-    pub fn fit(mut self, limit: usize) -> Self {
-        if !fits(&self, limit) {
-            self.tasks.clear();
-            self.tasks_omitted = true;
-        }
-        self
-    }
-}
-
-/// A task no live agent can take: capabilities none has, or an executor none offers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Unschedulable {
-    pub key: String,
-    pub missing_capabilities: Vec<String>,
-    /// Its executor, when no live agent offers it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub missing_executor: Option<String>,
-}
-
-impl Unschedulable {
-    /// What is missing, for people: `capabilities [a, b]`, `executor `shell``, or both.
-    pub fn missing(&self) -> String {
-        let mut parts = Vec::new();
-        if !self.missing_capabilities.is_empty() {
-            parts.push(format!(
-                "capabilities [{}]",
-                self.missing_capabilities.join(", ")
-            ));
-        }
-        if let Some(e) = &self.missing_executor {
-            parts.push(format!("executor `{e}`"));
-        }
-        parts.join(" and ")
-    }
-}
-
-/// A workflow with every task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkflowView {
-    #[serde(flatten)]
-    pub workflow: WorkflowRecord,
-    pub tasks: Vec<TaskRecord>,
-    pub counts: BTreeMap<String, usize>,
-    /// At most [`UNSCHEDULABLE_KEPT`] unfinished tasks no live agent can take.
-    pub unschedulable: Vec<Unschedulable>,
-    /// How many more there are than `unschedulable` lists.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub unschedulable_omitted: usize,
-    /// Set (over NATS only) when a reply that must not fail — a cancel's — would not fit in one
-    /// message: `tasks` is then empty.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub tasks_omitted: bool,
-}
-
-impl WorkflowView {
-    /// This view made to fit in `limit` bytes of JSON: the tasks are left out, saying so, when
-    /// the whole would not fit.
-    pub fn fit(mut self, limit: usize) -> Self {
-        if !fits(&self, limit) {
-            self.tasks.clear();
-            self.tasks_omitted = true;
-        }
-        self
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `<ns>.workflow.get` / `.cancel` request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkflowRef {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub v: Option<u32>,
-    pub workflow_id: WorkflowId,
-    /// Include every task (default). Without them the reply stays small for huge workflows.
-    #[serde(default = "yes")]
-    pub include_tasks: bool,
 }
 
 #[derive(Clone)]
@@ -254,7 +142,7 @@ impl Workflows {
                 .iter()
                 .filter(|t| t.status == TaskStatus::Ready)
                 .map(|t| {
-                    Event::TaskReady(crate::domain::event::TaskEvent {
+                    Event::TaskReady(crate::protocol::events::TaskEvent {
                         task_id: t.id,
                         workflow_id: id,
                         key: t.key.clone(),
@@ -384,28 +272,6 @@ impl Workflows {
         self.wake.notify_one();
         Ok(retried)
     }
-}
-
-/// Runs a pattern (`POST /api/v1/workflows/from-pattern`, `<ns>.workflow.run`): a pattern by
-/// name — built in or in `patterns_dir`, never a path a client chooses — or a file's text as
-/// `source`, with parameters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PatternRun {
-    #[serde(default)]
-    pub pattern: Option<String>,
-    #[serde(default)]
-    pub source: Option<String>,
-    #[serde(default)]
-    pub params: BTreeMap<String, serde_json::Value>,
-}
-
-/// What running a pattern submitted: the workflow, and the pattern's name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PatternSubmitted {
-    #[serde(flatten)]
-    pub submitted: Submitted,
-    pub pattern: String,
 }
 
 fn pattern_error(e: crate::pattern::PatternError) -> ServiceError {

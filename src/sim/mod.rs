@@ -17,7 +17,8 @@ use crate::bus::events::Subscription;
 use crate::db::DbError;
 use crate::domain::coordination::NodeKind;
 use crate::domain::dag::WorkflowSpec;
-use crate::domain::{AgentId, Envelope, Event, TaskId, WorkflowId};
+use crate::domain::{AgentId, TaskId, WorkflowId};
+use crate::protocol::{Envelope, Event};
 use latency::Latency;
 use report::{AgentInfo, TaskTiming};
 
@@ -260,7 +261,7 @@ mod tests {
     #[test]
     fn failed_attempts_count_from_their_start_to_their_end_for_the_agent_that_ran_them() {
         use crate::domain::TaskStatus;
-        use crate::domain::event::TaskEvent;
+        use crate::protocol::events::TaskEvent;
         let (task, a1, a2) = (TaskId::new(), AgentId::new(), AgentId::new());
         let t0 = Utc::now();
         let at = |ms: i64, event: Event| Envelope {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::names::STREAM_INBOX;
 use crate::bus::{BusError, Names, TypedConsumer};
 use crate::domain::AgentId;
-use crate::service::collaboration::InboxItem;
+use crate::protocol::collaboration::InboxItem;
 
 pub async fn run(
     js: jetstream::Context,

@@ -24,12 +24,10 @@ use serde::{Deserialize, Serialize};
 use crate::bus::{BusError, Names};
 use crate::client::{AgentRegistryClient, ClientError};
 use crate::config::Settings;
-use crate::db::agents::AgentRecord;
 use crate::domain::{AgentId, RetryPolicy};
-use crate::protocol::{Heartbeat, PROTOCOL_VERSION};
+use crate::protocol::registry::{AgentRecord, Heartbeat, RegisterRequest};
+use crate::protocol::{ErrorBody, ErrorCode, PROTOCOL_VERSION};
 use crate::runtime::Shutdown;
-use crate::service::ServiceError;
-use crate::service::registry::RegisterRequest;
 
 /// One agent a worker hosts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,7 +59,7 @@ pub enum WorkerError {
     Refused {
         name: String,
         #[source]
-        source: ServiceError,
+        source: ErrorBody,
     },
 }
 
@@ -274,10 +272,13 @@ async fn register_until_accepted(
     loop {
         match registry.register(&request).await {
             Ok(record) => return Ok(Some(record)),
-            Err(ClientError::Service(ServiceError::Conflict(msg))) => {
-                tracing::info!(agent.name = %spec.name, reason = %msg, "name still held; retrying");
+            Err(ClientError::Remote(e)) if e.code == ErrorCode::Conflict => {
+                tracing::info!(agent.name = %spec.name, reason = %e.message, "name still held; retrying");
             }
-            Err(ClientError::Service(e)) => {
+            Err(ClientError::Remote(e)) if e.code.is_transient() => {
+                tracing::warn!(agent.name = %spec.name, reason = %e.message, "control plane unavailable; retrying");
+            }
+            Err(ClientError::Remote(e)) => {
                 return Err(WorkerError::Refused {
                     name: spec.name.clone(),
                     source: e,
@@ -348,11 +349,11 @@ async fn heartbeat_loop(
         };
         match registry.heartbeat(&hb).await {
             Ok(_) => metrics::counter!("omoi_worker_heartbeats_total").increment(1),
-            Err(ClientError::Service(ServiceError::Deregistered(_))) => {
+            Err(ClientError::Remote(e)) if e.code == ErrorCode::Deregistered => {
                 dropped.now(&spec.name);
                 break;
             }
-            Err(ClientError::Service(ServiceError::UnknownAgent(_))) => {
+            Err(ClientError::Remote(e)) if e.code == ErrorCode::UnknownAgent => {
                 // Its id comes from its name: registered again, it is the same agent, and the
                 // control plane makes its consumers anew.
                 tracing::warn!(agent.id = %agent_id, "control plane does not know this agent; re-registering");

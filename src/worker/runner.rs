@@ -20,15 +20,17 @@ use tracing::Instrument;
 
 use super::executor::{Executors, TaskContext, TaskFailure};
 use crate::bus::consume::dead_letter;
-use crate::bus::kv_lock::{AcquireAll, HeldLock, LockManager, LockMode, ResourceRequest};
+use crate::bus::kv_lock::{AcquireAll, HeldLock, LockManager, ResourceRequest};
 use crate::bus::names::STREAM_DISPATCH;
+use crate::protocol::locks::LockMode;
 // The ack deadline the control plane gave the agent's consumer: extended every third of it
 // while a task runs.
 use crate::bus::provision::DISPATCH_ACK_WAIT;
 use crate::bus::{BusError, Names};
 use crate::domain::dag::ResourceMode;
-use crate::domain::{AgentId, Envelope, Event, TaskId};
+use crate::domain::{AgentId, TaskId};
 use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
+use crate::protocol::{Envelope, Event};
 
 /// Largest report published (nats-server's default `max_payload` is 1 MiB).
 const MAX_REPORT_BYTES: usize = 1_000_000;
@@ -273,8 +275,8 @@ impl AgentRunner {
         &self,
         d: &Dispatch,
         ask: super::executor::HandoffAsk,
-    ) -> Result<crate::service::collaboration::Handoff, crate::client::ClientError> {
-        let request = crate::service::collaboration::HandoffRequest {
+    ) -> Result<crate::protocol::collaboration::Handoff, crate::client::ClientError> {
+        let request = crate::protocol::collaboration::HandoffRequest {
             task_id: d.task_id,
             from_agent_id: self.agent_id,
             to_agent_id: ask.to_agent_id,

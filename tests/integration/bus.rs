@@ -7,8 +7,8 @@ use omoi::bus::events::Subscription;
 use omoi::bus::names::{
     HEADER_DEADLETTER_REASON, HEADER_ORIGINAL_SUBJECT, STREAM_DEADLETTER, STREAM_EVENTS,
 };
-use omoi::domain::event::*;
 use omoi::domain::*;
+use omoi::protocol::events::*;
 
 use crate::env::TestEnv;
 

@@ -5,11 +5,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use omoi::client::WorkflowClient;
-use omoi::db::tasks::TaskRecord;
 use omoi::domain::dag::WorkflowSpec;
 use omoi::domain::{WorkflowId, WorkflowStatus};
+use omoi::protocol::workflows::TaskRecord;
+use omoi::protocol::workflows::{Submitted, WorkflowView};
 use omoi::runtime::Shutdown;
-use omoi::service::workflows::{Submitted, WorkflowView};
 use tokio::process::{Child, Command};
 
 use crate::env::{TestEnv, eventually};

@@ -488,7 +488,7 @@ async fn a_websocket_client_sees_messages_sent_over_http_and_nats_in_order() {
     )
     .await;
     let over_nats = json!({"thread_id": thread["id"], "sender_id": a, "content": "over nats"});
-    let _: omoi::service::collaboration::Message = omoi::client::request(
+    let _: omoi::protocol::collaboration::Message = omoi::client::request(
         &c.env.nats,
         c.env
             .names
@@ -635,9 +635,9 @@ async fn a_websocket_client_that_does_not_read_is_closed_with_1013_and_a_filtere
         .await;
     ready(&mut slow).await;
     let agent: omoi::domain::AgentId = b.parse().unwrap();
-    let flood: Vec<omoi::domain::Event> = (0..4_000)
+    let flood: Vec<omoi::protocol::Event> = (0..4_000)
         .map(|i| {
-            omoi::domain::Event::MessageSent(omoi::domain::event::MessageSent {
+            omoi::protocol::Event::MessageSent(omoi::protocol::events::MessageSent {
                 message_id: uuid::Uuid::now_v7(),
                 thread_id: uuid::Uuid::now_v7(),
                 sender_id: omoi::domain::AgentId::new(),

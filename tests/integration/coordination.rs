@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use omoi::bus::events::Subscription;
-use omoi::db::tasks::TaskRecord;
-use omoi::domain::{Envelope, Event, TaskStatus, WorkflowStatus};
-use omoi::service::workflows::WorkflowView;
+use omoi::domain::{TaskStatus, WorkflowStatus};
+use omoi::protocol::workflows::TaskRecord;
+use omoi::protocol::workflows::WorkflowView;
+use omoi::protocol::{Envelope, Event};
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, task};
@@ -634,7 +635,7 @@ async fn a_task_after_a_split_too_large_to_forward_gets_its_input_without_the_ou
     let row = |id: omoi::domain::WorkflowId, key: &'static str| {
         let pool = c.env.pool.clone();
         async move {
-            sqlx::query_as::<_, omoi::db::tasks::TaskRecord>(
+            sqlx::query_as::<_, omoi::protocol::workflows::TaskRecord>(
                 "SELECT * FROM tasks WHERE workflow_id = $1 AND key = $2",
             )
             .bind(id)

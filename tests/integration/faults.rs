@@ -19,7 +19,7 @@ async fn wait_running_on(
     c: &Cluster,
     wf: omoi::domain::WorkflowId,
     key: &str,
-) -> omoi::db::tasks::TaskRecord {
+) -> omoi::protocol::workflows::TaskRecord {
     eventually(Duration::from_secs(15), "task running", || async {
         let v = c.client.get(wf).await.unwrap();
         let t = task(&v, key).clone();
@@ -404,7 +404,7 @@ async fn a_worker_stopped_mid_task_hands_it_back_and_another_finishes_it() {
 }
 
 /// Every event of the namespace of type `kind` now in its stream.
-async fn events_of(c: &Cluster, kind: &str) -> Vec<omoi::domain::Envelope> {
+async fn events_of(c: &Cluster, kind: &str) -> Vec<omoi::protocol::Envelope> {
     use async_nats::jetstream::consumer::{AckPolicy, pull};
     let stream = c
         .env

@@ -94,7 +94,7 @@ async fn publish_report(c: &Cluster, report: &TaskReport) {
         .unwrap();
 }
 
-async fn task_status(c: &Cluster, id: TaskId) -> omoi::db::tasks::TaskRecord {
+async fn task_status(c: &Cluster, id: TaskId) -> omoi::protocol::workflows::TaskRecord {
     omoi::db::tasks::get(&c.env.pool, id).await.unwrap()
 }
 
@@ -856,8 +856,8 @@ async fn a_forged_cancel_on_an_open_server_does_not_strand_the_task() {
     })
     .await;
     // Not from the control plane: the task is not cancelled at all.
-    let forged = omoi::domain::Envelope::new(omoi::domain::Event::TaskCancelled(
-        omoi::domain::event::TaskEvent {
+    let forged = omoi::protocol::Envelope::new(omoi::protocol::Event::TaskCancelled(
+        omoi::protocol::events::TaskEvent {
             task_id: id,
             workflow_id: wf.workflow_id,
             key: "slow".into(),

@@ -5,11 +5,12 @@ use std::time::Duration;
 use omoi::bus::events::Subscription;
 use omoi::client::{AgentRegistryClient, ClientError, request_raw};
 use omoi::db::agents;
-use omoi::domain::{AgentId, AgentStatus, Event, HealthStatus};
-use omoi::protocol::{Heartbeat, HeartbeatAck};
+use omoi::domain::{AgentId, AgentStatus, HealthStatus};
+use omoi::protocol::ErrorCode;
+use omoi::protocol::Event;
+use omoi::protocol::registry::RegisterRequest;
+use omoi::protocol::registry::{Heartbeat, HeartbeatAck};
 use omoi::runtime::Shutdown;
-use omoi::service::ServiceError;
-use omoi::service::registry::RegisterRequest;
 
 use crate::env::{TestEnv, eventually};
 
@@ -83,7 +84,7 @@ async fn a_silent_agent_goes_stale_then_offline_and_a_heartbeat_brings_it_back()
     let mirror = omoi::bus::provision::open_bucket(&env.js, &env.names, "agents")
         .await
         .unwrap();
-    let mirrored: agents::AgentRecord =
+    let mirrored: omoi::protocol::registry::AgentRecord =
         serde_json::from_slice(&mirror.get(agent.id.to_string()).await.unwrap().unwrap()).unwrap();
     assert_eq!(mirrored, back);
 
@@ -130,10 +131,7 @@ async fn bad_heartbeats_get_error_replies_and_store_nothing() {
 
     let stranger = AgentId::new();
     let err = client.heartbeat(&beat(stranger)).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Service(ServiceError::UnknownAgent(_))),
-        "{err}"
-    );
+    assert!(err.code() == Some(ErrorCode::UnknownAgent), "{err}");
 
     let malformed = request_raw::<HeartbeatAck>(
         &env.nats,
@@ -144,7 +142,7 @@ async fn bad_heartbeats_get_error_replies_and_store_nothing() {
     .await
     .unwrap_err();
     assert!(
-        matches!(malformed, ClientError::Service(ServiceError::Malformed(_))),
+        malformed.code() == Some(ErrorCode::Malformed),
         "{malformed}"
     );
 
@@ -158,7 +156,7 @@ async fn bad_heartbeats_get_error_replies_and_store_nothing() {
     .await
     .unwrap_err();
     assert!(
-        matches!(&mismatched, ClientError::Service(ServiceError::Validation { field, .. }) if field == "agent_id"),
+        matches!(&mismatched, ClientError::Remote(e) if e.code == ErrorCode::Validation && e.field.as_deref() == Some("agent_id")),
         "{mismatched}"
     );
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
@@ -182,10 +180,7 @@ async fn a_live_name_cannot_be_registered_twice_but_a_silent_one_is_taken_over()
     let client = AgentRegistryClient::new(env.nats.clone(), env.names.clone());
     let first = client.register(&register_req("a1")).await.unwrap();
     let dup = client.register(&register_req("a1")).await.unwrap_err();
-    assert!(
-        matches!(dup, ClientError::Service(ServiceError::Conflict(_))),
-        "{dup}"
-    );
+    assert!(dup.code() == Some(ErrorCode::Conflict), "{dup}");
 
     eventually(Duration::from_secs(5), "stale", || async {
         let a = agents::get(&env.pool, first.id).await.unwrap();

@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use omoi::bus::BusError;
-use omoi::bus::kv_lock::{
-    Acquire, AcquireAll, HeldLock, LockManager, LockMode, ResourceRequest, lock_key,
-};
+use omoi::bus::kv_lock::{Acquire, AcquireAll, HeldLock, LockManager, ResourceRequest, lock_key};
 use omoi::bus::names::BUCKET_LOCKS;
 use omoi::bus::provision;
+use omoi::protocol::locks::LockMode;
 
 use crate::env::TestEnv;
 

@@ -39,7 +39,7 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-async fn registered(env: &TestEnv, name: &str) -> agents::AgentRecord {
+async fn registered(env: &TestEnv, name: &str) -> omoi::protocol::registry::AgentRecord {
     eventually(
         Duration::from_secs(15),
         "agent registered and heartbeating",

@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use omoi::bus::events::Subscription;
 use omoi::client::{AgentRegistryClient, ClientError};
-use omoi::db::agents::{self, AgentRecord};
-use omoi::domain::{AgentStatus, Event, HealthStatus};
+use omoi::db::agents::{self};
+use omoi::domain::{AgentStatus, HealthStatus};
+use omoi::protocol::ErrorCode;
+use omoi::protocol::Event;
+use omoi::protocol::registry::AgentRecord;
+use omoi::protocol::registry::{AgentMatch, AgentUpdate, RegisterRequest, SearchQuery};
 use omoi::runtime::Shutdown;
-use omoi::service::ServiceError;
-use omoi::service::registry::{AgentMatch, AgentUpdate, RegisterRequest, SearchQuery};
 use serde_json::{Value, json};
 
 use crate::env::TestEnv;
@@ -105,7 +107,7 @@ async fn search_ranks_the_full_match_first_and_partial_only_on_request() {
         .await;
     // The partial agent is running one task.
     r.client
-        .heartbeat(&omoi::protocol::Heartbeat {
+        .heartbeat(&omoi::protocol::registry::Heartbeat {
             v: 1,
             agent_id: partial.id,
             load: 1,
@@ -318,6 +320,48 @@ async fn availability_status_health_statistics_and_deregistration() {
 }
 
 #[tokio::test]
+async fn an_agent_deregisters_itself_over_nats_and_its_consumers_go() {
+    let r = start().await;
+    let agent = r
+        .client
+        .register(&RegisterRequest {
+            v: None,
+            name: "leaver".into(),
+            agent_type: "worker".into(),
+            phase_id: None,
+            capabilities: vec!["x".into()],
+            capacity: 2,
+            tags: vec![],
+            metadata: None,
+            executors: vec![],
+        })
+        .await
+        .unwrap();
+    let dispatch = r.env.names.stream(omoi::bus::names::STREAM_DISPATCH);
+    let consumer = format!("agent-{}", agent.id);
+    let stream = r.env.js.get_stream(&dispatch).await.unwrap();
+    assert!(
+        stream.consumer_info(&consumer).await.is_ok(),
+        "made at registration"
+    );
+
+    let gone = r.client.deregister(agent.id).await.unwrap();
+    assert_eq!(gone.id, agent.id);
+    assert_eq!(gone.status, AgentStatus::Terminated);
+    r.assert_mirrored(&gone).await;
+    assert!(
+        stream.consumer_info(&consumer).await.is_err(),
+        "its dispatch consumer is deleted"
+    );
+    let again = r.client.deregister(agent.id).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::NotFound), "{again}");
+    // Another agent's subject is another agent: a body cannot name someone else.
+    let stranger = omoi::domain::AgentId::for_name(r.env.names.namespace(), "nobody");
+    let unknown = r.client.deregister(stranger).await.unwrap_err();
+    assert_eq!(unknown.code(), Some(ErrorCode::NotFound), "{unknown}");
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let r = start().await;
     let cases = [
@@ -402,10 +446,7 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     )
     .await
     .unwrap_err();
-    assert!(
-        matches!(err, ClientError::Service(ServiceError::Malformed(_))),
-        "{err}"
-    );
+    assert!(err.code() == Some(ErrorCode::Malformed), "{err}");
     let bad = r
         .client
         .register(&RegisterRequest {
@@ -422,7 +463,7 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&bad, ClientError::Service(ServiceError::Validation { field, .. }) if field == "capacity"),
+        matches!(&bad, ClientError::Remote(e) if e.code == ErrorCode::Validation && e.field.as_deref() == Some("capacity")),
         "{bad}"
     );
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
@@ -441,8 +482,5 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(unknown, ClientError::Service(ServiceError::NotFound(_))),
-        "{unknown}"
-    );
+    assert!(unknown.code() == Some(ErrorCode::NotFound), "{unknown}");
 }

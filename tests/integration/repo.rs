@@ -1,4 +1,5 @@
-//! Files of the repository that no other test exercises: docker-compose.yml and the Dockerfile.
+//! Files of the repository that no other test exercises: docker-compose.yml, the Dockerfile,
+//! the OpenAPI document, and the layering of the source (the wire side never imports the server).
 
 use serde_norway::Value;
 
@@ -36,6 +37,38 @@ fn docker_compose_parses_and_names_the_services() {
     let dockerfile =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
     assert!(dockerfile.contains("--bin omoi") && dockerfile.contains("ENTRYPOINT [\"omoi\"]"));
+}
+
+/// The worker, the clients and the wire contract speak through `protocol/` and `bus/` only: none
+/// of them imports `service/` or `db/` (so they could live in a crate of their own, as the
+/// Python SDK lives beside them).
+#[test]
+fn the_wire_side_never_imports_the_server() {
+    fn walk(path: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap().flatten() {
+                walk(&entry.path(), out);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path.to_path_buf());
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    for part in ["protocol", "worker", "bus", "domain", "client.rs"] {
+        walk(&root.join(part), &mut files);
+    }
+    assert!(files.len() > 20, "{files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for server in ["crate::service", "crate::db"] {
+            assert!(
+                !text.contains(server),
+                "{} uses {server}: the wire side must not depend on the server",
+                file.display()
+            );
+        }
+    }
 }
 
 #[test]

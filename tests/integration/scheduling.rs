@@ -25,7 +25,7 @@ fn timed(key: &str, ms: u64, deps: &[&str]) -> Value {
 }
 
 /// The (start, end) a timed task recorded.
-fn span(t: &omoi::db::tasks::TaskRecord) -> (Instant, Instant) {
+fn span(t: &omoi::protocol::workflows::TaskRecord) -> (Instant, Instant) {
     let out = t
         .output
         .as_ref()
@@ -123,7 +123,7 @@ async fn chains_diamonds_fan_out_and_fan_in_respect_every_dependency_and_pass_ou
         )
         .await;
 
-    let by_key: HashMap<&str, &omoi::db::tasks::TaskRecord> =
+    let by_key: HashMap<&str, &omoi::protocol::workflows::TaskRecord> =
         view.tasks.iter().map(|t| (t.key.as_str(), t)).collect();
     for t in &view.tasks {
         assert_eq!(t.status, TaskStatus::Completed);

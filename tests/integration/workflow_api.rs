@@ -214,7 +214,7 @@ async fn a_submission_too_large_for_one_message_goes_through_the_uploads_store()
 
 #[tokio::test]
 async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is_deleted() {
-    use omoi::service::ServiceError;
+    use omoi::protocol::ErrorCode;
     let c = Cluster::start_with(|s| s.http_max_body_bytes = 64 * 1024).await;
     let store = uploads(&c).await;
     let ask = |object: &str| {
@@ -239,18 +239,16 @@ async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is
     let big = serde_json::to_vec(&huge_workflow(1_000)).unwrap();
     store.put("big", &mut big.as_slice()).await.unwrap();
     match ask("big").await {
-        Err(omoi::client::ClientError::Service(ServiceError::TooLarge { message })) => {
-            assert!(message.contains("at most 65536 bytes"), "{message}")
+        Err(omoi::client::ClientError::Remote(e)) if e.code == ErrorCode::TooLarge => {
+            assert!(e.message.contains("at most 65536 bytes"), "{e}")
         }
         other => panic!("{other:?}"),
     }
     store.put("junk", &mut &b"[1, 2, 3]"[..]).await.unwrap();
-    assert!(matches!(
-        ask("junk").await,
-        Err(omoi::client::ClientError::Service(ServiceError::Malformed(
-            _
-        )))
-    ));
+    assert_eq!(
+        ask("junk").await.map(|_| ()).unwrap_err().code(),
+        Some(ErrorCode::Malformed)
+    );
     let cyclic = json!({"name": "loop", "tasks": [
         {"key": "a", "depends_on": ["b"]}, {"key": "b", "depends_on": ["a"]}]});
     store
@@ -260,12 +258,10 @@ async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is
         )
         .await
         .unwrap();
-    assert!(matches!(
-        ask("cyclic").await,
-        Err(omoi::client::ClientError::Service(
-            ServiceError::Validation { .. }
-        ))
-    ));
+    assert_eq!(
+        ask("cyclic").await.map(|_| ()).unwrap_err().code(),
+        Some(ErrorCode::Validation)
+    );
     assert_eq!(uploads_left(&c).await, 0, "every upload read is deleted");
     c.stop().await;
 }

@@ -44,11 +44,13 @@ use super::workflows::{task_events, workflow_event};
 use crate::bus::names::{CONSUMER_SCHEDULER, STREAM_RESULTS};
 use crate::bus::{Delivery, EventBus, Names, TypedConsumer};
 use crate::db::scheduling::{self, Assigned, Fence};
-use crate::db::tasks::{self, TaskRecord};
+use crate::db::tasks::{self};
 use crate::db::{DbError, agents};
 use crate::domain::dag::{ResourceSpec, resolve_input};
-use crate::domain::{AgentId, Envelope, Event, RetryPolicy, TaskId, TaskStatus, WorkflowId};
+use crate::domain::{AgentId, RetryPolicy, TaskId, TaskStatus, WorkflowId};
+use crate::protocol::workflows::TaskRecord;
 use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
+use crate::protocol::{Envelope, Event};
 
 /// Most tasks assigned by one step.
 const DISPATCH_BATCH: usize = 2_000;

@@ -14,7 +14,6 @@ use sqlx::PgConnection;
 use super::state::State;
 use super::{Changes, Scheduler, db};
 use crate::db::coordination::{self as nodes, Source};
-use crate::db::tasks::TaskRecord;
 use crate::db::workflows::NewTask;
 use crate::db::{DbError, scheduling};
 use crate::domain::coordination::{
@@ -22,9 +21,11 @@ use crate::domain::coordination::{
     expand_iteration, expand_split, iteration_key,
 };
 use crate::domain::dag::resolve_input;
-use crate::domain::event::CoordinationEvent;
 use crate::domain::merge::{MergeError, MergeStrategy, merge};
-use crate::domain::{Event, TaskId, TaskStatus, WorkflowId};
+use crate::domain::{TaskId, TaskStatus, WorkflowId};
+use crate::protocol::Event;
+use crate::protocol::events::CoordinationEvent;
+use crate::protocol::workflows::TaskRecord;
 use crate::service::ServiceError;
 use crate::service::outbox::Staged;
 

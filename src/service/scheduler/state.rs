@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use sqlx::PgConnection;
 
 use crate::db::DbError;
-use crate::db::agents::AgentRecord;
 use crate::db::scheduling::{self, TaskState};
-use crate::db::tasks::TaskRecord;
 use crate::domain::matching::{AgentSnapshot, Picker, Requirements};
 use crate::domain::ready::{Needs, ReadyQueue, ReadyTask};
 use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
+use crate::protocol::registry::AgentRecord;
+use crate::protocol::workflows::TaskRecord;
 
 /// One workflow's graph: task ids by key and the keys that depend on each key.
 #[derive(Debug, Default)]

@@ -9,14 +9,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::ids::{AgentId, TaskId, WorkflowId};
-use super::{AgentStatus, TaskStatus, WorkflowStatus};
+use crate::domain::{AgentId, AgentStatus, TaskId, TaskStatus, WorkflowId, WorkflowStatus};
 
 /// Version of the envelope and event schemas.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
 /// One event as published.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Envelope {
     pub v: u32,
     pub id: Uuid,
@@ -38,7 +37,7 @@ impl Envelope {
 }
 
 /// Every event type. The serde name is the wire `type` and the subject suffix.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum Event {
     #[serde(rename = "agent.registered")]
@@ -210,7 +209,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentRegistered {
     pub agent_id: AgentId,
     pub name: String,
@@ -220,7 +219,7 @@ pub struct AgentRegistered {
 }
 
 /// Published on register and whenever the normalised capability set really changes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentCapabilityUpdated {
     pub agent_id: AgentId,
     pub capabilities: Vec<String>,
@@ -228,7 +227,7 @@ pub struct AgentCapabilityUpdated {
     pub removed: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentStatusChanged {
     pub agent_id: AgentId,
     pub from: AgentStatus,
@@ -236,14 +235,14 @@ pub struct AgentStatusChanged {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentDeregistered {
     pub agent_id: AgentId,
     pub name: String,
 }
 
 /// Data of every `task.*` event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskEvent {
     pub task_id: TaskId,
     pub workflow_id: WorkflowId,
@@ -265,7 +264,7 @@ pub struct TaskEvent {
 }
 
 /// A collaboration thread was opened.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CollabStarted {
     pub thread_id: Uuid,
     pub thread_type: String,
@@ -277,7 +276,7 @@ pub struct CollabStarted {
 }
 
 /// A collaboration thread was closed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CollabEnded {
     pub thread_id: Uuid,
     pub status: String,
@@ -285,7 +284,7 @@ pub struct CollabEnded {
 }
 
 /// A message between agents (also delivered to each recipient's inbox).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MessageSent {
     pub message_id: Uuid,
     pub thread_id: Uuid,
@@ -302,7 +301,7 @@ pub struct MessageSent {
 }
 
 /// Data of every `agent.handoff.*` event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HandoffEvent {
     pub handoff_id: Uuid,
     pub task_id: TaskId,
@@ -319,7 +318,7 @@ pub struct HandoffEvent {
 }
 
 /// Data of every `coordination.*` event: the node, and what it did.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CoordinationEvent {
     pub workflow_id: WorkflowId,
     pub task_id: TaskId,
@@ -350,7 +349,7 @@ pub struct CoordinationEvent {
 }
 
 /// Data of every `workflow.*` event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkflowEvent {
     pub workflow_id: WorkflowId,
     pub name: String,

@@ -1,94 +1,15 @@
-//! Request/reply messages on NATS — the part of the wire contract that is not an event.
-//! All are JSON; requests carry `"v": 1` (optional, defaults to 1). A reply is the result
-//! object itself, or on failure `{"error": {"code", "message", "field"?}}` with the NATS
-//! service headers `Nats-Service-Error` and `Nats-Service-Error-Code` (an HTTP-like status).
+//! Running tasks: the dispatch the scheduler publishes on `<ns>.dispatch.<agent_id>` and the
+//! reports an agent publishes on `<ns>.result.<agent_id>.<task_id>` (docs/protocol.md, "Running
+//! tasks").
 
 use serde::{Deserialize, Serialize};
 
+use super::v1;
 use crate::domain::AgentId;
-
-pub const PROTOCOL_VERSION: u32 = 1;
-
-fn v1() -> u32 {
-    PROTOCOL_VERSION
-}
-
-/// `<ns>.workflow.submit_upload`: submit the workflow (the JSON of a `workflow.submit` request)
-/// that was put in the object store `<ns>_uploads` under `object` — for a submission too large
-/// for one NATS message. The control plane deletes the object once read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitUpload {
-    #[serde(default = "v1")]
-    pub v: u32,
-    pub object: String,
-}
-
-/// Sent by a worker on `<ns>.act.<agent_id>.heartbeat` for each hosted agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    #[serde(default = "v1")]
-    pub v: u32,
-    pub agent_id: AgentId,
-    /// Tasks the agent holds right now.
-    #[serde(default)]
-    pub load: i32,
-    /// The worker is stopping: mark the agent offline now rather than after the timeout.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub leaving: bool,
-}
-
-/// Reply to a heartbeat.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HeartbeatAck {
-    pub agent_id: AgentId,
-    pub status: crate::domain::AgentStatus,
-}
-
-/// `<ns>.act.<agent_id>.read`: the acting agent has read a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MarkRead {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub v: Option<u32>,
-    pub message_id: uuid::Uuid,
-}
-
-/// `<ns>.act.<agent_id>.accept|decline|cancel`: the acting agent decides on (or, as its
-/// requester, withdraws) a handoff.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HandoffDecision {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub v: Option<u32>,
-    pub handoff_id: uuid::Uuid,
-    /// Why (a decline), kept as the handoff's `decision_reason`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// A failure, as carried in a reply body and in HTTP error responses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// Stable machine-readable code: `validation`, `not_found`, `conflict`, `unknown_agent`,
-    /// `malformed`, `too_large`, `forbidden`, `internal`, `unavailable`.
-    pub code: String,
-    pub message: String,
-    /// The offending field, for validation errors.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-/// `{"error": ErrorBody}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorReply {
-    pub error: ErrorBody,
-}
 
 /// A task handed to an agent: published by the scheduler on `<ns>.dispatch.<agent_id>`
 /// (stream `<ns>_dispatch`, one durable consumer `agent-<agent_id>` per agent).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Dispatch {
     #[serde(default = "v1")]
     pub v: u32,
@@ -116,7 +37,7 @@ pub struct Dispatch {
 
 /// What an agent reports about one attempt, on `<ns>.result.<agent_id>.<task_id>` (stream
 /// `<ns>_results`); `agent_id` must be the subject's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskReport {
     #[serde(default = "v1")]
     pub v: u32,
@@ -128,7 +49,7 @@ pub struct TaskReport {
 }
 
 /// The outcome of an attempt, tagged by `"outcome"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// The agent began running it, `running_ms` ago (optional: an agent that reports a start
@@ -169,17 +90,6 @@ impl Outcome {
     }
 }
 
-/// Checks a version field of an inbound message: only [`PROTOCOL_VERSION`] is understood.
-pub fn check_version(what: &str, v: u32) -> Result<(), String> {
-    if v == PROTOCOL_VERSION {
-        Ok(())
-    } else {
-        Err(format!(
-            "unsupported protocol version {v} in a {what} (this build speaks {PROTOCOL_VERSION})"
-        ))
-    }
-}
-
 impl TaskReport {
     /// Makes the report storable in PostgreSQL, which cannot hold U+0000: in free text (an
     /// error, a reason) it becomes U+FFFD; a completed attempt whose output holds one is turned
@@ -214,6 +124,7 @@ impl TaskReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::PROTOCOL_VERSION;
 
     fn report(outcome: Outcome) -> TaskReport {
         TaskReport {
@@ -245,7 +156,7 @@ mod tests {
             lock_wait_ms: Some(3),
         });
         assert_eq!(fine.make_storable(), None);
-        assert!(check_version("report", 1).is_ok());
-        assert!(check_version("report", 2).is_err());
+        assert!(super::super::check_version("report", 1).is_ok());
+        assert!(super::super::check_version("report", 2).is_err());
     }
 }

@@ -1,0 +1,186 @@
+//! Collaboration on the wire: threads, messages, handoffs and their decisions, and what lands
+//! in an agent's durable inbox.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::events::{HandoffEvent, MessageSent};
+use crate::domain::{AgentId, TaskId, WorkflowId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ThreadType {
+    Handoff,
+    Review,
+    Consultation,
+    Discussion,
+    Notification,
+}
+
+impl ThreadType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Handoff => "handoff",
+            Self::Review => "review",
+            Self::Consultation => "consultation",
+            Self::Discussion => "discussion",
+            Self::Notification => "notification",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
+pub struct Thread {
+    pub id: Uuid,
+    pub thread_type: String,
+    pub participants: Vec<AgentId>,
+    pub task_id: Option<TaskId>,
+    pub workflow_id: Option<WorkflowId>,
+    pub title: Option<String>,
+    pub status: String,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
+pub struct Message {
+    pub id: Uuid,
+    pub thread_id: Uuid,
+    pub sender_id: AgentId,
+    pub recipient_id: Option<AgentId>,
+    pub message_type: String,
+    pub content: String,
+    pub metadata: serde_json::Value,
+    pub read_by: Vec<AgentId>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
+pub struct Handoff {
+    pub id: Uuid,
+    pub task_id: TaskId,
+    pub thread_id: Option<Uuid>,
+    pub from_agent_id: AgentId,
+    pub to_agent_id: Option<AgentId>,
+    pub capabilities: Vec<String>,
+    pub reason: String,
+    pub context: serde_json::Value,
+    pub on_decline: String,
+    pub status: String,
+    pub decided_by: Option<AgentId>,
+    pub decision_reason: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /api/v1/collaboration/threads`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateThread {
+    pub thread_type: ThreadType,
+    pub participants: Vec<AgentId>,
+    #[serde(default)]
+    pub task_id: Option<TaskId>,
+    #[serde(default)]
+    pub workflow_id: Option<WorkflowId>,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `POST /api/v1/collaboration/messages` and `<ns>.collab.send`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    pub thread_id: Uuid,
+    pub sender_id: AgentId,
+    #[serde(default)]
+    pub recipient_id: Option<AgentId>,
+    #[serde(default = "text")]
+    pub message_type: String,
+    pub content: String,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn text() -> String {
+    "text".into()
+}
+
+fn reschedule() -> String {
+    "reschedule".into()
+}
+
+/// `POST /api/v1/collaboration/handoff/request`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffRequest {
+    pub task_id: TaskId,
+    pub from_agent_id: AgentId,
+    /// A named target; or leave it out and give `capabilities` for an open handoff.
+    #[serde(default)]
+    pub to_agent_id: Option<AgentId>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub reason: String,
+    /// Passed into the task's input (as `input.handoff.context`) when accepted.
+    #[serde(default)]
+    pub context: Option<serde_json::Value>,
+    /// On decline or expiry: `reschedule` (next best fit) or `requester` (leave it be).
+    #[serde(default = "reschedule")]
+    pub on_decline: String,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub thread_id: Option<Uuid>,
+    /// The requester gives the task up now (it must hold the task, at `attempt` when given): the
+    /// task waits for the decision instead of running anywhere.
+    #[serde(default)]
+    pub release: bool,
+    #[serde(default)]
+    pub attempt: Option<i32>,
+}
+
+/// One page of messages, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    /// Pass as `before` for the next (older) page; `None` at the end.
+    pub next_cursor: Option<Uuid>,
+}
+
+/// What lands in an agent's inbox (`<ns>.agent.inbox.<agent_id>`), tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InboxItem {
+    Message(MessageSent),
+    HandoffOffer(HandoffEvent),
+}
+
+/// `<ns>.act.<agent_id>.read`: the acting agent has read a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRead {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub message_id: uuid::Uuid,
+}
+
+/// `<ns>.act.<agent_id>.accept|decline|cancel`: the acting agent decides on (or, as its
+/// requester, withdraws) a handoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffDecision {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub handoff_id: uuid::Uuid,
+    /// Why (a decline), kept as the handoff's `decision_reason`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
