@@ -238,9 +238,12 @@ pub fn validate(mut spec: WorkflowSpec) -> Result<ValidWorkflow, DagError> {
         {
             return Err(bad("timeout_seconds", "must be 1 to 604800".into()));
         }
-        if t.executor.trim().is_empty() {
-            return Err(bad("executor", "must not be empty".into()));
-        }
+        // Agents' executor names are normalised like capabilities; a task's must be too, or a
+        // task naming `LLM` would wait for ever for agents offering `llm`.
+        t.executor = normalize_capabilities(&[t.executor.as_str()])
+            .map_err(|e| bad("executor", e.to_string()))?
+            .pop()
+            .unwrap_or_default();
         let mut seen = HashSet::new();
         for r in &t.resources {
             if r.name.is_empty()
@@ -497,6 +500,11 @@ mod tests {
             pos("root") < pos("left") && pos("left") < pos("join") && pos("right") < pos("join")
         );
         assert_eq!(v.spec.tasks[3].capabilities, vec!["rust"]);
+        let v = validate(spec(json!([{"key": "a", "executor": " LLM"}]))).unwrap();
+        assert_eq!(
+            v.spec.tasks[0].executor, "llm",
+            "named as agents' executors are"
+        );
     }
 
     #[test]
@@ -535,6 +543,8 @@ mod tests {
                 "resources",
             ),
             (json!({"key": "a", "timeout_seconds": 0}), "timeout_seconds"),
+            (json!({"key": "a", "executor": ""}), "executor"),
+            (json!({"key": "a", "executor": "two words"}), "executor"),
         ] {
             let err = validate(spec(json!([task]))).unwrap_err();
             assert_eq!(err.field(), format!("tasks.{field}"), "{err}");
