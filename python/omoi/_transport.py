@@ -116,14 +116,19 @@ def parse_reply(msg: Msg, subject: str) -> Any:
         raise BadReplyError(message=f"unreadable reply on {subject}: {e}", subject=subject) from e
 
 
+#: The protocol version this SDK speaks (docs/protocol.md).
+PROTOCOL_VERSION = 1
+
+
 async def request(
     nc: NATS,
     subject: str,
     body: Mapping[str, Any] | bytes,
     timeout: float,
 ) -> Any:
-    """JSON request/reply: the reply's result, or its error as an exception."""
-    payload = body if isinstance(body, bytes) else dumps(dict(body))
+    """JSON request/reply: the reply's result, or its error as an exception. Every request
+    carries the protocol version (``"v": 1``) unless the body names one."""
+    payload = body if isinstance(body, bytes) else dumps({"v": PROTOCOL_VERSION, **body})
     try:
         msg = await nc.request(subject, payload, timeout=timeout)
     except nats.errors.NoRespondersError as e:

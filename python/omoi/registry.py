@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import nats.js.errors
 
 from ._transport import Connection, ConnectionLike, request
-from .errors import ConflictError, NotFoundError
+from .errors import ConflictError, ForbiddenError, NotFoundError
 from .names import Names
 
 __all__ = ["AgentRegistryClient", "AgentRecord", "AgentMatch"]
@@ -112,10 +112,11 @@ class AgentRegistryClient:
         metadata: dict[str, Any] | None = None,
         executors: Iterable[str] | None = None,
     ) -> AgentRecord:
-        """Changes the fields given (a partial update); the agent record comes back.
-        ``status`` follows the transition table of docs/registry.md (an illegal change is
-        :class:`~omoi.errors.ConflictError`)."""
-        # The update request defines no `v` field (it refuses unknown fields): none is sent.
+        """Changes the fields given (a partial update), acting as the agent; the agent record
+        comes back. An agent sets its own ``status`` only to ``maintenance`` or ``idle``, and
+        not out of ``quarantined`` (:class:`~omoi.errors.ForbiddenError`; an operator does the
+        rest over HTTP); a change the transition table of docs/registry.md does not allow is
+        :class:`~omoi.errors.ConflictError`."""
         body: dict[str, Any] = {}
         if capabilities is not None:
             body["capabilities"] = list(capabilities)
@@ -136,7 +137,8 @@ class AgentRegistryClient:
         back (``True``: ``idle``), as ``POST /agents/{id}/availability`` does: putting back an
         agent that is already available, or taking out one already in maintenance, changes
         nothing; a stale or offline agent becomes available only by heartbeating again
-        (:class:`~omoi.errors.ConflictError`); an unknown or deregistered one is
+        (:class:`~omoi.errors.ConflictError`), a quarantined one only by an operator
+        (:class:`~omoi.errors.ForbiddenError`); an unknown or deregistered one is
         :class:`~omoi.errors.NotFoundError`. Reads the status from the ``<ns>_agents`` mirror,
         then changes it with ``update``."""
         current = await self.get(agent)
@@ -146,7 +148,11 @@ class AgentRegistryClient:
         if available:
             if status in ("idle", "running", "degraded"):
                 return current
-            if status not in ("maintenance", "quarantined"):
+            if status == "quarantined":
+                raise ForbiddenError(
+                    message=f"agent {current.get('id')} is quarantined; only an operator releases it"
+                )
+            if status != "maintenance":
                 raise ConflictError(
                     message=f"agent {current.get('id')} is {status}; it becomes available when it heartbeats again"
                 )
@@ -188,7 +194,6 @@ class AgentRegistryClient:
         phase_id: str | None,
         executor: str | None,
     ) -> dict[str, Any]:
-        # The search query defines no `v` field (it refuses unknown fields): none is sent.
         q: dict[str, Any] = {
             "capabilities": list(capabilities),
             "partial": partial,

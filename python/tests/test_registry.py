@@ -153,10 +153,12 @@ def test_errors_carry_codes(plane: ControlPlane) -> None:
             assert unknown.value.code == "unknown_agent" and unknown.value.status == 404
             with pytest.raises(NotFoundError):
                 await reg.update(ghost, capacity=2)
-            # An illegal status change.
+            # An agent sets its own status only to maintenance or idle (an operator, over
+            # HTTP, does the rest).
             await reg.update(name, status="maintenance")
-            with pytest.raises(ConflictError):
+            with pytest.raises(ForbiddenError):
                 await reg.update(name, status="running")
+            await reg.update(name, status="idle")
             # Every error is an OmoiError with a code to branch on.
             try:
                 await reg.register(name, ["x"], capacity=-1)

@@ -194,6 +194,7 @@ async fn measure(
 
     // 2. Throughput of a wide DAG.
     let wide = WorkflowSpec {
+        v: None,
         name: "bench-wide".into(),
         failure_policy: Default::default(),
         tasks: (0..args.tasks)
@@ -224,6 +225,7 @@ async fn measure(
     let mut curve = Vec::new();
     for &size in args.backlog.iter().filter(|s| **s > 0) {
         let spec = WorkflowSpec {
+            v: None,
             name: format!("bench-backlog-{size}"),
             failure_policy: Default::default(),
             tasks: (0..size).map(|i| echo(format!("b{i}"), vec![])).collect(),
@@ -258,6 +260,7 @@ async fn measure(
 
     // 3. Hop latency along a chain.
     let chain = WorkflowSpec {
+        v: None,
         name: "bench-chain".into(),
         failure_policy: Default::default(),
         tasks: (0..args.chain)

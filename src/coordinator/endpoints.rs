@@ -311,7 +311,7 @@ pub async fn start(
     service
         .act(ACT_UPDATE, move |agent, update: AgentUpdate| {
             let reg = reg.clone();
-            async move { reg.update(agent, update).await }
+            async move { reg.update_by_agent(agent, update).await }
         })
         .await?;
     let reg = registry.clone();
@@ -673,15 +673,12 @@ fn parse_heartbeat(names: &Names, req: &service::Request) -> Result<Heartbeat, S
 async fn handle_heartbeats(registry: &Registry, names: &Names, batch: Vec<service::Request>) {
     let mut beats = Vec::with_capacity(batch.len());
     let mut pending = Vec::with_capacity(batch.len());
+    // Leaves are applied after the batch's ordinary beats: an agent that heartbeats and then
+    // says it is leaving, without waiting in between, must end offline, not idle again.
+    let mut leaving = Vec::new();
     for req in batch {
         match parse_heartbeat(names, &req) {
-            Ok(hb) if hb.leaving => {
-                let result = registry.leave(hb.agent_id).await.map(|a| HeartbeatAck {
-                    agent_id: a.id,
-                    status: a.status,
-                });
-                respond(&req, result).await;
-            }
+            Ok(hb) if hb.leaving => leaving.push((hb.agent_id, req)),
             Ok(hb) => {
                 beats.push((hb.agent_id, hb.load));
                 pending.push(req);
@@ -692,10 +689,21 @@ async fn handle_heartbeats(registry: &Registry, names: &Names, batch: Vec<servic
             }
         }
     }
-    if beats.is_empty() {
-        return;
+    if !beats.is_empty() {
+        record_beats(registry, &beats, &pending).await;
     }
-    match registry.record_heartbeats(&beats).await {
+    for (agent, req) in leaving {
+        let result = registry.leave(agent).await.map(|a| HeartbeatAck {
+            agent_id: a.id,
+            status: a.status,
+        });
+        respond(&req, result).await;
+    }
+}
+
+/// Records a batch's ordinary heartbeats in one statement and answers each.
+async fn record_beats(registry: &Registry, beats: &[(AgentId, i32)], pending: &[service::Request]) {
+    match registry.record_heartbeats(beats).await {
         Ok(results) => {
             for (req, result) in pending.iter().zip(results) {
                 let ack = result.map(|a| HeartbeatAck {
@@ -707,7 +715,7 @@ async fn handle_heartbeats(registry: &Registry, names: &Names, batch: Vec<servic
         }
         Err(e) => {
             let msg = e.to_string();
-            for req in &pending {
+            for req in pending {
                 respond::<()>(req, Err(ServiceError::Internal(msg.clone()))).await;
             }
         }

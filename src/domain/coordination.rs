@@ -433,6 +433,7 @@ fn check_loop(task: &TaskSpec) -> Result<(), Invalid> {
     }
     body.extend(outer);
     super::dag::validate(super::dag::WorkflowSpec {
+        v: None,
         name: "loop body".into(),
         failure_policy: Default::default(),
         tasks: body,
@@ -797,6 +798,7 @@ mod tests {
         all.extend(first);
         all.extend(second);
         crate::domain::dag::validate(crate::domain::dag::WorkflowSpec {
+            v: None,
             name: "w".into(),
             failure_policy: Default::default(),
             tasks: all,

@@ -139,6 +139,9 @@ impl TaskSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSpec {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub name: String,
     #[serde(default)]
     pub failure_policy: FailurePolicy,

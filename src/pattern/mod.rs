@@ -655,6 +655,7 @@ impl Pattern {
             tasks.push(task);
         }
         let spec = WorkflowSpec {
+            v: None,
             name: self.name.clone(),
             failure_policy: self.failure_policy,
             tasks,

@@ -81,6 +81,9 @@ pub struct Handoff {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateThread {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub thread_type: ThreadType,
     pub participants: Vec<AgentId>,
     #[serde(default)]
@@ -97,6 +100,9 @@ pub struct CreateThread {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub thread_id: Uuid,
     pub sender_id: AgentId,
     #[serde(default)]
@@ -120,6 +126,9 @@ fn reschedule() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HandoffRequest {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     pub task_id: TaskId,
     pub from_agent_id: AgentId,
     /// A named target; or leave it out and give `capabilities` for an open handoff.

@@ -182,6 +182,9 @@ pub struct WorkflowRef {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatternRun {
+    /// Protocol version (1); any other is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
     #[serde(default)]
     pub pattern: Option<String>,
     #[serde(default)]

@@ -279,11 +279,41 @@ impl Registry {
     /// Applies a partial update. Capability changes publish `agent.capability.updated` only
     /// when the normalised set really changes; status changes follow the transition table.
     #[tracing::instrument(skip_all, fields(agent.id = %id))]
+    /// An operator's partial update (HTTP): any legal status change.
     pub async fn update(
         &self,
         id: AgentId,
         update: AgentUpdate,
     ) -> Result<AgentRecord, ServiceError> {
+        self.update_by(id, update, false).await
+    }
+
+    /// The agent's own update (`<ns>.act.<agent_id>.update`): it may take itself out of
+    /// rotation (`maintenance`) and back (`idle`), but no other status — and a quarantined
+    /// agent cannot lift its own quarantine; an operator does that.
+    pub async fn update_by_agent(
+        &self,
+        id: AgentId,
+        update: AgentUpdate,
+    ) -> Result<AgentRecord, ServiceError> {
+        self.update_by(id, update, true).await
+    }
+
+    async fn update_by(
+        &self,
+        id: AgentId,
+        update: AgentUpdate,
+        by_agent: bool,
+    ) -> Result<AgentRecord, ServiceError> {
+        if by_agent
+            && update
+                .status
+                .is_some_and(|s| !matches!(s, AgentStatus::Idle | AgentStatus::Maintenance))
+        {
+            return Err(ServiceError::Forbidden(
+                "an agent may set its own status only to `idle` or `maintenance`".into(),
+            ));
+        }
         let capabilities = update
             .capabilities
             .as_ref()
@@ -313,6 +343,11 @@ impl Registry {
         let old = agents::lock_live(&mut tx, id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("agent {id} not found")))?;
+        if by_agent && update.status.is_some() && old.status == AgentStatus::Quarantined {
+            return Err(ServiceError::Forbidden(format!(
+                "agent {id} is quarantined; only an operator releases it"
+            )));
+        }
         if let Some(to) = update.status {
             if !old.status.can_become(to) {
                 return Err(ServiceError::Conflict(format!(

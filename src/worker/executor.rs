@@ -5,7 +5,7 @@
 //! | executor | input | output |
 //! |---|---|---|
 //! | `echo` | anything | `{"input": …, "agent": "<name>"}`, plus `"dependencies": {…}` when the input has `"echo_dependencies": true` |
-//! | `sleep` | `{"ms": 250, "fail": false, "output": …, "handoff": {…}?}` | `output` if given, else `{"slept_ms": 250}`; with `handoff`, asks for one |
+//! | `sleep` | `{"ms": 250, "fail": false, "output": …}` | `output` if given, else `{"slept_ms": 250}` |
 //! | `shell` | `{"command": "…"}` run by `sh -c` under `omoi exec-guard` (guard.rs: its processes die with the task and with the worker), with the worker's environment less its `OMOI_*` settings, plus `OMOI_TASK_ID`, `OMOI_TASK_KEY`, `OMOI_ATTEMPT`, `OMOI_AGENT`, `OMOI_LOCK_TOKENS` set; stdin is `{"input", "dependencies", "task_id", "attempt", "lock_tokens"}` as JSON | stdout parsed as JSON, else `{"stdout": "…"}`; non-zero exit fails with the exit code and stderr |
 //! | `http` | `{"url": "http://…"}`: POSTs `{"input", "dependencies", "task_id", "attempt", "lock_tokens"}` as JSON, only to addresses `http_executor_allow` permits (policy.rs) | the response body as JSON (or text); a non-2xx status fails |
 //! | `sim` | `{"latency": "uniform:20..200", "fail_rate": 0.1, "seed": 7, "outputs": […], "output": …, "run": 2, "index": 0, "input": …}` (all optional): simulated work for `omoi simulate`; latency and failure are drawn from the seed, task key and attempt | `outputs[index]` or `outputs[run-1]` (the last one past the end), else `output`, else `{"input": …, "simulated_ms": …}` |

@@ -277,6 +277,7 @@ impl AgentRunner {
         ask: super::executor::HandoffAsk,
     ) -> Result<crate::protocol::collaboration::Handoff, crate::client::ClientError> {
         let request = crate::protocol::collaboration::HandoffRequest {
+            v: None,
             task_id: d.task_id,
             from_agent_id: self.agent_id,
             to_agent_id: ask.to_agent_id,

@@ -120,6 +120,40 @@ async fn a_silent_agent_goes_stale_then_offline_and_a_heartbeat_brings_it_back()
     shutdown.drain(Duration::from_secs(5)).await;
 }
 
+/// A heartbeat and the `leaving` one sent right after it, without waiting for the first reply,
+/// usually reach the control plane in one batch: the leave must still be the last word.
+#[tokio::test]
+async fn a_leaving_heartbeat_right_after_an_ordinary_one_leaves_the_agent_offline() {
+    let env = TestEnv::new().await;
+    let shutdown = Shutdown::new();
+    omoi::coordinator::start(&env.settings(), &shutdown)
+        .await
+        .unwrap();
+    let client = AgentRegistryClient::new(env.nats.clone(), env.names.clone());
+    for round in 0..5 {
+        let agent = client
+            .register(&register_req(&format!("leaver-{round}")))
+            .await
+            .unwrap();
+        let subject = env.names.act(agent.id, omoi::bus::names::ACT_HEARTBEAT);
+        let ordinary = serde_json::to_vec(&beat(agent.id)).unwrap();
+        let leaving = serde_json::to_vec(&Heartbeat {
+            leaving: true,
+            ..beat(agent.id)
+        })
+        .unwrap();
+        let (a, b) = tokio::join!(
+            env.nats.request(subject.clone(), ordinary.into()),
+            env.nats.request(subject.clone(), leaving.into()),
+        );
+        a.unwrap();
+        b.unwrap();
+        let status = agents::get(&env.pool, agent.id).await.unwrap().status;
+        assert_eq!(status, AgentStatus::Offline, "round {round}");
+    }
+    shutdown.drain(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn bad_heartbeats_get_error_replies_and_store_nothing() {
     let env = TestEnv::new().await;

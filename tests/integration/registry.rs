@@ -362,6 +362,64 @@ async fn an_agent_deregisters_itself_over_nats_and_its_consumers_go() {
 }
 
 #[tokio::test]
+async fn an_agent_over_nats_toggles_its_availability_but_cannot_lift_its_quarantine() {
+    let r = start().await;
+    let agent = r
+        .register(json!({"name": "self-managed", "capabilities": ["x"]}))
+        .await;
+    let status = |s: AgentStatus| AgentUpdate {
+        status: Some(s),
+        ..AgentUpdate::default()
+    };
+    let away = r
+        .client
+        .update(agent.id, status(AgentStatus::Maintenance))
+        .await
+        .unwrap();
+    assert_eq!(away.status, AgentStatus::Maintenance);
+    let back = r
+        .client
+        .update(agent.id, status(AgentStatus::Idle))
+        .await
+        .unwrap();
+    assert_eq!(back.status, AgentStatus::Idle);
+    for other in [
+        AgentStatus::Terminated,
+        AgentStatus::Quarantined,
+        AgentStatus::Running,
+    ] {
+        let err = r.client.update(agent.id, status(other)).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{other}: {err}");
+    }
+    // An operator quarantines it; the agent cannot undo that, an operator can.
+    let (code, v) = r
+        .http
+        .patch(
+            &format!("/api/v1/agents/{}", agent.id),
+            &json!({"status": "quarantined"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let err = r
+        .client
+        .update(agent.id, status(AgentStatus::Idle))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    let still = agents::get(&r.env.pool, agent.id).await.unwrap();
+    assert_eq!(still.status, AgentStatus::Quarantined);
+    let (code, v) = r
+        .http
+        .post(
+            &format!("/api/v1/agents/{}/availability", agent.id),
+            &json!({"available": true}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "idle");
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_error_and_stores_nothing() {
     let r = start().await;
     let cases = [
