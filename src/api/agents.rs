@@ -9,9 +9,9 @@ use serde::Deserialize;
 use super::auth::Acting;
 use super::{ApiError, ApiResult, AppState, Json, Path};
 use crate::domain::AgentId;
-use crate::protocol::registry::AgentRecord;
 use crate::protocol::registry::{
-    AgentHealth, AgentMatch, AgentUpdate, RegisterRequest, RegistryStatistics, SearchQuery,
+    AgentHealth, AgentMatch, AgentRecord, AgentUpdate, RegisterRequest, RegistryStatistics,
+    SearchQuery,
 };
 use crate::service::ServiceError;
 

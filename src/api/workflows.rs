@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, AppState, Json, Path};
 use crate::domain::dag::WorkflowSpec;
-use crate::protocol::workflows::TaskRecord;
-use crate::protocol::workflows::WorkflowRecord;
-use crate::protocol::workflows::{PatternRun, PatternSubmitted, Submitted, WorkflowView};
+use crate::protocol::workflows::{
+    PatternRun, PatternSubmitted, Submitted, TaskRecord, WorkflowRecord, WorkflowView,
+};
 use crate::service::ServiceError;
 
 pub fn routes() -> Router<AppState> {

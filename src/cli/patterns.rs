@@ -11,8 +11,7 @@ use clap::{Args, Subcommand};
 
 use crate::config::Settings;
 use crate::domain::{TaskStatus, WorkflowId};
-use crate::protocol::workflows::TaskRecord;
-use crate::protocol::workflows::WorkflowView;
+use crate::protocol::workflows::{TaskRecord, WorkflowView};
 
 #[derive(Debug, Subcommand)]
 pub enum PatternsCommand {

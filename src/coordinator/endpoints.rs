@@ -22,10 +22,12 @@ use crate::bus::names::{
 use crate::domain::AgentId;
 use crate::domain::dag::WorkflowSpec;
 use crate::protocol::ErrorReply;
-use crate::protocol::collaboration::{CreateThread, HandoffRequest, SendMessage};
-use crate::protocol::collaboration::{HandoffDecision, MarkRead};
-use crate::protocol::registry::{AgentUpdate, RegisterRequest, SearchQuery};
-use crate::protocol::registry::{Deregister, Heartbeat, HeartbeatAck};
+use crate::protocol::collaboration::{
+    CreateThread, HandoffDecision, HandoffRequest, MarkRead, SendMessage,
+};
+use crate::protocol::registry::{
+    AgentUpdate, Deregister, Heartbeat, HeartbeatAck, RegisterRequest, SearchQuery,
+};
 use crate::protocol::workflows::WorkflowRef;
 use crate::runtime::Shutdown;
 use crate::service::ServiceError;

@@ -8,8 +8,7 @@ use sqlx::PgConnection;
 use super::DbError;
 use super::workflows::WORKFLOW_COLUMNS;
 use crate::domain::{AgentId, TaskId, WorkflowId};
-use crate::protocol::workflows::TaskRecord;
-use crate::protocol::workflows::WorkflowRecord;
+use crate::protocol::workflows::{TaskRecord, WorkflowRecord};
 
 /// What the scheduler keeps in memory of a task: enough to queue it, and to know who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

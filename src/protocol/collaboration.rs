@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::events::{HandoffEvent, MessageSent};
 use crate::domain::{AgentId, TaskId, WorkflowId};
 
+/// What a thread is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ThreadType {
@@ -30,6 +31,7 @@ impl ThreadType {
     }
 }
 
+/// A conversation among agents (the reply to `<ns>.act.<agent_id>.thread`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct Thread {
     pub id: Uuid,
@@ -45,6 +47,8 @@ pub struct Thread {
     pub closed_at: Option<DateTime<Utc>>,
 }
 
+/// A stored message (the reply to `<ns>.act.<agent_id>.send` and `.read`); `read_by` lists
+/// the agents that marked it read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct Message {
     pub id: Uuid,
@@ -58,6 +62,8 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
 }
 
+/// A handoff and its state: `requested`, then `accepted`, `declined`, `expired` or
+/// `cancelled` (the reply to `<ns>.act.<agent_id>.handoff|accept|decline|cancel`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct Handoff {
     pub id: Uuid,
@@ -77,7 +83,8 @@ pub struct Handoff {
     pub decided_at: Option<DateTime<Utc>>,
 }
 
-/// `POST /api/v1/collaboration/threads`.
+/// `POST /api/v1/collaboration/threads` and `<ns>.act.<agent_id>.thread` (the acting agent
+/// among `participants`).
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateThread {
@@ -96,7 +103,8 @@ pub struct CreateThread {
     pub metadata: Option<serde_json::Value>,
 }
 
-/// `POST /api/v1/collaboration/messages` and `<ns>.collab.send`.
+/// `POST /api/v1/collaboration/messages` and `<ns>.act.<agent_id>.send` (`sender_id` the acting
+/// agent). A message goes in a thread: open one first (`thread`).
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
@@ -122,7 +130,8 @@ fn reschedule() -> String {
     "reschedule".into()
 }
 
-/// `POST /api/v1/collaboration/handoff/request`.
+/// `POST /api/v1/collaboration/handoff/request` and `<ns>.act.<agent_id>.handoff`
+/// (`from_agent_id` the acting agent).
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HandoffRequest {

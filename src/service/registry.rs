@@ -14,9 +14,9 @@ use crate::protocol::Event;
 use crate::protocol::events::{
     AgentCapabilityUpdated, AgentDeregistered, AgentRegistered, AgentStatusChanged,
 };
-use crate::protocol::registry::AgentRecord;
 use crate::protocol::registry::{
-    AgentHealth, AgentMatch, AgentUpdate, RegisterRequest, RegistryStatistics, SearchQuery,
+    AgentHealth, AgentMatch, AgentRecord, AgentUpdate, RegisterRequest, RegistryStatistics,
+    SearchQuery,
 };
 
 /// Most tasks one agent may hold at once.

@@ -16,10 +16,9 @@ use crate::domain::dag::{DagError, WorkflowSpec, validate};
 use crate::domain::{TaskId, TaskStatus, WorkflowId, WorkflowStatus};
 use crate::protocol::Event;
 use crate::protocol::events::{TaskEvent, WorkflowEvent};
-use crate::protocol::workflows::TaskRecord;
-use crate::protocol::workflows::WorkflowRecord;
 use crate::protocol::workflows::{
-    PatternRun, PatternSubmitted, Submitted, UNSCHEDULABLE_KEPT, Unschedulable, WorkflowView,
+    PatternRun, PatternSubmitted, Submitted, TaskRecord, UNSCHEDULABLE_KEPT, Unschedulable,
+    WorkflowRecord, WorkflowView,
 };
 
 /// At most [`UNSCHEDULABLE_KEPT`] of `all` — the first task of each distinct need before any

@@ -29,8 +29,7 @@ use crate::bus::provision::DISPATCH_ACK_WAIT;
 use crate::bus::{BusError, Names};
 use crate::domain::dag::ResourceMode;
 use crate::domain::{AgentId, TaskId};
-use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
-use crate::protocol::{Envelope, Event};
+use crate::protocol::{Dispatch, Envelope, Event, Outcome, PROTOCOL_VERSION, TaskReport};
 
 /// Largest report published (nats-server's default `max_payload` is 1 MiB).
 const MAX_REPORT_BYTES: usize = 1_000_000;

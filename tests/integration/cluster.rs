@@ -7,8 +7,7 @@ use std::time::Duration;
 use omoi::client::WorkflowClient;
 use omoi::domain::dag::WorkflowSpec;
 use omoi::domain::{WorkflowId, WorkflowStatus};
-use omoi::protocol::workflows::TaskRecord;
-use omoi::protocol::workflows::{Submitted, WorkflowView};
+use omoi::protocol::workflows::{Submitted, TaskRecord, WorkflowView};
 use omoi::runtime::Shutdown;
 use tokio::process::{Child, Command};
 
@@ -177,7 +176,7 @@ impl Cluster {
         self.workers.insert(name.to_string(), child);
         let pool = self.env.pool.clone();
         let name = name.to_string();
-        eventually(Duration::from_secs(20), "worker registered", || {
+        let agent = eventually(Duration::from_secs(20), "worker registered", || {
             let (pool, name) = (pool.clone(), name.clone());
             async move {
                 omoi::db::agents::get_live_by_name(&pool, &name)
@@ -186,6 +185,28 @@ impl Cluster {
                     .filter(|a| a.status.is_dispatchable())
             }
         })
+        .await;
+        // The row exists before the registration's reply: a control plane killed in between
+        // leaves a worker that must register again. It pulls from its dispatch consumer only
+        // once registered, so a pull seen there means the registration was answered.
+        let stream = self
+            .env
+            .js
+            .get_stream(self.env.names.stream(omoi::bus::names::STREAM_DISPATCH))
+            .await
+            .unwrap();
+        let consumer = format!("agent-{}", agent.id);
+        eventually(
+            Duration::from_secs(20),
+            "worker pulling its dispatches",
+            || {
+                let (stream, consumer) = (stream.clone(), consumer.clone());
+                async move {
+                    let info = stream.consumer_info(&consumer).await.ok()?;
+                    (info.num_waiting > 0 || info.delivered.consumer_sequence > 0).then_some(())
+                }
+            },
+        )
         .await;
     }
 

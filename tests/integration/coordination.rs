@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use omoi::bus::events::Subscription;
 use omoi::domain::{TaskStatus, WorkflowStatus};
-use omoi::protocol::workflows::TaskRecord;
-use omoi::protocol::workflows::WorkflowView;
+use omoi::protocol::workflows::{TaskRecord, WorkflowView};
 use omoi::protocol::{Envelope, Event};
 use serde_json::{Value, json};
 

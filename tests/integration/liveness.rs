@@ -6,10 +6,8 @@ use omoi::bus::events::Subscription;
 use omoi::client::{AgentRegistryClient, ClientError, request_raw};
 use omoi::db::agents;
 use omoi::domain::{AgentId, AgentStatus, HealthStatus};
-use omoi::protocol::ErrorCode;
-use omoi::protocol::Event;
-use omoi::protocol::registry::RegisterRequest;
-use omoi::protocol::registry::{Heartbeat, HeartbeatAck};
+use omoi::protocol::registry::{Heartbeat, HeartbeatAck, RegisterRequest};
+use omoi::protocol::{ErrorCode, Event};
 use omoi::runtime::Shutdown;
 
 use crate::env::{TestEnv, eventually};

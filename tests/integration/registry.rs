@@ -6,10 +6,10 @@ use omoi::bus::events::Subscription;
 use omoi::client::{AgentRegistryClient, ClientError};
 use omoi::db::agents::{self};
 use omoi::domain::{AgentStatus, HealthStatus};
-use omoi::protocol::ErrorCode;
-use omoi::protocol::Event;
-use omoi::protocol::registry::AgentRecord;
-use omoi::protocol::registry::{AgentMatch, AgentUpdate, RegisterRequest, SearchQuery};
+use omoi::protocol::registry::{
+    AgentMatch, AgentRecord, AgentUpdate, RegisterRequest, SearchQuery,
+};
+use omoi::protocol::{ErrorCode, Event};
 use omoi::runtime::Shutdown;
 use serde_json::{Value, json};
 

@@ -49,8 +49,7 @@ use crate::db::{DbError, agents};
 use crate::domain::dag::{ResourceSpec, resolve_input};
 use crate::domain::{AgentId, RetryPolicy, TaskId, TaskStatus, WorkflowId};
 use crate::protocol::workflows::TaskRecord;
-use crate::protocol::{Dispatch, Outcome, PROTOCOL_VERSION, TaskReport};
-use crate::protocol::{Envelope, Event};
+use crate::protocol::{Dispatch, Envelope, Event, Outcome, PROTOCOL_VERSION, TaskReport};
 
 /// Most tasks assigned by one step.
 const DISPATCH_BATCH: usize = 2_000;
