@@ -1057,6 +1057,30 @@ class Agent:
                 body[k] = v
         return await self._act("thread", body)  # type: ignore[no-any-return]
 
+    async def messages(
+        self,
+        thread_id: str,
+        *,
+        before: Optional[str] = None,
+        unread: bool = False,
+        limit: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """A page of a thread's messages, newest first (this agent must take part in it):
+        ``{"messages": [...], "next_cursor": id or None}``; pass ``next_cursor`` as ``before``
+        for older ones. ``unread``: only those this agent has not marked read."""
+        body: dict[str, Any] = {"thread_id": thread_id}
+        if before is not None:
+            body["before"] = before
+        if unread:
+            body["unread"] = True
+        if limit is not None:
+            body["limit"] = limit
+        return await self._act("messages", body)  # type: ignore[no-any-return]
+
+    async def close_thread(self, thread_id: str, status: str = "resolved") -> dict[str, Any]:
+        """Closes a thread this agent takes part in: ``resolved`` or ``abandoned``."""
+        return await self._act("close", {"thread_id": thread_id, "status": status})  # type: ignore[no-any-return]
+
     async def send(
         self,
         thread_id: str,

@@ -66,6 +66,17 @@ def test_messages_reach_inboxes_in_order_and_are_marked_read(plane: ControlPlane
             with pytest.raises(ForbiddenError):
                 await a._act("send", {"thread_id": thread["id"], "sender_id": b.id, "content": "forged"})
 
+            # The thread's history, page by page, newest first; then a participant closes it.
+            page = await a.messages(thread["id"], limit=2)
+            assert [m["content"] for m in page["messages"]] == ["an answer", "second"]
+            older = await a.messages(thread["id"], before=page["next_cursor"])
+            assert [m["content"] for m in older["messages"]] == ["first"]
+            assert older["next_cursor"] is None
+            unread = await b.messages(thread["id"], unread=True)
+            assert [m["content"] for m in unread["messages"]] == ["second"]  # b read "first"
+            closed = await b.close_thread(thread["id"], "abandoned")
+            assert closed["status"] == "abandoned"
+
     run(main())
 
 

@@ -9,7 +9,7 @@
 //! | what | name |
 //! |---|---|
 //! | event of type `T` (e.g. `task.completed`) | `<ns>.T` |
-//! | an agent acting (request/reply): register, heartbeat, update, deregister, send, read, thread, handoff, accept, decline, cancel | `<ns>.act.<agent_id>.<verb>` |
+//! | an agent acting (request/reply): register, heartbeat, update, deregister, send, read, thread, messages, close, handoff, accept, decline, cancel | `<ns>.act.<agent_id>.<verb>` |
 //! | registry reads (request/reply) | `<ns>.registry.search`, `<ns>.registry.best_fit` |
 //! | dead letter of a message first sent on `<ns>.S` | `<ns>.deadletter.S` |
 //! | task for an agent | `<ns>.dispatch.<agent_id>` |
@@ -45,6 +45,8 @@ pub const ACT_DEREGISTER: &str = "deregister";
 pub const ACT_SEND: &str = "send";
 pub const ACT_READ: &str = "read";
 pub const ACT_THREAD: &str = "thread";
+pub const ACT_MESSAGES: &str = "messages";
+pub const ACT_CLOSE: &str = "close";
 pub const ACT_HANDOFF: &str = "handoff";
 pub const ACT_ACCEPT: &str = "accept";
 pub const ACT_DECLINE: &str = "decline";
@@ -58,6 +60,8 @@ pub const ACT_VERBS: &[&str] = &[
     ACT_SEND,
     ACT_READ,
     ACT_THREAD,
+    ACT_MESSAGES,
+    ACT_CLOSE,
     ACT_HANDOFF,
     ACT_ACCEPT,
     ACT_DECLINE,

@@ -16,14 +16,14 @@ use serde::de::DeserializeOwned;
 
 use crate::bus::Names;
 use crate::bus::names::{
-    ACT_ACCEPT, ACT_CANCEL, ACT_DECLINE, ACT_DEREGISTER, ACT_HANDOFF, ACT_HEARTBEAT, ACT_READ,
-    ACT_REGISTER, ACT_SEND, ACT_THREAD, ACT_UPDATE,
+    ACT_ACCEPT, ACT_CANCEL, ACT_CLOSE, ACT_DECLINE, ACT_DEREGISTER, ACT_HANDOFF, ACT_HEARTBEAT,
+    ACT_MESSAGES, ACT_READ, ACT_REGISTER, ACT_SEND, ACT_THREAD, ACT_UPDATE,
 };
 use crate::domain::AgentId;
 use crate::domain::dag::WorkflowSpec;
 use crate::protocol::ErrorReply;
 use crate::protocol::collaboration::{
-    CreateThread, HandoffDecision, HandoffRequest, MarkRead, SendMessage,
+    CloseThread, CreateThread, HandoffDecision, HandoffRequest, ListMessages, MarkRead, SendMessage,
 };
 use crate::protocol::registry::{
     AgentUpdate, Deregister, Heartbeat, HeartbeatAck, RegisterRequest, SearchQuery,
@@ -509,8 +509,8 @@ async fn take_upload(
 pub const COLLAB_SERVICE_NAME: &str = "omoi-collaboration";
 
 /// Starts `omoi-collaboration`: what an agent does with others, each on
-/// `<ns>.act.<agent_id>.<verb>` — `send` a message, `read` (mark read), open a `thread`,
-/// request a `handoff`, `accept`, `decline` or `cancel` one.
+/// `<ns>.act.<agent_id>.<verb>` — `send` a message, `read` (mark read), open a `thread`, list
+/// its `messages`, `close` it, request a `handoff`, `accept`, `decline` or `cancel` one.
 pub async fn start_collaboration(
     nats: async_nats::Client,
     names: Names,
@@ -558,6 +558,30 @@ pub async fn start_collaboration(
         .await?;
     let c = collaboration.clone();
     service
+        .act(ACT_MESSAGES, move |agent, q: ListMessages| {
+            let c = c.clone();
+            async move {
+                participant(&c, q.thread_id, agent).await?;
+                let unread_for = q.unread.then_some(agent);
+                let page = c
+                    .list_messages(q.thread_id, q.before, unread_for, q.limit.unwrap_or(50))
+                    .await?;
+                Ok(page.fit(MAX_REPLY_BYTES))
+            }
+        })
+        .await?;
+    let c = collaboration.clone();
+    service
+        .act(ACT_CLOSE, move |agent, t: CloseThread| {
+            let c = c.clone();
+            async move {
+                participant(&c, t.thread_id, agent).await?;
+                c.close_thread(t.thread_id, t.status).await
+            }
+        })
+        .await?;
+    let c = collaboration.clone();
+    service
         .act(ACT_HANDOFF, move |agent, h: HandoffRequest| {
             let c = c.clone();
             async move {
@@ -583,6 +607,21 @@ pub async fn start_collaboration(
     }
     service.stop_on_shutdown();
     Ok(())
+}
+
+/// Only a thread's participants read or close it.
+async fn participant(
+    c: &Collaboration,
+    thread: uuid::Uuid,
+    agent: AgentId,
+) -> Result<(), ServiceError> {
+    if c.get_thread(thread).await?.participants.contains(&agent) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(format!(
+            "agent {agent} does not take part in thread {thread}"
+        )))
+    }
 }
 
 /// Requests of one endpoint handled at once; more wait (in NATS) for a free slot, so a burst

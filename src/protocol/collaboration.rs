@@ -165,12 +165,55 @@ pub struct HandoffRequest {
     pub attempt: Option<i32>,
 }
 
+/// `<ns>.act.<agent_id>.messages`: a page of a thread's messages, newest first, for one of its
+/// participants. Reply: [`MessagePage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListMessages {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub thread_id: Uuid,
+    /// Messages older than this one (a page's `next_cursor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Uuid>,
+    /// Only those the acting agent has not marked read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unread: bool,
+    /// At most this many (1–500, default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+/// `<ns>.act.<agent_id>.close`: a participant closes a thread. Reply: the [`Thread`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloseThread {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    pub thread_id: Uuid,
+    /// `resolved` (default) or `abandoned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
 /// One page of messages, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MessagePage {
     pub messages: Vec<Message>,
     /// Pass as `before` for the next (older) page; `None` at the end.
     pub next_cursor: Option<Uuid>,
+}
+
+impl MessagePage {
+    /// This page made to fit in `limit` bytes of JSON: its oldest messages are left for the
+    /// next page (`next_cursor` then points past the last one kept).
+    pub fn fit(mut self, limit: usize) -> Self {
+        while self.messages.len() > 1 && !super::fits(&self, limit) {
+            self.messages.pop();
+            self.next_cursor = self.messages.last().map(|m| m.id);
+        }
+        self
+    }
 }
 
 /// What lands in an agent's inbox (`<ns>.agent.inbox.<agent_id>`), tagged by `kind`.
@@ -201,4 +244,48 @@ pub struct HandoffDecision {
     /// Why (a decline), kept as the handoff's `decision_reason`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: &str) -> Message {
+        Message {
+            id: Uuid::now_v7(),
+            thread_id: Uuid::nil(),
+            sender_id: AgentId::new(),
+            recipient_id: None,
+            message_type: "text".into(),
+            content: content.into(),
+            metadata: serde_json::json!({}),
+            read_by: vec![],
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_page_too_large_for_a_reply_leaves_its_oldest_messages_for_the_next() {
+        let big = "x".repeat(40_000);
+        let messages: Vec<Message> = (0..10).map(|_| message(&big)).collect();
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+        let page = MessagePage {
+            messages,
+            next_cursor: None,
+        }
+        .fit(100_000);
+        assert_eq!(page.messages.len(), 2, "two of 40 KB fit in 100 KB");
+        assert_eq!(
+            page.next_cursor,
+            Some(ids[1]),
+            "the next page starts after the last kept"
+        );
+        assert!(serde_json::to_vec(&page).unwrap().len() <= 100_000);
+        let small = MessagePage {
+            messages: vec![message("hi")],
+            next_cursor: None,
+        }
+        .fit(100_000);
+        assert_eq!((small.messages.len(), small.next_cursor), (1, None));
+    }
 }

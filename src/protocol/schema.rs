@@ -7,8 +7,8 @@
 use serde::Serialize;
 
 use super::collaboration::{
-    CreateThread, Handoff, HandoffDecision, HandoffRequest, InboxItem, MarkRead, Message,
-    SendMessage, Thread,
+    CloseThread, CreateThread, Handoff, HandoffDecision, HandoffRequest, InboxItem, ListMessages,
+    MarkRead, Message, MessagePage, SendMessage, Thread,
 };
 use super::errors::ErrorReply;
 use super::events::Envelope;
@@ -74,6 +74,12 @@ pub const ROUTES: &[Route] = &[
     request("<ns>.act.<agent_id>.send", "SendMessage", "Message"),
     request("<ns>.act.<agent_id>.read", "MarkRead", "Message"),
     request("<ns>.act.<agent_id>.thread", "CreateThread", "Thread"),
+    request(
+        "<ns>.act.<agent_id>.messages",
+        "ListMessages",
+        "MessagePage",
+    ),
+    request("<ns>.act.<agent_id>.close", "CloseThread", "Thread"),
     request("<ns>.act.<agent_id>.handoff", "HandoffRequest", "Handoff"),
     request("<ns>.act.<agent_id>.accept", "HandoffDecision", "Handoff"),
     request("<ns>.act.<agent_id>.decline", "HandoffDecision", "Handoff"),
@@ -103,6 +109,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         "AgentMatchList" => Vec<AgentMatch>,
         "AgentRecord" => AgentRecord,
         "AgentUpdate" => AgentUpdate,
+        "CloseThread" => CloseThread,
         "CreateThread" => CreateThread,
         "Deregister" => Deregister,
         "Dispatch" => Dispatch,
@@ -114,9 +121,11 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         "Heartbeat" => Heartbeat,
         "HeartbeatAck" => HeartbeatAck,
         "InboxItem" => InboxItem,
+        "ListMessages" => ListMessages,
         "LockState" => LockState,
         "MarkRead" => MarkRead,
         "Message" => Message,
+        "MessagePage" => MessagePage,
         "PatternRun" => PatternRun,
         "PatternSubmitted" => PatternSubmitted,
         "RegisterRequest" => RegisterRequest,

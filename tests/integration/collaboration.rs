@@ -712,3 +712,105 @@ async fn the_event_stream_carries_coordination_events_and_a_workflows_events_in_
     }
     c.stop().await;
 }
+
+/// What a NATS-only agent does with a thread besides writing to it: read its history page by
+/// page (only its unread messages, if it likes) and close it — as a participant only.
+#[tokio::test]
+async fn a_nats_only_agent_lists_a_threads_messages_by_page_and_closes_it() {
+    let c = Cluster::start_with(patient).await;
+    let http = c.http();
+    let a: omoi::domain::AgentId = register(&http, "a", &["x"]).await.parse().unwrap();
+    let b: omoi::domain::AgentId = register(&http, "b", &["x"]).await.parse().unwrap();
+    let outsider: omoi::domain::AgentId =
+        register(&http, "outsider", &["x"]).await.parse().unwrap();
+    let act = |agent, verb: &str| c.env.names.act(agent, verb);
+    let ask = |agent, verb: &'static str, body: Value| {
+        let subject = act(agent, verb);
+        let nats = c.env.nats.clone();
+        async move {
+            omoi::client::request::<_, Value>(&nats, subject, &body, Duration::from_secs(5)).await
+        }
+    };
+    use omoi::bus::names::{ACT_CLOSE, ACT_MESSAGES, ACT_READ, ACT_SEND, ACT_THREAD};
+    let thread = ask(
+        a,
+        ACT_THREAD,
+        json!({"v": 1, "thread_type": "discussion", "participants": [a, b]}),
+    )
+    .await
+    .unwrap();
+    let thread_id = thread["id"].clone();
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        let m = ask(
+            a,
+            ACT_SEND,
+            json!({"v": 1, "thread_id": thread_id, "sender_id": a, "content": format!("m{n}")}),
+        )
+        .await
+        .unwrap();
+        sent.push(m["id"].clone());
+    }
+    // b reads one, then pages through the history, newest first.
+    ask(b, ACT_READ, json!({"message_id": sent[4]}))
+        .await
+        .unwrap();
+    let first = ask(b, ACT_MESSAGES, json!({"thread_id": thread_id, "limit": 3}))
+        .await
+        .unwrap();
+    let contents = |page: &Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(contents(&first), ["m4", "m3", "m2"]);
+    let rest = ask(
+        b,
+        ACT_MESSAGES,
+        json!({"thread_id": thread_id, "limit": 3, "before": first["next_cursor"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(contents(&rest), ["m1", "m0"]);
+    assert!(rest["next_cursor"].is_null(), "{rest}");
+    let unread = ask(
+        b,
+        ACT_MESSAGES,
+        json!({"thread_id": thread_id, "unread": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(contents(&unread), ["m3", "m2", "m1", "m0"]);
+    // Someone outside the thread neither reads nor closes it.
+    for (verb, body) in [
+        (ACT_MESSAGES, json!({"thread_id": thread_id})),
+        (ACT_CLOSE, json!({"thread_id": thread_id})),
+    ] {
+        let err = ask(outsider, verb, body).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(omoi::protocol::ErrorCode::Forbidden),
+            "{verb}: {err}"
+        );
+    }
+    let closed = ask(
+        b,
+        ACT_CLOSE,
+        json!({"thread_id": thread_id, "status": "abandoned"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(closed["status"], "abandoned");
+    assert!(closed["closed_at"].is_string(), "{closed}");
+    let again = ask(a, ACT_CLOSE, json!({"thread_id": thread_id}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        again.code(),
+        Some(omoi::protocol::ErrorCode::Conflict),
+        "{again}"
+    );
+}
