@@ -40,6 +40,16 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the same request may succeed later: no control plane answered, the request
+    /// was lost, or one answered `unavailable` (its database or NATS away, or overloaded).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::NoResponders(_) | Self::Transport { .. } => true,
+            Self::Remote(body) => body.code.is_transient(),
+            Self::BadReply { .. } => false,
+        }
+    }
 }
 
 /// Sends a JSON request and decodes the reply (or its error body).
@@ -334,24 +344,28 @@ impl WorkflowClient {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut ends = self.workflow_ends().await;
         loop {
+            // A control plane restarting (none answers for a moment), or one whose database or
+            // NATS is away for a while, is not the end: what it survives, waiting does.
+            let waiting_on =
+                |e: &ClientError| e.is_transient() && tokio::time::Instant::now() < deadline;
             match self.view(workflow_id, false).await {
                 Ok(view)
                     if view.workflow.status.is_terminal()
                         || tokio::time::Instant::now() >= deadline =>
                 {
-                    return match self.get(workflow_id).await {
-                        Err(ClientError::Remote(e)) if e.code == ErrorCode::TooLarge => Ok(view),
-                        other => other,
-                    };
+                    match self.get(workflow_id).await {
+                        Ok(whole) => return Ok(whole),
+                        Err(ClientError::Remote(e)) if e.code == ErrorCode::TooLarge => {
+                            return Ok(view);
+                        }
+                        Err(e) if waiting_on(&e) => {
+                            tracing::debug!(error = %e, "the control plane is unavailable; waiting on");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(view) => progress(&view),
-                // A control plane restarting (none answers for a moment), or one whose database
-                // or NATS is away for a while, is not the end: what it survives, waiting does.
-                Err(ClientError::NoResponders(_) | ClientError::Transport { .. })
-                    if tokio::time::Instant::now() < deadline => {}
-                Err(ClientError::Remote(e))
-                    if e.code.is_transient() && tokio::time::Instant::now() < deadline =>
-                {
+                Err(e) if waiting_on(&e) => {
                     tracing::debug!(error = %e, "the control plane is unavailable; waiting on");
                 }
                 Err(e) => return Err(e),

@@ -243,11 +243,9 @@ pub async fn follow(
             {
                 client.view(id, false).await?
             }
-            // A control plane restarting (none answers for a moment) is not the end.
-            Err(
-                crate::client::ClientError::NoResponders(_)
-                | crate::client::ClientError::Transport { .. },
-            ) if started.elapsed() < timeout => {
+            // A control plane restarting (none answers for a moment), or one whose database
+            // is away for a while, is not the end.
+            Err(e) if e.is_transient() && started.elapsed() < timeout => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 continue;
             }

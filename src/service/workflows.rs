@@ -39,6 +39,25 @@ fn keep_unschedulable(all: Vec<Unschedulable>) -> (Vec<Unschedulable>, usize) {
     (kept, omitted)
 }
 
+/// Unfinished tasks of workflow `id` that no live agent can take.
+async fn unschedulable_of(
+    db: impl sqlx::PgExecutor<'_>,
+    id: WorkflowId,
+) -> Result<Vec<Unschedulable>, ServiceError> {
+    let rows = workflows::unmet_needs(db, id).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, missing, executor)| !missing.is_empty() || executor.is_some())
+        .map(
+            |(key, missing_capabilities, missing_executor)| Unschedulable {
+                key,
+                missing_capabilities,
+                missing_executor,
+            },
+        )
+        .collect())
+}
+
 #[derive(Clone)]
 pub struct Workflows {
     pool: PgPool,
@@ -155,9 +174,11 @@ impl Workflows {
                 }),
         );
         events.extend(crate::service::scheduler::sync_created(id, &new_tasks));
+        // Read before the commit: a reply that fails after it would tell the client the
+        // submission failed when it stands (and a retry would submit it twice).
+        let unschedulable = unschedulable_of(&mut *tx, id).await?;
         self.commit(tx, events).await?;
         self.wake.notify_one();
-        let unschedulable = self.unschedulable(id).await?;
         if !unschedulable.is_empty() {
             tracing::warn!(workflow.id = %id, count = unschedulable.len(), "tasks need capabilities no agent has");
         }
@@ -175,18 +196,7 @@ impl Workflows {
     /// Unfinished tasks needing a capability that no live agent has, or an executor that no
     /// live agent offers (coordination nodes run on the coordinator: only capabilities count).
     async fn unschedulable(&self, id: WorkflowId) -> Result<Vec<Unschedulable>, ServiceError> {
-        let rows = workflows::unmet_needs(&self.pool, id).await?;
-        Ok(rows
-            .into_iter()
-            .filter(|(_, missing, executor)| !missing.is_empty() || executor.is_some())
-            .map(
-                |(key, missing_capabilities, missing_executor)| Unschedulable {
-                    key,
-                    missing_capabilities,
-                    missing_executor,
-                },
-            )
-            .collect())
+        unschedulable_of(&self.pool, id).await
     }
 
     pub async fn get(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
