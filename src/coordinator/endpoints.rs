@@ -561,7 +561,7 @@ pub async fn start_collaboration(
         .act(ACT_MESSAGES, move |agent, q: ListMessages| {
             let c = c.clone();
             async move {
-                participant(&c, q.thread_id, agent).await?;
+                c.participant(q.thread_id, agent).await?;
                 let unread_for = q.unread.then_some(agent);
                 let page = c
                     .list_messages(q.thread_id, q.before, unread_for, q.limit.unwrap_or(50))
@@ -575,7 +575,7 @@ pub async fn start_collaboration(
         .act(ACT_CLOSE, move |agent, t: CloseThread| {
             let c = c.clone();
             async move {
-                participant(&c, t.thread_id, agent).await?;
+                c.participant(t.thread_id, agent).await?;
                 c.close_thread(t.thread_id, t.status).await
             }
         })
@@ -607,21 +607,6 @@ pub async fn start_collaboration(
     }
     service.stop_on_shutdown();
     Ok(())
-}
-
-/// Only a thread's participants read or close it.
-async fn participant(
-    c: &Collaboration,
-    thread: uuid::Uuid,
-    agent: AgentId,
-) -> Result<(), ServiceError> {
-    if c.get_thread(thread).await?.participants.contains(&agent) {
-        Ok(())
-    } else {
-        Err(ServiceError::Forbidden(format!(
-            "agent {agent} does not take part in thread {thread}"
-        )))
-    }
 }
 
 /// Requests of one endpoint handled at once; more wait (in NATS) for a free slot, so a burst

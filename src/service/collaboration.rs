@@ -199,6 +199,19 @@ impl Collaboration {
         Ok(thread)
     }
 
+    /// Thread `id`, if `agent` takes part in it (`forbidden` otherwise): only participants
+    /// read or close a thread over NATS.
+    pub async fn participant(&self, id: Uuid, agent: AgentId) -> Result<Thread, ServiceError> {
+        let thread = self.get_thread(id).await?;
+        if thread.participants.contains(&agent) {
+            Ok(thread)
+        } else {
+            Err(ServiceError::Forbidden(format!(
+                "agent {agent} does not take part in thread {id}"
+            )))
+        }
+    }
+
     pub async fn get_thread(&self, id: Uuid) -> Result<Thread, ServiceError> {
         sqlx::query_as::<_, Thread>("SELECT * FROM threads WHERE id = $1")
             .bind(id)
