@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, TypeVar, Union
 
 import nats
 import nats.errors
@@ -165,3 +165,31 @@ async def dead_letter(
     if stream_sequence > 0:
         headers[MSG_ID_HEADER] = f"dl:{subject}:{stream_sequence}"
     await js.publish(names.deadletter(subject), payload, headers=headers)
+
+
+_C = TypeVar("_C", bound="Client")
+
+
+class Client:
+    """What the SDK's clients share: a namespace, a request timeout and a connection that is
+    borrowed (a connected ``nats.aio.client.Client``, left open) or owned (a URL, connected
+    on first use and closed by :meth:`close`)."""
+
+    def __init__(self, nc_or_url: ConnectionLike, namespace: str, timeout: float, name: str) -> None:
+        self.names = Names(namespace)
+        self.timeout = timeout
+        self._conn = Connection(nc_or_url, name)
+
+    async def __aenter__(self: _C) -> _C:
+        await self._conn.nc()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @property
+    def namespace(self) -> str:
+        return self.names.ns

@@ -7,9 +7,8 @@ from typing import Any, Iterable, Sequence
 
 import nats.js.errors
 
-from ._transport import Connection, ConnectionLike, request
+from ._transport import Client, ConnectionLike, request
 from .errors import ConflictError, ForbiddenError, NotFoundError
-from .names import Names
 
 __all__ = ["AgentRegistryClient", "AgentRecord", "AgentMatch"]
 
@@ -22,7 +21,7 @@ AgentRecord = dict[str, Any]
 AgentMatch = dict[str, Any]
 
 
-class AgentRegistryClient:
+class AgentRegistryClient(Client):
     """Registers, updates and finds agents.
 
     Every action on an agent is sent as that agent, on ``<ns>.act.<agent_id>.<verb>`` (on a
@@ -41,23 +40,7 @@ class AgentRegistryClient:
         namespace: str = "omoi",
         timeout: float = 10.0,
     ) -> None:
-        self.names = Names(namespace)
-        self.timeout = timeout
-        self._conn = Connection(nc_or_url, "omoi-py-registry")
-
-    async def __aenter__(self) -> "AgentRegistryClient":
-        await self._conn.nc()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._conn.close()
-
-    @property
-    def namespace(self) -> str:
-        return self.names.ns
+        super().__init__(nc_or_url, namespace, timeout, "omoi-py-registry")
 
     def agent_id(self, agent: str) -> str:
         """The id of ``agent`` (an id, or a name in this namespace)."""

@@ -14,9 +14,8 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 import nats.errors
 from nats.js import api
 
-from ._transport import Connection, ConnectionLike, dumps, request
+from ._transport import Client, ConnectionLike, dumps, request
 from .errors import NoResponderError, OmoiError, RequestTimeoutError, TooLargeError
-from .names import Names
 
 __all__ = ["WorkflowClient", "TERMINAL_STATUSES"]
 
@@ -46,7 +45,7 @@ def _parse_time(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(t)
 
 
-class WorkflowClient:
+class WorkflowClient(Client):
     """Submits and follows workflows.
 
     ``nc_or_url`` is a connected ``nats.aio.client.Client`` (borrowed, left open) or a URL
@@ -59,19 +58,7 @@ class WorkflowClient:
         namespace: str = "omoi",
         timeout: float = 30.0,
     ) -> None:
-        self.names = Names(namespace)
-        self.timeout = timeout
-        self._conn = Connection(nc_or_url, "omoi-py-workflows")
-
-    async def __aenter__(self) -> "WorkflowClient":
-        await self._conn.nc()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._conn.close()
+        super().__init__(nc_or_url, namespace, timeout, "omoi-py-workflows")
 
     async def _request(self, verb: str, body: Mapping[str, Any] | bytes, timeout: Optional[float] = None) -> Any:
         nc = await self._conn.nc()
