@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import nats.js.errors
 
 from ._transport import Client, ConnectionLike, request
-from .errors import ConflictError, ForbiddenError, NotFoundError
+from .errors import ConflictError, NotFoundError
 
 __all__ = ["AgentRegistryClient", "AgentRecord", "AgentMatch"]
 
@@ -131,11 +131,7 @@ class AgentRegistryClient(Client):
         if available:
             if status in ("idle", "running", "degraded"):
                 return current
-            if status == "quarantined":
-                raise ForbiddenError(
-                    message=f"agent {current.get('id')} is quarantined; only an operator releases it"
-                )
-            if status != "maintenance":
+            if status not in ("maintenance", "quarantined"):  # quarantined: the server refuses
                 raise ConflictError(
                     message=f"agent {current.get('id')} is {status}; it becomes available when it heartbeats again"
                 )

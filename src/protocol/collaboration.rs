@@ -208,10 +208,24 @@ impl MessagePage {
     /// This page made to fit in `limit` bytes of JSON: its oldest messages are left for the
     /// next page (`next_cursor` then points past the last one kept).
     pub fn fit(mut self, limit: usize) -> Self {
-        while self.messages.len() > 1 && !super::fits(&self, limit) {
-            self.messages.pop();
-            self.next_cursor = self.messages.last().map(|m| m.id);
+        if super::fits(&self, limit) {
+            return self;
         }
+        // Each message measured once (a page may hold 500 of 64 KiB): keep the newest whose
+        // sizes, with room for the envelope and the cursor, add up to the limit; at least one.
+        const ENVELOPE: usize = 128;
+        let mut used = ENVELOPE;
+        let keep = self
+            .messages
+            .iter()
+            .take_while(|m| {
+                used += serde_json::to_vec(m).map_or(usize::MAX / 2, |b| b.len() + 1);
+                used <= limit
+            })
+            .count()
+            .max(1);
+        self.messages.truncate(keep);
+        self.next_cursor = self.messages.last().map(|m| m.id);
         self
     }
 }
