@@ -746,8 +746,11 @@ class Agent:
                 })
             else:
                 ending = await self._run_handler(task, running, lock_lost)
-            if ending.outcome is not None and ending.outcome["outcome"] == "completed" and lock_wait_ms is not None:
-                ending.outcome["lock_wait_ms"] = lock_wait_ms
+            if ending.outcome is not None and ending.outcome["outcome"] == "completed":
+                if lock_wait_ms is not None:
+                    ending.outcome["lock_wait_ms"] = lock_wait_ms
+                # Its start time, for an attempt that ends before reporting ``started``.
+                ending.outcome["running_ms"] = int((time.monotonic() - started.began) * 1000)
             if ending.handoff is not None:
                 return await self._hand_off(started, task, ending.handoff)
             return await self._end(started, task_id, attempt, ending)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import nats
@@ -28,6 +29,8 @@ def test_an_agent_runs_a_workflow_and_outputs_flow_through_dependencies(plane: C
 
     async def handle(task: Task) -> dict[str, Any]:
         seen[task.key] = task
+        if task.key == "a":
+            await asyncio.sleep(0.01)
         n = int(task.input.get("n", 0))
         total = n + sum(int(d.get("total", 0)) for d in task.dependencies.values())
         return {"total": total, "key": task.key}
@@ -60,6 +63,10 @@ def test_an_agent_runs_a_workflow_and_outputs_flow_through_dependencies(plane: C
         assert seen["c"].input["from_a"] == 1
         assert seen["c"].workflow_id == sub["workflow_id"] and seen["c"].task_id == sub["tasks"]["c"]
         assert seen["a"].lock_tokens == {} and seen["a"].executor == "echo"
+        # `a` ended before its `started` was due; its completion dated its start back.
+        a = task_by_key(view, "a")
+        ran = datetime.fromisoformat(a["finished_at"]) - datetime.fromisoformat(a["started_at"])
+        assert ran >= timedelta(milliseconds=10), a
 
     run(main())
 

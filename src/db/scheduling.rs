@@ -286,28 +286,43 @@ pub async fn mark_started(
     .await?)
 }
 
+/// A completion as reported: the attempt it ends, its output, and how long it waited for locks
+/// and ran (when its agent said).
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub fence: Fence,
+    pub output: serde_json::Value,
+    pub lock_wait_ms: Option<u64>,
+    pub running_ms: Option<u64>,
+}
+
 /// `assigned|running → completed` with outputs (and the lock wait, if reported), for reports of
-/// the current attempt by its holder only.
+/// the current attempt by its holder only. A task whose `started` was not written started
+/// `running_ms` before now (never before its assignment; now, when not reported).
 pub async fn mark_completed(
     db: &mut PgConnection,
-    reports: &[(Fence, serde_json::Value, Option<u64>)],
+    reports: &[Completion],
 ) -> Result<Vec<TaskRecord>, DbError> {
     if reports.is_empty() {
         return Ok(Vec::new());
     }
-    let fences: Vec<Fence> = reports.iter().map(|r| r.0).collect();
+    let fences: Vec<Fence> = reports.iter().map(|r| r.fence).collect();
     let (ids, attempts, agents) = fence_columns(&fences);
-    let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.1).collect();
-    let waits: Vec<Option<i64>> = reports
+    let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.output).collect();
+    let millis = |ms: Option<u64>| ms.map(|w| i64::try_from(w).unwrap_or(i64::MAX));
+    let waits: Vec<Option<i64>> = reports.iter().map(|r| millis(r.lock_wait_ms)).collect();
+    let running: Vec<i64> = reports
         .iter()
-        .map(|r| r.2.map(|w| i64::try_from(w).unwrap_or(i64::MAX)))
+        .map(|r| r.running_ms.unwrap_or(0).min(86_400_000) as i64)
         .collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
              lock_wait_ms = u.lock_wait_ms,
-             started_at = COALESCE(t.started_at, now()), finished_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::jsonb[], $5::bigint[])
-              AS u(id, attempt, agent_id, output, lock_wait_ms)
+             started_at = COALESCE(t.started_at, GREATEST(t.updated_at,
+                              now() - make_interval(secs => u.running_ms::float8 / 1000))),
+             finished_at = now(), updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::jsonb[], $5::bigint[], $6::bigint[])
+              AS u(id, attempt, agent_id, output, lock_wait_ms, running_ms)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
            AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
          RETURNING t.*",
@@ -317,6 +332,7 @@ pub async fn mark_completed(
     .bind(&agents)
     .bind(&outputs)
     .bind(&waits)
+    .bind(&running)
     .fetch_all(&mut *db)
     .await?)
 }

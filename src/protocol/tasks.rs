@@ -65,6 +65,10 @@ pub enum Outcome {
         /// How long the attempt waited for its resource locks before running.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lock_wait_ms: Option<u64>,
+        /// How long the attempt ran, for one that did not report `started`: its `started_at`
+        /// is then set this far back from the completion (never before its assignment).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        running_ms: Option<u64>,
     },
     /// The attempt failed; the scheduler retries with backoff until `max_attempts`.
     Failed {
@@ -141,6 +145,7 @@ mod tests {
         let mut r = report(Outcome::Completed {
             output: serde_json::json!({"stdout": "a\u{0}b"}),
             lock_wait_ms: None,
+            running_ms: None,
         });
         let reason = r.make_storable().expect("refused");
         assert!(reason.contains("$.stdout"), "{reason}");
@@ -154,6 +159,7 @@ mod tests {
         let mut fine = report(Outcome::Completed {
             output: serde_json::json!({"ok": true}),
             lock_wait_ms: Some(3),
+            running_ms: Some(1),
         });
         assert_eq!(fine.make_storable(), None);
         assert!(super::super::check_version("report", 1).is_ok());

@@ -42,6 +42,8 @@ pub const STARTED_AFTER: Duration = Duration::from_millis(20);
 struct StartedReport {
     not_yet: CancellationToken,
     handle: Option<tokio::task::JoinHandle<Result<(), BusError>>>,
+    /// When the attempt began (its `started_at`, for an attempt that ends before reporting it).
+    began: std::time::Instant,
 }
 
 impl StartedReport {
@@ -534,10 +536,12 @@ impl AgentRunner {
             .await;
         if let Ending::Finished(Outcome::Completed {
             lock_wait_ms: waited,
+            running_ms,
             ..
         }) = &mut ending
         {
             *waited = lock_wait_ms;
+            *running_ms = Some(started.began.elapsed().as_millis() as u64);
         }
         let result = match ending {
             Ending::Finished(outcome) => {
@@ -608,6 +612,7 @@ impl AgentRunner {
         StartedReport {
             not_yet,
             handle: Some(handle),
+            began,
         }
     }
 
@@ -657,6 +662,7 @@ impl AgentRunner {
                         Ok(Ok(output)) => Outcome::Completed {
                             output,
                             lock_wait_ms: None,
+                            running_ms: None,
                         },
                         Ok(Err(TaskFailure { handoff: Some(ask), .. })) => return Ending::HandOff(ask),
                         Ok(Err(TaskFailure { message, exit_code, .. })) => Outcome::Failed { error: message, exit_code },

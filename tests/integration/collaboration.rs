@@ -313,6 +313,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
         outcome: omoi::protocol::Outcome::Completed {
             output: json!({"by": "alice-late"}),
             lock_wait_ms: None,
+            running_ms: None,
         },
     };
     c.env

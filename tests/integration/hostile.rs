@@ -147,6 +147,63 @@ async fn a_late_started_report_dates_the_start_back_but_never_before_the_assignm
 }
 
 #[tokio::test]
+async fn a_completion_without_started_dates_the_start_back_by_its_running_time() {
+    let c = Cluster::start_with(patient).await;
+    let http = c.http();
+    register(&http, "quick", &["x"]).await;
+    let wf = c
+        .submit(json!({"name": "quick", "tasks": [
+            {"key": "honest", "capabilities": ["x"]},
+            {"key": "boastful", "capabilities": ["x"]},
+            {"key": "silent", "capabilities": ["x"]}]}))
+        .await;
+    let keys = ["honest", "boastful", "silent"];
+    let ids: Vec<TaskId> = keys.iter().map(|k| wf.tasks[*k]).collect();
+    let held = assigned(&c, &ids).await;
+    let assigned_at = task_status(&c, wf.tasks["boastful"]).await.updated_at;
+    // Each attempt has now been assigned for more than the 400 ms the first one claims.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (h, running_ms) in held.iter().zip([Some(400), Some(86_400_000), None]) {
+        let report = TaskReport {
+            v: 1,
+            task_id: h.0,
+            attempt: h.1,
+            agent_id: h.2,
+            outcome: Outcome::Completed {
+                output: json!({}),
+                lock_wait_ms: None,
+                running_ms,
+            },
+        };
+        publish_report(&c, &report).await;
+    }
+    let cluster = &c;
+    for id in &ids {
+        eventually(Duration::from_secs(20), "completed", || async move {
+            (task_status(cluster, *id).await.status == TaskStatus::Completed).then_some(())
+        })
+        .await;
+    }
+    let honest = task_status(&c, wf.tasks["honest"]).await;
+    assert_eq!(
+        (honest.finished_at.unwrap() - honest.started_at.unwrap()).num_milliseconds(),
+        400,
+        "started_at is the completion's time less running_ms"
+    );
+    let boastful = task_status(&c, wf.tasks["boastful"]).await;
+    assert_eq!(
+        boastful.started_at,
+        Some(assigned_at),
+        "never before the assignment"
+    );
+    let silent = task_status(&c, wf.tasks["silent"]).await;
+    assert_eq!(
+        silent.started_at, silent.finished_at,
+        "not said: at the completion"
+    );
+}
+
+#[tokio::test]
 async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
     let c = Cluster::start_with(patient).await;
     let http = c.http();
@@ -177,6 +234,7 @@ async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
             Outcome::Completed {
                 output: json!({"stdout": "a\u{0}b"}),
                 lock_wait_ms: None,
+                running_ms: None,
             },
         ),
     )
@@ -188,6 +246,7 @@ async fn a_nul_in_one_output_fails_that_attempt_alone_and_its_batch_applies() {
             Outcome::Completed {
                 output: json!({"ok": true}),
                 lock_wait_ms: None,
+                running_ms: None,
             },
         ),
     )
@@ -233,6 +292,7 @@ async fn reports_with_an_unsupported_version_are_dead_lettered_never_applied() {
             outcome: Outcome::Completed {
                 output: json!({"forged": v}),
                 lock_wait_ms: None,
+                running_ms: None,
             },
         };
         publish_report(&c, &forged).await;
@@ -261,6 +321,7 @@ async fn reports_with_an_unsupported_version_are_dead_lettered_never_applied() {
             outcome: Outcome::Completed {
                 output: json!({"real": true}),
                 lock_wait_ms: None,
+                running_ms: None,
             },
         },
     )

@@ -267,6 +267,16 @@ async fn a_small_workflow_is_not_starved_behind_a_thousand_task_one() {
     let small = c.submit(json!({"name": "small", "tasks": small})).await;
     let small_done = c.wait(small.workflow_id, Duration::from_secs(30)).await;
     assert_eq!(small_done.workflow.status, WorkflowStatus::Completed);
+    // A 10 ms task ends before its worker reports `started` (20 ms): its completion says how
+    // long it ran, and its start is dated back by that much.
+    for t in &small_done.tasks {
+        let (started, finished) = (t.started_at.unwrap(), t.finished_at.unwrap());
+        assert!(
+            (finished - started).num_milliseconds() >= 10,
+            "{}: started {started}, finished {finished}",
+            t.key
+        );
+    }
     let big_now = c.client.get(big.workflow_id).await.unwrap();
     let big_left = 1_000 - big_now.counts.get("completed").copied().unwrap_or(0);
     assert!(

@@ -550,7 +550,13 @@ impl Scheduler {
                 Outcome::Completed {
                     output,
                     lock_wait_ms,
-                } => completed.push((fence, output.clone(), *lock_wait_ms)),
+                    running_ms,
+                } => completed.push(scheduling::Completion {
+                    fence,
+                    output: output.clone(),
+                    lock_wait_ms: *lock_wait_ms,
+                    running_ms: *running_ms,
+                }),
                 Outcome::Blocked { .. } => blocked.push(fence),
                 Outcome::Released { .. } => released.push(fence),
                 Outcome::Failed { error, exit_code } => {
@@ -566,7 +572,7 @@ impl Scheduler {
         // the end moves the task from `assigned` directly (a short task costs one write).
         let ended: BTreeSet<(TaskId, i32)> = completed
             .iter()
-            .map(|(f, _, _)| f)
+            .map(|c| &c.fence)
             .chain(blocked.iter())
             .chain(released.iter())
             .chain(failures.iter().map(|(f, _)| f))
