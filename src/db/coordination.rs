@@ -144,7 +144,8 @@ pub async fn expand(
 pub async fn expired_syncs(db: &mut PgConnection) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "SELECT t.* FROM tasks t
-         WHERE t.kind = 'sync' AND t.status = 'pending'
+         WHERE t.kind <> 'task' AND t.finished_at IS NULL AND t.kind = 'sync'
+           AND t.status = 'pending'
            AND t.coordination->>'timeout_seconds' IS NOT NULL
            AND (SELECT min(d.started_at) FROM tasks d
                 WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on))

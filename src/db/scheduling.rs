@@ -60,7 +60,8 @@ pub async fn ready_nodes(
 /// Every task that is ready or held by an agent: what a new leader starts from.
 pub async fn active_states(db: &mut PgConnection) -> Result<Vec<TaskState>, DbError> {
     Ok(sqlx::query_as::<_, TaskState>(sqlx::AssertSqlSafe(format!(
-        "SELECT {STATE_COLUMNS} FROM tasks WHERE status IN ('ready', 'assigned', 'running')"
+        "SELECT {STATE_COLUMNS} FROM tasks
+         WHERE finished_at IS NULL AND status IN ('ready', 'assigned', 'running')"
     )))
     .fetch_all(&mut *db)
     .await?)
@@ -94,7 +95,7 @@ pub async fn count_active(db: &mut PgConnection) -> Result<(i64, i64), DbError> 
     Ok(sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'ready'),
                 count(*) FILTER (WHERE status IN ('assigned', 'running'))
-         FROM tasks WHERE status IN ('ready', 'assigned', 'running')",
+         FROM tasks WHERE finished_at IS NULL AND status IN ('ready', 'assigned', 'running')",
     )
     .fetch_one(&mut *db)
     .await?)
@@ -155,9 +156,11 @@ pub async fn assign(
 
 /// The assigned tasks: dispatched, maybe not yet delivered (a new leader publishes them again).
 pub async fn assigned_tasks(db: &mut PgConnection) -> Result<Vec<Assigned>, DbError> {
-    let assigned = sqlx::query_as::<_, TaskRecord>("SELECT * FROM tasks WHERE status = 'assigned'")
-        .fetch_all(&mut *db)
-        .await?;
+    let assigned = sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE finished_at IS NULL AND status = 'assigned'",
+    )
+    .fetch_all(&mut *db)
+    .await?;
     with_dependency_outputs(db, assigned, &KnownOutputs::new()).await
 }
 
@@ -458,11 +461,16 @@ pub async fn promote_due_retries(db: &mut PgConnection) -> Result<Vec<TaskRecord
     .await?)
 }
 
-/// Tasks held by agents that are offline, terminated or quarantined go back to ready; their
-/// next dispatch raises the attempt, fencing off the lost holder.
+/// Those of `held` (the tasks the leader's memory says agents hold) whose agent is offline,
+/// terminated or quarantined go back to ready; their next dispatch raises the attempt, fencing
+/// off the lost holder.
 pub async fn reclaim_from_lost_agents(
     db: &mut PgConnection,
+    held: &[TaskId],
 ) -> Result<Vec<(TaskRecord, AgentId)>, DbError> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -472,7 +480,7 @@ pub async fn reclaim_from_lost_agents(
     let rows = sqlx::query_as::<_, Row>(
         "WITH lost AS (
              SELECT t.id, t.agent_id FROM tasks t JOIN agents a ON a.id = t.agent_id
-             WHERE t.status IN ('assigned', 'running')
+             WHERE t.id = ANY($1) AND t.status IN ('assigned', 'running')
                AND a.status IN ('offline', 'terminated', 'quarantined')
              FOR UPDATE OF t
          )
@@ -481,6 +489,7 @@ pub async fn reclaim_from_lost_agents(
          FROM lost WHERE t.id = lost.id
          RETURNING t.*, lost.agent_id AS lost_agent",
     )
+    .bind(held)
     .fetch_all(&mut *db)
     .await?;
     Ok(rows.into_iter().map(|r| (r.task, r.lost_agent)).collect())
@@ -495,7 +504,7 @@ pub async fn reclaim_from_agent(
     Ok(sqlx::query_as::<_, TaskRecord>(
         "UPDATE tasks SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now(),
              error = 'its agent was registered again by a new process'
-         WHERE agent_id = $1 AND status IN ('assigned', 'running')
+         WHERE finished_at IS NULL AND agent_id = $1 AND status IN ('assigned', 'running')
          RETURNING *",
     )
     .bind(agent)
@@ -503,26 +512,31 @@ pub async fn reclaim_from_agent(
     .await?)
 }
 
-/// Running tasks past their timeout, and assigned tasks never started within
-/// `start_timeout_ms` (their dispatch was lost or never picked up).
+/// Of `held` (the tasks the leader's memory says agents hold): those running past their
+/// timeout, and those assigned but never started within `start_timeout_ms` (their dispatch was
+/// lost or never picked up).
 pub async fn overdue(
     db: &mut PgConnection,
+    held: &[TaskId],
     start_timeout_ms: i64,
 ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), DbError> {
-    let timed_out = sqlx::query_as::<_, TaskRecord>(
-        "SELECT * FROM tasks WHERE status = 'running' AND timeout_seconds IS NOT NULL
-           AND started_at + make_interval(secs => timeout_seconds) < now()",
+    if held.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let overdue = sqlx::query_as::<_, TaskRecord>(
+        "SELECT * FROM tasks WHERE id = ANY($1)
+           AND ((status = 'running' AND timeout_seconds IS NOT NULL
+                 AND started_at + make_interval(secs => timeout_seconds) < now())
+             OR (status = 'assigned'
+                 AND updated_at < now() - make_interval(secs => $2::float8 / 1000)))",
     )
-    .fetch_all(&mut *db)
-    .await?;
-    let never_started = sqlx::query_as::<_, TaskRecord>(
-        "SELECT * FROM tasks WHERE status = 'assigned'
-           AND updated_at < now() - make_interval(secs => $1::float8 / 1000)",
-    )
+    .bind(held)
     .bind(start_timeout_ms)
     .fetch_all(&mut *db)
     .await?;
-    Ok((timed_out, never_started))
+    Ok(overdue
+        .into_iter()
+        .partition(|t| t.status == crate::domain::TaskStatus::Running))
 }
 
 /// Fail-fast: every unfinished task of the workflow is cancelled.
@@ -532,8 +546,10 @@ pub async fn cancel_unfinished(
     reason: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now()
-         WHERE workflow_id = $1 AND status IN ('pending', 'ready', 'assigned', 'running', 'retry_wait')
+        "UPDATE tasks SET status = 'cancelled', error = $2, retry_at = NULL, finished_at = now(),
+             updated_at = now()
+         WHERE workflow_id = $1 AND finished_at IS NULL
+           AND status IN ('pending', 'ready', 'assigned', 'running', 'retry_wait')
          RETURNING *",
     )
     .bind(workflow)

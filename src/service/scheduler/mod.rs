@@ -444,7 +444,8 @@ impl Scheduler {
         let (done, failed) = self.apply_reports(&mut tx, reports, &mut changes).await?;
         let (mut done, mut failed) = (done, failed);
         if maintain {
-            let (d, f) = self.maintain(&mut tx, &mut changes).await?;
+            let held = state.held();
+            let (d, f) = self.maintain(&mut tx, &held, &mut changes).await?;
             done.extend(d);
             failed.extend(f);
         }
@@ -643,17 +644,20 @@ impl Scheduler {
     }
 
     /// Retries that are due, tasks of lost agents, timeouts, dispatches never started and
-    /// sync points past their time. Returns what completed and what failed.
+    /// sync points past their time. The tasks agents hold are looked for among `held` (what
+    /// memory says they hold, repaired by the reconciliation). Returns what completed and what
+    /// failed.
     async fn maintain(
         &self,
         conn: &mut PgConnection,
+        held: &[TaskId],
         changes: &mut Changes,
     ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
         let due = scheduling::promote_due_retries(&mut *conn)
             .await
             .map_err(db)?;
         changes.tasks(due);
-        let reclaimed = scheduling::reclaim_from_lost_agents(&mut *conn)
+        let reclaimed = scheduling::reclaim_from_lost_agents(&mut *conn, held)
             .await
             .map_err(db)?;
         for (task, agent) in &reclaimed {
@@ -662,7 +666,7 @@ impl Scheduler {
         }
         changes.tasks(reclaimed.into_iter().map(|(t, _)| t).collect());
         let (timed_out, never_started) =
-            scheduling::overdue(&mut *conn, self.config.start_timeout_ms)
+            scheduling::overdue(&mut *conn, held, self.config.start_timeout_ms)
                 .await
                 .map_err(db)?;
         let mut failed = Vec::new();

@@ -197,6 +197,11 @@ impl State {
         self.queue.contains(task) || self.holders.contains_key(&task)
     }
 
+    /// The tasks agents hold, as far as memory knows.
+    pub fn held(&self) -> Vec<TaskId> {
+        self.holders.keys().copied().collect()
+    }
+
     /// Tasks held by `agent` now.
     pub fn load_of(&self, agent: AgentId) -> i32 {
         self.in_flight.get(&agent).copied().unwrap_or(0)
