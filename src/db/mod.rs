@@ -2,6 +2,7 @@
 //! aggregate. State changes are compare-and-set updates (`… WHERE status = $expected`).
 
 pub mod agents;
+pub mod collaboration;
 pub mod coordination;
 pub mod outbox;
 pub mod scheduling;

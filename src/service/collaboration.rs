@@ -16,6 +16,7 @@ use super::registry::normalize;
 use super::workflows::task_events;
 use crate::bus::EventBus;
 use crate::db::DbError;
+use crate::db::collaboration as collab;
 use crate::domain::{AgentId, AgentStatus, TaskId};
 use crate::protocol::Event;
 use crate::protocol::collaboration::{
@@ -173,20 +174,18 @@ impl Collaboration {
             .metadata
             .clone()
             .unwrap_or_else(|| serde_json::json!({}));
-        let thread = sqlx::query_as::<_, Thread>(
-            "INSERT INTO threads (id, thread_type, participants, task_id, workflow_id, title, metadata)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        let thread = collab::insert_thread(
+            &self.pool,
+            &collab::NewThread {
+                thread_type: req.thread_type.as_str(),
+                participants: &participants,
+                task_id: req.task_id,
+                workflow_id: req.workflow_id,
+                title: req.title.as_deref(),
+                metadata: &metadata,
+            },
         )
-        .bind(Uuid::now_v7())
-        .bind(req.thread_type.as_str())
-        .bind(&participants)
-        .bind(req.task_id)
-        .bind(req.workflow_id)
-        .bind(&req.title)
-        .bind(&metadata)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
+        .await?;
         self.bus
             .publish(Event::CollabStarted(CollabStarted {
                 thread_id: thread.id,
@@ -213,12 +212,7 @@ impl Collaboration {
     }
 
     pub async fn get_thread(&self, id: Uuid) -> Result<Thread, ServiceError> {
-        sqlx::query_as::<_, Thread>("SELECT * FROM threads WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| ServiceError::NotFound(format!("thread {id} not found")))
+        Ok(collab::get_thread(&self.pool, id).await?)
     }
 
     /// Threads by participant, task and status (any combination), newest first.
@@ -229,20 +223,7 @@ impl Collaboration {
         status: Option<String>,
         limit: i64,
     ) -> Result<Vec<Thread>, ServiceError> {
-        sqlx::query_as::<_, Thread>(
-            "SELECT * FROM threads
-             WHERE ($1::uuid IS NULL OR $1 = ANY(participants))
-               AND ($2::uuid IS NULL OR task_id = $2)
-               AND ($3::text IS NULL OR status = $3)
-             ORDER BY created_at DESC LIMIT $4",
-        )
-        .bind(agent)
-        .bind(task)
-        .bind(status)
-        .bind(limit.clamp(1, 1_000))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)
+        Ok(collab::list_threads(&self.pool, agent, task, status.as_deref(), limit).await?)
     }
 
     /// Closes a thread: `resolved` (default) or `abandoned`.
@@ -258,15 +239,7 @@ impl Collaboration {
                 "must be resolved or abandoned",
             ));
         }
-        let thread = sqlx::query_as::<_, Thread>(
-            "UPDATE threads SET status = $2, closed_at = now(), updated_at = now()
-             WHERE id = $1 AND status = 'active' RETURNING *",
-        )
-        .bind(id)
-        .bind(&status)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
+        let thread = collab::close_thread(&self.pool, id, &status).await?;
         let Some(thread) = thread else {
             let current = self.get_thread(id).await?;
             return Err(ServiceError::Conflict(format!(
@@ -321,20 +294,18 @@ impl Collaboration {
             .metadata
             .clone()
             .unwrap_or_else(|| serde_json::json!({}));
-        let message = sqlx::query_as::<_, Message>(
-            "INSERT INTO messages (id, thread_id, sender_id, recipient_id, message_type, content, metadata)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        let message = collab::insert_message(
+            &self.pool,
+            &collab::NewMessage {
+                thread_id: thread.id,
+                sender_id: req.sender_id,
+                recipient_id: req.recipient_id,
+                message_type: &req.message_type,
+                content: &req.content,
+                metadata: &metadata,
+            },
         )
-        .bind(Uuid::now_v7())
-        .bind(thread.id)
-        .bind(req.sender_id)
-        .bind(req.recipient_id)
-        .bind(&req.message_type)
-        .bind(&req.content)
-        .bind(&metadata)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
+        .await?;
         let recipients: Vec<AgentId> = match req.recipient_id {
             Some(r) => vec![r],
             None => thread
@@ -405,20 +376,7 @@ impl Collaboration {
     ) -> Result<MessagePage, ServiceError> {
         self.get_thread(thread).await?;
         let limit = limit.clamp(1, 500);
-        let messages = sqlx::query_as::<_, Message>(
-            "SELECT * FROM messages
-             WHERE thread_id = $1 AND ($2::uuid IS NULL OR id < $2)
-               AND ($3::uuid IS NULL OR (sender_id <> $3 AND NOT ($3 = ANY(read_by))
-                                         AND (recipient_id IS NULL OR recipient_id = $3)))
-             ORDER BY id DESC LIMIT $4",
-        )
-        .bind(thread)
-        .bind(before)
-        .bind(unread_for)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        let messages = collab::list_messages(&self.pool, thread, before, unread_for, limit).await?;
         let next_cursor = (messages.len() as i64 == limit)
             .then(|| messages.last().map(|m| m.id))
             .flatten();
@@ -430,37 +388,18 @@ impl Collaboration {
 
     /// Records that `agent` read the message.
     pub async fn mark_read(&self, message: Uuid, agent: AgentId) -> Result<Message, ServiceError> {
-        let m = sqlx::query_as::<_, Message>("SELECT * FROM messages WHERE id = $1")
-            .bind(message)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| ServiceError::NotFound(format!("message {message} not found")))?;
+        let m = collab::get_message(&self.pool, message).await?;
         let thread = self.get_thread(m.thread_id).await?;
         if !thread.participants.contains(&agent) {
             return Err(ServiceError::Forbidden(format!(
                 "agent {agent} is not a participant"
             )));
         }
-        sqlx::query_as::<_, Message>(
-            "UPDATE messages SET read_by = CASE WHEN $2 = ANY(read_by) THEN read_by
-                                               ELSE array_append(read_by, $2) END
-             WHERE id = $1 RETURNING *",
-        )
-        .bind(message)
-        .bind(agent)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)
+        Ok(collab::mark_read(&self.pool, message, agent).await?)
     }
 
     pub async fn get_handoff(&self, id: Uuid) -> Result<Handoff, ServiceError> {
-        sqlx::query_as::<_, Handoff>("SELECT * FROM handoffs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| ServiceError::NotFound(format!("handoff {id} not found")))
+        Ok(collab::get_handoff(&self.pool, id).await?)
     }
 
     /// Records a handoff request and offers it: to the named target, or (open handoff) to the
@@ -521,20 +460,14 @@ impl Collaboration {
         let mut released = None;
         if req.release {
             // Parked in retry_wait until the decision; expiry makes it ready again on its own.
-            released = sqlx::query_as::<_, TaskRecord>(
-                "UPDATE tasks SET status = 'retry_wait', retry_at = $4, agent_id = NULL,
-                     error = 'waiting for a handoff', updated_at = now()
-                 WHERE id = $1 AND agent_id = $2 AND status IN ('assigned', 'running')
-                   AND ($3::integer IS NULL OR attempt = $3)
-                 RETURNING *",
+            released = collab::park_for_handoff(
+                &mut *tx,
+                req.task_id,
+                req.from_agent_id,
+                req.attempt,
+                expires_at,
             )
-            .bind(req.task_id)
-            .bind(req.from_agent_id)
-            .bind(req.attempt)
-            .bind(expires_at)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+            .await?;
             if released.is_none() {
                 return Err(ServiceError::Conflict(format!(
                     "task {} is not held by agent {} at that attempt",
@@ -542,24 +475,22 @@ impl Collaboration {
                 )));
             }
         }
-        let handoff = sqlx::query_as::<_, Handoff>(
-            "INSERT INTO handoffs (id, task_id, thread_id, from_agent_id, to_agent_id, capabilities,
-                                   reason, context, on_decline, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+        let context = req.context.clone().unwrap_or_else(|| serde_json::json!({}));
+        let handoff = collab::insert_handoff(
+            &mut *tx,
+            &collab::NewHandoff {
+                task_id: req.task_id,
+                thread_id: req.thread_id,
+                from_agent_id: req.from_agent_id,
+                to_agent_id: req.to_agent_id,
+                capabilities: &capabilities,
+                reason: &req.reason,
+                context: &context,
+                on_decline: &req.on_decline,
+                expires_at,
+            },
         )
-        .bind(Uuid::now_v7())
-        .bind(req.task_id)
-        .bind(req.thread_id)
-        .bind(req.from_agent_id)
-        .bind(req.to_agent_id)
-        .bind(&capabilities)
-        .bind(&req.reason)
-        .bind(req.context.clone().unwrap_or_else(|| serde_json::json!({})))
-        .bind(&req.on_decline)
-        .bind(expires_at)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
+        .await?;
         tx.commit().await.map_err(db)?;
         let offer = InboxItem::HandoffOffer(handoff.event());
         let offered: Vec<AgentId> = match handoff.to_agent_id {
@@ -591,16 +522,7 @@ impl Collaboration {
 
     /// Live agents (other than the requester) that may accept an open handoff, best fit first.
     async fn eligible(&self, h: &Handoff) -> Result<Vec<AgentRecord>, ServiceError> {
-        let agents = sqlx::query_as::<_, AgentRecord>(
-            "SELECT * FROM agents WHERE capabilities @> $1 AND id <> $2
-               AND status IN ('idle', 'running', 'degraded') ORDER BY current_load, name",
-        )
-        .bind(&h.capabilities)
-        .bind(h.from_agent_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(agents)
+        Ok(collab::handoff_candidates(&self.pool, &h.capabilities, h.from_agent_id).await?)
     }
 
     async fn check_eligible(&self, h: &Handoff, agent: AgentId) -> Result<(), ServiceError> {
@@ -627,17 +549,7 @@ impl Collaboration {
         by: Option<AgentId>,
         reason: Option<&str>,
     ) -> Result<Handoff, ServiceError> {
-        let decided = sqlx::query_as::<_, Handoff>(
-            "UPDATE handoffs SET status = $2, decided_by = $3, decision_reason = $4, decided_at = now()
-             WHERE id = $1 AND status = 'requested' RETURNING *",
-        )
-        .bind(id)
-        .bind(status)
-        .bind(by)
-        .bind(reason)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
+        let decided = collab::decide_handoff(&mut **tx, id, status, by, reason).await?;
         match decided {
             Some(h) => Ok(h),
             None => {
@@ -672,22 +584,7 @@ impl Collaboration {
         let handoff_input = serde_json::json!({
             "handoff": {"id": id, "from_agent_id": h.from_agent_id, "reason": h.reason, "context": h.context}
         });
-        let moved = sqlx::query_as::<_, TaskRecord>(
-            "UPDATE tasks SET
-                 status = CASE WHEN status IN ('assigned', 'running', 'retry_wait') THEN 'ready' ELSE status END,
-                 agent_id = CASE WHEN status IN ('assigned', 'running') THEN NULL ELSE agent_id END,
-                 ready_at = CASE WHEN status IN ('assigned', 'running', 'retry_wait') THEN now() ELSE ready_at END,
-                 retry_at = NULL, pinned_agent_id = $2,
-                 input = CASE WHEN jsonb_typeof(input) = 'object' THEN input || $3 ELSE input END,
-                 updated_at = now()
-             WHERE id = $1 AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING *",
-        )
-        .bind(h.task_id)
-        .bind(agent)
-        .bind(&handoff_input)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
+        let moved = collab::move_to_acceptor(&mut *tx, h.task_id, agent, &handoff_input).await?;
         let Some(task) = moved else {
             return Err(ServiceError::Conflict(format!(
                 "task {} has already finished",
@@ -752,12 +649,7 @@ impl Collaboration {
     /// Expires requested handoffs past their time (run by the leader); each then behaves as a
     /// decline.
     pub async fn expire_due(&self) -> Result<Vec<Handoff>, ServiceError> {
-        let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM handoffs WHERE status = 'requested' AND expires_at < now()",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        let due = collab::due_handoffs(&self.pool).await?;
         let mut expired = Vec::new();
         for id in due {
             let mut tx = self.pool.begin().await.map_err(db)?;
@@ -793,17 +685,6 @@ impl Collaboration {
             return Ok(None);
         }
         // Held by the requester, or parked by it while waiting for this decision.
-        sqlx::query_as::<_, TaskRecord>(
-            "UPDATE tasks SET status = 'ready', agent_id = NULL, retry_at = NULL, ready_at = now(),
-                 updated_at = now()
-             WHERE id = $1 AND ((status IN ('assigned', 'running') AND agent_id = $2)
-                                OR (status = 'retry_wait' AND error = 'waiting for a handoff'))
-             RETURNING *",
-        )
-        .bind(h.task_id)
-        .bind(h.from_agent_id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)
+        Ok(collab::reschedule_handed_off(&mut **tx, h.task_id, h.from_agent_id).await?)
     }
 }
