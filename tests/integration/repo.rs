@@ -39,20 +39,22 @@ fn docker_compose_parses_and_names_the_services() {
     assert!(dockerfile.contains("--bin omoi") && dockerfile.contains("ENTRYPOINT [\"omoi\"]"));
 }
 
+/// Adds the Rust files under `path` (or `path` itself) to `out`.
+fn walk(path: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap().flatten() {
+            walk(&entry.path(), out);
+        }
+    } else if path.extension().is_some_and(|e| e == "rs") {
+        out.push(path.to_path_buf());
+    }
+}
+
 /// The worker, the clients and the wire contract speak through `protocol/` and `bus/` only: none
 /// of them imports `service/` or `db/` (so they could live in a crate of their own, as the
 /// Python SDK lives beside them).
 #[test]
 fn the_wire_side_never_imports_the_server() {
-    fn walk(path: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(path).unwrap().flatten() {
-                walk(&entry.path(), out);
-            }
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path.to_path_buf());
-        }
-    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     for part in ["protocol", "worker", "bus", "domain", "client.rs"] {
@@ -65,6 +67,25 @@ fn the_wire_side_never_imports_the_server() {
             assert!(
                 !text.contains(server),
                 "{} uses {server}: the wire side must not depend on the server",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The use-cases hold no SQL: every statement lives in `db/`, one module per aggregate.
+#[test]
+fn the_services_hold_no_sql() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&root.join("service"), &mut files);
+    assert!(files.len() > 5, "{files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for sql in ["sqlx::query", "query_as", "query_scalar", "raw_sql"] {
+            assert!(
+                !text.contains(sql),
+                "{} runs SQL ({sql}): statements belong in db/",
                 file.display()
             );
         }
