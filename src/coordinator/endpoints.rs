@@ -493,7 +493,14 @@ async fn take_upload(
         .take(limit + 1)
         .read_to_end(&mut body)
         .await
-        .map_err(|e| unavailable(&e));
+        .map_err(|e| match e.kind() {
+            // The chunks do not add up to the digest the object's meta names: forged or torn.
+            std::io::ErrorKind::InvalidData => ServiceError::validation(
+                "object",
+                format!("the upload does not match its SHA-256 digest ({e}); put it again"),
+            ),
+            _ => unavailable(&e),
+        });
     // Deleted whatever happens next; the store's max age drops it anyway.
     if let Err(e) = store.delete(name).await {
         tracing::debug!(error = %e, object = name, "could not delete an upload; it expires");

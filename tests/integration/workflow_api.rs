@@ -262,6 +262,35 @@ async fn an_upload_missing_too_large_or_not_a_workflow_gets_a_clear_error_and_is
         ask("cyclic").await.map(|_| ()).unwrap_err().code(),
         Some(ErrorCode::Validation)
     );
+    // An object whose meta names a digest its chunks do not have (forged, or torn): a clear
+    // refusal, not "unavailable" (which tells a client to try the same again).
+    let ok = json!({"name": "fine", "tasks": [{"key": "a"}]});
+    let info = store
+        .put("forged", &mut serde_json::to_vec(&ok).unwrap().as_slice())
+        .await
+        .unwrap();
+    let mut meta = serde_json::to_value(&info).unwrap();
+    meta["digest"] = json!("SHA-256=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    c.env
+        .js
+        .publish_with_headers(
+            // The meta subject names the object in URL-safe base64: "forged" → "Zm9yZ2Vk".
+            format!("$O.{}.M.Zm9yZ2Vk", c.env.names.bucket("uploads")),
+            headers,
+            serde_json::to_vec(&meta).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    match ask("forged").await {
+        Err(omoi::client::ClientError::Remote(e)) if e.code == ErrorCode::Validation => {
+            assert!(e.message.contains("digest"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(uploads_left(&c).await, 0, "every upload read is deleted");
     c.stop().await;
 }
