@@ -15,6 +15,7 @@ import logging
 import random
 import signal
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Optional
@@ -305,6 +306,9 @@ class Agent:
         self.record: Optional[dict[str, Any]] = None
         self.locks: Optional[LockManager] = None
         self.deregistered = False
+        # Names this process to the registry: a registration sent again after a lost reply
+        # is answered with the agent, not refused as a name held by someone else.
+        self.instance = f"omoi-py-{uuid.uuid4().hex}"
         self._running: dict[str, _Running] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -508,6 +512,7 @@ class Agent:
             "capabilities": self.capabilities,
             "capacity": self.capacity,
             "tags": self.tags,
+            "instance": self.instance,
         }
         if self.metadata is not None:
             body["metadata"] = self.metadata

@@ -61,9 +61,12 @@ class AgentRegistryClient(Client):
         metadata: dict[str, Any] | None = None,
         phase_id: str | None = None,
         executors: Iterable[str] | None = None,
+        instance: str | None = None,
     ) -> AgentRecord:
         """Registers agent ``name`` (or takes over its name from a stale or offline agent:
         same id). ``executors``: the executor names it runs; ``None`` offers any (``*``).
+        ``instance`` names the registering process: the same instance registering again while
+        its agent is live is answered with the agent (a lost reply can be retried).
         Raises :class:`~omoi.errors.ConflictError` when a live agent holds the name,
         :class:`~omoi.errors.ValidationError` for a bad field. The reply comes once the
         agent's dispatch and inbox consumers exist."""
@@ -81,6 +84,8 @@ class AgentRegistryClient(Client):
             body["phase_id"] = phase_id
         if executors is not None:
             body["executors"] = list(executors)
+        if instance is not None:
+            body["instance"] = instance
         nc = await self._conn.nc()
         return await request(nc, self.names.act(self.names.agent_id(name), "register"), body, self.timeout)  # type: ignore[no-any-return]
 

@@ -123,6 +123,12 @@ def test_errors_carry_codes(plane: ControlPlane) -> None:
             with pytest.raises(ConflictError) as conflict:
                 await reg.register(name, ["x"])
             assert conflict.value.code == "conflict" and conflict.value.status == 409
+            # The same process registering again (its reply lost) is answered with the agent.
+            again = unique("retry")
+            first = await reg.register(again, ["x"], instance="proc-1")
+            assert await reg.register(again, ["x"], instance="proc-1") == first
+            with pytest.raises(ConflictError):
+                await reg.register(again, ["x"], instance="proc-2")
             # Validation, naming the field.
             with pytest.raises(ValidationError) as bad:
                 await reg.register(unique("err"), ["x"], capacity=0)

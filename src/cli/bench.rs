@@ -512,6 +512,7 @@ async fn fetch_and_assign(
                 tags: vec![],
                 metadata: serde_json::json!({}),
                 executors: vec!["echo".into()],
+                instance: None,
             },
         )
         .await?;

@@ -43,6 +43,8 @@ pub struct NewAgent {
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
     pub executors: Vec<String>,
+    /// The registering process, as it names itself.
+    pub instance: Option<String>,
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -53,8 +55,8 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 pub async fn insert(db: impl PgExecutor<'_>, new: &NewAgent) -> Result<AgentRecord, DbError> {
     sqlx::query_as::<_, AgentRecord>(
         "INSERT INTO agents (id, name, agent_type, phase_id, capabilities, capacity, tags,
-                             metadata, executors, status, health_status, last_heartbeat)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'idle', 'healthy', now())
+                             metadata, executors, instance, status, health_status, last_heartbeat)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'idle', 'healthy', now())
          RETURNING *",
     )
     .bind(new.id)
@@ -66,6 +68,7 @@ pub async fn insert(db: impl PgExecutor<'_>, new: &NewAgent) -> Result<AgentReco
     .bind(&new.tags)
     .bind(&new.metadata)
     .bind(&new.executors)
+    .bind(&new.instance)
     .fetch_one(db)
     .await
     .map_err(|e| {
@@ -248,9 +251,9 @@ pub async fn reregister(
 ) -> Result<AgentRecord, DbError> {
     Ok(sqlx::query_as::<_, AgentRecord>(
         "UPDATE agents SET name = $2, agent_type = $3, phase_id = $4, capabilities = $5,
-             capacity = $6, tags = $7, metadata = $8, executors = $9, status = 'idle',
-             health_status = 'healthy', current_load = 0, last_heartbeat = now(),
-             updated_at = now()
+             capacity = $6, tags = $7, metadata = $8, executors = $9, instance = $10,
+             status = 'idle', health_status = 'healthy', current_load = 0,
+             last_heartbeat = now(), updated_at = now()
          WHERE id = $1 RETURNING *",
     )
     .bind(new.id)
@@ -262,8 +265,20 @@ pub async fn reregister(
     .bind(&new.tags)
     .bind(&new.metadata)
     .bind(&new.executors)
+    .bind(&new.instance)
     .fetch_one(&mut **tx)
     .await?)
+}
+
+/// The process that registered agent `id`, as it named itself (`None`: none named).
+pub async fn instance_of(db: impl PgExecutor<'_>, id: AgentId) -> Result<Option<String>, DbError> {
+    Ok(
+        sqlx::query_scalar::<_, Option<String>>("SELECT instance FROM agents WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?
+            .flatten(),
+    )
 }
 
 /// The fields a partial update may change (`None`: unchanged).

@@ -69,6 +69,12 @@ pub struct RegisterRequest {
     /// none named: any (`*`).
     #[serde(default)]
     pub executors: Vec<String>,
+    /// The registering process, as it names itself (1 to 128 printable characters; a random
+    /// UUID per process will do): the same instance registering again while its agent is live
+    /// is answered with the agent as it stands — a registration whose reply was lost can be
+    /// sent again — where any other meets `conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// `PATCH /api/v1/agents/{id}` and `<ns>.act.<agent_id>.update`: only the fields present change.

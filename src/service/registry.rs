@@ -126,6 +126,15 @@ impl Registry {
         if req.agent_type.trim().is_empty() {
             return Err(ServiceError::validation("agent_type", "must not be empty"));
         }
+        if let Some(instance) = &req.instance {
+            let n = instance.chars().count();
+            if n == 0 || n > 128 || instance.chars().any(char::is_control) {
+                return Err(ServiceError::validation(
+                    "instance",
+                    "must be 1 to 128 characters, none of them a control character",
+                ));
+            }
+        }
         let metadata = req
             .metadata
             .clone()
@@ -148,14 +157,41 @@ impl Registry {
             tags,
             metadata,
             executors,
+            instance: req.instance.clone(),
         };
         let mut tx = self.pool.begin().await.map_err(crate::db::DbError::from)?;
         let mut retired = None;
         let mut reclaimed = Vec::new();
-        let (agent, previous) = match agents::lock_live_by_name(&mut tx, &req.name).await? {
+        let live = agents::lock_live_by_name(&mut tx, &req.name).await?;
+        let repeated = match (&live, &req.instance) {
+            (Some(old), Some(instance)) if old.id == id => {
+                agents::instance_of(&mut *tx, id).await?.as_ref() == Some(instance)
+            }
+            _ => false,
+        };
+        let (agent, previous) = match live {
+            // The same process again (its first reply was lost): the agent as it stands, with
+            // its consumers and mirror made sure of below; nothing changes, nothing is announced.
+            Some(old)
+                if repeated && !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) =>
+            {
+                drop(tx);
+                crate::bus::provision::ensure_agent_consumers(
+                    self.bus.jetstream(),
+                    self.bus.names(),
+                    old.id,
+                    &old.name,
+                    old.capacity,
+                )
+                .await?;
+                self.mirror(&old).await?;
+                tracing::info!(agent.id = %old.id, "registration repeated by the same instance; answered with the agent");
+                return Ok((old, false));
+            }
             Some(old) if !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
                 return Err(ServiceError::Conflict(format!(
-                    "an agent named `{}` is already registered and {} (id {})",
+                    "an agent named `{}` is already registered and {} (id {}); while it is \
+                     live only the instance that registered it registers it again",
                     old.name, old.status, old.id
                 )));
             }

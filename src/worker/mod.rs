@@ -263,6 +263,8 @@ async fn register_until_accepted(
         capacity: spec.capacity,
         tags: spec.tags.clone(),
         metadata: None,
+        // One per process and agent: a retry after a lost reply is answered, not refused.
+        instance: Some(format!("omoi-worker-{}", uuid::Uuid::new_v4().simple())),
     };
     let backoff = RetryPolicy {
         base_delay: Duration::from_millis(200),

@@ -23,6 +23,7 @@ fn register_req(name: &str) -> RegisterRequest {
         capacity: 3,
         tags: vec![],
         metadata: None,
+        instance: None,
     }
 }
 

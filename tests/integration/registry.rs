@@ -319,6 +319,68 @@ async fn availability_status_health_statistics_and_deregistration() {
         .await;
 }
 
+/// A registration whose reply was lost is sent again by the same process: answered with the
+/// agent, unchanged and unannounced; another process (or one naming no instance) meets
+/// `conflict` while the agent is live. Its consumers are made sure of again.
+#[tokio::test]
+async fn the_same_instance_registering_again_is_answered_and_another_meets_conflict() {
+    let r = start().await;
+    let req = |instance: Option<&str>| RegisterRequest {
+        v: None,
+        name: "retrier".into(),
+        agent_type: "worker".into(),
+        phase_id: None,
+        capabilities: vec!["x".into()],
+        capacity: 2,
+        tags: vec![],
+        metadata: None,
+        instance: instance.map(Into::into),
+        executors: vec![],
+    };
+    let first = r.client.register(&req(Some("proc-1"))).await.unwrap();
+    // The dispatch consumer the first registration made is gone (as if the control plane died
+    // before making it): the repeat makes it again.
+    let dispatch = r.env.names.stream(omoi::bus::names::STREAM_DISPATCH);
+    let consumer = format!("agent-{}", first.id);
+    let stream = r.env.js.get_stream(&dispatch).await.unwrap();
+    stream.delete_consumer(&consumer).await.unwrap();
+
+    let again = r.client.register(&req(Some("proc-1"))).await.unwrap();
+    assert_eq!(again, first, "answered with the agent as it stands");
+    assert!(stream.consumer_info(&consumer).await.is_ok(), "made again");
+    for other in [Some("proc-2"), None] {
+        let err = r.client.register(&req(other)).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Conflict), "{other:?}: {err}");
+    }
+    let bad = r.client.register(&req(Some("a\u{7}b"))).await.unwrap_err();
+    assert_eq!(bad.code(), Some(ErrorCode::Validation), "{bad}");
+
+    // Only the first registration was announced.
+    let mut sub = r
+        .env
+        .bus
+        .subscribe(Subscription {
+            filter: Some("agent.registered".into()),
+            ..Subscription::default()
+        })
+        .await
+        .unwrap();
+    let mut registered = 0;
+    // Stored before the first reply: wait for it as long as it takes, then for a second one.
+    let quiet = |registered| Duration::from_millis(if registered == 0 { 30_000 } else { 500 });
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(quiet(registered), sub.next()).await {
+        if matches!(&d.value.event, Event::AgentRegistered(a) if a.agent_id == first.id) {
+            registered += 1;
+        }
+        d.ack().await.unwrap();
+    }
+    assert_eq!(registered, 1);
+    let gone = r.client.deregister(first.id).await.unwrap();
+    assert_eq!(gone.status, AgentStatus::Terminated);
+    // Once it is gone, any instance registers the name anew.
+    r.client.register(&req(Some("proc-2"))).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_agent_deregisters_itself_over_nats_and_its_consumers_go() {
     let r = start().await;
@@ -333,6 +395,7 @@ async fn an_agent_deregisters_itself_over_nats_and_its_consumers_go() {
             capacity: 2,
             tags: vec![],
             metadata: None,
+            instance: None,
             executors: vec![],
         })
         .await
@@ -517,6 +580,7 @@ async fn bad_input_gets_a_clear_error_and_stores_nothing() {
             capacity: -1,
             tags: vec![],
             metadata: None,
+            instance: None,
         })
         .await
         .unwrap_err();
