@@ -199,6 +199,8 @@ pub struct NewHandoff<'a> {
     pub context: &'a serde_json::Value,
     pub on_decline: &'a str,
     pub expires_at: DateTime<Utc>,
+    /// The attempt of the task the requester released to wait for the decision.
+    pub parked_attempt: Option<i32>,
 }
 
 pub async fn insert_handoff(
@@ -207,8 +209,8 @@ pub async fn insert_handoff(
 ) -> Result<Handoff, DbError> {
     Ok(sqlx::query_as::<_, Handoff>(
         "INSERT INTO handoffs (id, task_id, thread_id, from_agent_id, to_agent_id, capabilities,
-                               reason, context, on_decline, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+                               reason, context, on_decline, expires_at, parked_attempt)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
     )
     .bind(Uuid::now_v7())
     .bind(new.task_id)
@@ -220,6 +222,7 @@ pub async fn insert_handoff(
     .bind(new.context)
     .bind(new.on_decline)
     .bind(new.expires_at)
+    .bind(new.parked_attempt)
     .fetch_one(db)
     .await?)
 }
@@ -319,22 +322,23 @@ pub async fn due_handoffs(db: impl PgExecutor<'_>) -> Result<Vec<Uuid>, DbError>
     .await?)
 }
 
-/// A declined or expired handoff's task goes back to ready for the next best fit, if the
-/// requester `from` still holds it or it is parked waiting for the decision.
+/// A declined or expired handoff's task goes back to ready for the next best fit, if its
+/// requester still holds it, or it still waits, at the attempt it was released at, for this
+/// decision.
 pub async fn reschedule_handed_off(
     db: impl PgExecutor<'_>,
-    task: TaskId,
-    from: AgentId,
+    handoff: Uuid,
 ) -> Result<Option<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks SET status = 'ready', agent_id = NULL, retry_at = NULL, ready_at = now(),
+        "UPDATE tasks t SET status = 'ready', agent_id = NULL, retry_at = NULL, ready_at = now(),
              updated_at = now()
-         WHERE id = $1 AND ((status IN ('assigned', 'running') AND agent_id = $2)
-                            OR (status = 'retry_wait' AND error = 'waiting for a handoff'))
-         RETURNING *",
+         FROM handoffs h
+         WHERE h.id = $1 AND t.id = h.task_id
+           AND ((t.status IN ('assigned', 'running') AND t.agent_id = h.from_agent_id)
+                OR (t.status = 'retry_wait' AND t.attempt = h.parked_attempt))
+         RETURNING t.*",
     )
-    .bind(task)
-    .bind(from)
+    .bind(handoff)
     .fetch_optional(db)
     .await?)
 }

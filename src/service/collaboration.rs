@@ -488,6 +488,7 @@ impl Collaboration {
                 context: &context,
                 on_decline: &req.on_decline,
                 expires_at,
+                parked_attempt: released.as_ref().map(|t| t.attempt),
             },
         )
         .await?;
@@ -685,6 +686,6 @@ impl Collaboration {
             return Ok(None);
         }
         // Held by the requester, or parked by it while waiting for this decision.
-        Ok(collab::reschedule_handed_off(&mut **tx, h.task_id, h.from_agent_id).await?)
+        Ok(collab::reschedule_handed_off(&mut **tx, h.id).await?)
     }
 }

@@ -412,6 +412,49 @@ async fn an_expired_handoff_returns_the_task_to_scheduling() {
     c.stop().await;
 }
 
+/// A task its holder released to wait for a handoff is parked at its attempt; the decline puts
+/// it back to ready and it runs again, at the next attempt (the parked attempt, not the text
+/// of its error, says it waits for this decision).
+#[tokio::test]
+async fn a_released_task_whose_handoff_is_declined_is_scheduled_again() {
+    let mut c = Cluster::start().await;
+    c.spawn_shell_worker("w1", "x", 1).await;
+    let http = c.http();
+    let b = register(&http, "b", &["y"]).await;
+    let wf = c
+        .submit(json!({"name": "rel", "tasks": [{"key": "job", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 1500}}]}))
+        .await;
+    let running = eventually(Duration::from_secs(10), "running", || async {
+        let v = c.client.get(wf.workflow_id).await.unwrap();
+        let t = task(&v, "job").clone();
+        (t.status == TaskStatus::Running).then_some(t)
+    })
+    .await;
+    let (status, h) = http
+        .post("/api/v1/collaboration/handoff/request", &json!({"task_id": running.id, "from_agent_id": running.agent_id, "to_agent_id": b, "release": true, "attempt": running.attempt, "on_decline": "reschedule"}))
+        .await;
+    assert_eq!(status, 201, "{h}");
+    let parked = c.client.get(wf.workflow_id).await.unwrap();
+    assert_eq!(task(&parked, "job").status, TaskStatus::RetryWait);
+    let id = h["id"].as_str().unwrap().to_string();
+    let (status, d) = http
+        .post(
+            &format!("/api/v1/collaboration/handoff/{id}/decline?agent_id={b}"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{d}");
+    let view = c.wait(wf.workflow_id, Duration::from_secs(30)).await;
+    let job = task(&view, "job");
+    assert_eq!(job.status, TaskStatus::Completed);
+    assert_eq!(
+        job.attempt,
+        running.attempt + 1,
+        "run again at the next attempt"
+    );
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_to_a_stopped_workers_agent_is_delivered_in_order_when_it_restarts() {
     let mut c = Cluster::start().await;
