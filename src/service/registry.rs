@@ -163,31 +163,20 @@ impl Registry {
         let mut retired = None;
         let mut reclaimed = Vec::new();
         let live = agents::lock_live_by_name(&mut tx, &req.name).await?;
+        // The same process registering its live agent again (its first reply was lost): answered
+        // with the agent as it stands, its consumers and mirror made sure of; nothing changes,
+        // nothing is announced.
         let repeated = match (&live, &req.instance) {
-            (Some(old), Some(instance)) if old.id == id => {
+            (Some(old), Some(instance))
+                if old.id == id
+                    && !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) =>
+            {
                 agents::instance_of(&mut *tx, id).await?.as_ref() == Some(instance)
             }
             _ => false,
         };
         let (agent, previous) = match live {
-            // The same process again (its first reply was lost): the agent as it stands, with
-            // its consumers and mirror made sure of below; nothing changes, nothing is announced.
-            Some(old)
-                if repeated && !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) =>
-            {
-                drop(tx);
-                crate::bus::provision::ensure_agent_consumers(
-                    self.bus.jetstream(),
-                    self.bus.names(),
-                    old.id,
-                    &old.name,
-                    old.capacity,
-                )
-                .await?;
-                self.mirror(&old).await?;
-                tracing::info!(agent.id = %old.id, "registration repeated by the same instance; answered with the agent");
-                return Ok((old, false));
-            }
+            Some(old) if repeated => (old, None),
             Some(old) if !matches!(old.status, AgentStatus::Stale | AgentStatus::Offline) => {
                 return Err(ServiceError::Conflict(format!(
                     "an agent named `{}` is already registered and {} (id {}); while it is \
@@ -235,6 +224,10 @@ impl Registry {
         .await?;
 
         self.mirror(&agent).await?;
+        if repeated {
+            tracing::info!(agent.id = %agent.id, "registration repeated by the same instance; answered with the agent");
+            return Ok((agent, false));
+        }
         let mut events = Vec::new();
         match &previous {
             None => {

@@ -22,6 +22,20 @@ async fn register(http: &Http, name: &str, caps: &[&str]) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
+/// Task `key` of the workflow once it runs.
+async fn running(
+    c: &Cluster,
+    workflow: omoi::domain::WorkflowId,
+    key: &str,
+) -> omoi::protocol::workflows::TaskRecord {
+    eventually(Duration::from_secs(10), "running", || async {
+        let v = c.client.get(workflow).await.unwrap();
+        let t = task(&v, key).clone();
+        (t.status == TaskStatus::Running).then_some(t)
+    })
+    .await
+}
+
 async fn agent_id(c: &Cluster, name: &str) -> String {
     omoi::db::agents::get_live_by_name(&c.env.pool, name)
         .await
@@ -281,12 +295,7 @@ async fn an_accepted_handoff_moves_a_running_task_from_one_worker_to_another() {
         .submit(json!({"name": "move", "tasks": [{"key": "job", "executor": "shell", "capabilities": ["x"],
             "input": {"command": "sleep 2; echo \"{\\\"by\\\": \\\"$OMOI_AGENT\\\", \\\"attempt\\\": $OMOI_ATTEMPT}\""}}]}))
         .await;
-    let running = eventually(Duration::from_secs(10), "running on alice", || async {
-        let v = c.client.get(wf.workflow_id).await.unwrap();
-        let t = task(&v, "job").clone();
-        (t.status == TaskStatus::Running).then_some(t)
-    })
-    .await;
+    let running = running(&c, wf.workflow_id, "job").await;
     c.spawn_shell_worker("bob", "x", 1).await;
     let http = c.http();
     let (alice, bob) = (agent_id(&c, "alice").await, agent_id(&c, "bob").await);
@@ -383,12 +392,7 @@ async fn an_expired_handoff_returns_the_task_to_scheduling() {
     let wf = c
         .submit(json!({"name": "exp", "tasks": [{"key": "job", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 1500}}]}))
         .await;
-    let running = eventually(Duration::from_secs(10), "running", || async {
-        let v = c.client.get(wf.workflow_id).await.unwrap();
-        let t = task(&v, "job").clone();
-        (t.status == TaskStatus::Running).then_some(t)
-    })
-    .await;
+    let running = running(&c, wf.workflow_id, "job").await;
     let http = c.http();
     let (_, h) = http
         .post("/api/v1/collaboration/handoff/request", &json!({"task_id": running.id, "from_agent_id": running.agent_id, "capabilities": ["nobody-has-this"], "ttl_seconds": 1, "on_decline": "reschedule"}))
@@ -424,12 +428,7 @@ async fn a_released_task_whose_handoff_is_declined_is_scheduled_again() {
     let wf = c
         .submit(json!({"name": "rel", "tasks": [{"key": "job", "executor": "sleep", "capabilities": ["x"], "input": {"ms": 1500}}]}))
         .await;
-    let running = eventually(Duration::from_secs(10), "running", || async {
-        let v = c.client.get(wf.workflow_id).await.unwrap();
-        let t = task(&v, "job").clone();
-        (t.status == TaskStatus::Running).then_some(t)
-    })
-    .await;
+    let running = running(&c, wf.workflow_id, "job").await;
     let (status, h) = http
         .post("/api/v1/collaboration/handoff/request", &json!({"task_id": running.id, "from_agent_id": running.agent_id, "to_agent_id": b, "release": true, "attempt": running.attempt, "on_decline": "reschedule"}))
         .await;
