@@ -31,9 +31,15 @@ impl Drop for ShutdownOnDrop {
 }
 
 async fn start() -> Registry {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tune: impl FnOnce(&mut omoi::config::Settings)) -> Registry {
     let env = TestEnv::new().await;
     let shutdown = Shutdown::new();
-    let running = omoi::coordinator::start(&env.settings(), &shutdown)
+    let mut settings = env.settings();
+    tune(&mut settings);
+    let running = omoi::coordinator::start(&settings, &shutdown)
         .await
         .unwrap();
     let client = AgentRegistryClient::new(env.nats.clone(), env.names.clone());
@@ -324,7 +330,8 @@ async fn availability_status_health_statistics_and_deregistration() {
 /// `conflict` while the agent is live. Its consumers are made sure of again.
 #[tokio::test]
 async fn the_same_instance_registering_again_is_answered_and_another_meets_conflict() {
-    let r = start().await;
+    // No heartbeats are sent: the agent must stay live (not go stale) however slow the machine.
+    let r = start_with(crate::cluster::patient).await;
     let req = |instance: Option<&str>| RegisterRequest {
         v: None,
         name: "retrier".into(),
