@@ -130,10 +130,11 @@ pub async fn assign(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    // Each task is found by its id. The status is tested in a form no index serves: with the
-    // statistics of a table that just took a large workflow (no task `ready` yet, as far as
-    // they know), PostgreSQL would otherwise read every ready task through the status index
-    // for each assignment — a cost growing with the backlog.
+    // Each task is found by its id. No index reads the status (a transition writes no index
+    // entry), and the status is tested in a form none could serve: with the statistics of a
+    // table that just took a large workflow (no task `ready` yet, as far as they know),
+    // PostgreSQL once read every ready task through a status index for each assignment — a
+    // cost growing with the backlog.
     let assigned = sqlx::query_as::<_, TaskRecord>(
         "WITH a AS (
              UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
