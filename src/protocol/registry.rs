@@ -69,8 +69,8 @@ pub struct RegisterRequest {
     /// none named: any (`*`).
     #[serde(default)]
     pub executors: Vec<String>,
-    /// The registering process, as it names itself (1 to 128 printable characters; a random
-    /// UUID per process will do): the same instance registering again while its agent is live
+    /// The registering process, as it names itself (1 to 128 of `A-Z a-z 0-9 . _ : -`, as a
+    /// name; a random UUID per process will do): the same instance registering again while its agent is live
     /// is answered with the agent as it stands — a registration whose reply was lost can be
     /// sent again — where any other meets `conflict`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

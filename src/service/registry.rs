@@ -39,19 +39,24 @@ pub struct Registry {
 
 /// Checks an agent name: 1–128 characters of `A-Z a-z 0-9 . _ : -`.
 pub fn validate_name(name: &str) -> Result<(), ServiceError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
+    validate_identifier("name", name)
+}
+
+/// Checks `value` of `field` by the agent names' grammar: 1–128 of `A-Z a-z 0-9 . _ : -`.
+fn validate_identifier(field: &str, value: &str) -> Result<(), ServiceError> {
+    if value.is_empty() || value.len() > MAX_NAME_LEN {
         return Err(ServiceError::validation(
-            "name",
+            field,
             format!("must be 1 to {MAX_NAME_LEN} characters"),
         ));
     }
-    if let Some(c) = name
+    if let Some(c) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "._:-".contains(*c)))
     {
         return Err(ServiceError::validation(
-            "name",
-            format!("`{name}` contains `{c}`; allowed are A-Z, a-z, 0-9 and . _ : -"),
+            field,
+            format!("`{value}` contains `{c}`; allowed are A-Z, a-z, 0-9 and . _ : -"),
         ));
     }
     Ok(())
@@ -127,13 +132,7 @@ impl Registry {
             return Err(ServiceError::validation("agent_type", "must not be empty"));
         }
         if let Some(instance) = &req.instance {
-            let n = instance.chars().count();
-            if n == 0 || n > 128 || instance.chars().any(char::is_control) {
-                return Err(ServiceError::validation(
-                    "instance",
-                    "must be 1 to 128 characters, none of them a control character",
-                ));
-            }
+            validate_identifier("instance", instance)?;
         }
         let metadata = req
             .metadata
