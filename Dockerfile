@@ -1,11 +1,12 @@
 # The omoi binary: one image for the coordinator and the workers.
 #
-# Build stage: everything the compiler reads — the manifest, the sources, the migrations and
-# the files the binary embeds (nats/jetstream.yaml, docs/openapi.json, patterns/*.yaml).
+# Build stage: everything the compiler reads — the manifest, the build script, the sources, the
+# migrations and the files the binary embeds (nats/jetstream.yaml, docs/openapi.json,
+# patterns/*.yaml).
 # tests/integration/repo.rs checks that every file the build reads is copied.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 COPY nats ./nats

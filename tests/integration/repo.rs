@@ -169,8 +169,9 @@ fn docker_build_copies(dockerfile: &str) -> Vec<String> {
     copied
 }
 
-/// Every file the build reads besides `src/`: `include_str!`/`include_bytes!` arguments
-/// (relative to their source file) and `sqlx::migrate!` directories, as repository paths.
+/// Every file the build reads besides `src/`: the manifest, the build script, `include_str!`/
+/// `include_bytes!` arguments (relative to their source file) and `sqlx::migrate!` directories,
+/// as repository paths.
 fn files_the_build_reads(root: &std::path::Path) -> Vec<String> {
     fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -185,6 +186,9 @@ fn files_the_build_reads(root: &std::path::Path) -> Vec<String> {
     let mut sources = Vec::new();
     walk(&root.join("src"), &mut sources);
     let mut read = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    if root.join("build.rs").exists() {
+        read.push("build.rs".to_string());
+    }
     for file in sources {
         let text = std::fs::read_to_string(&file).unwrap();
         for (macro_name, relative_to_file) in [
