@@ -135,17 +135,17 @@ pub async fn assign(
     // table that just took a large workflow (no task `ready` yet, as far as they know),
     // PostgreSQL once read every ready task through a status index for each assignment — a
     // cost growing with the backlog.
+    // The agents' stamp rides along as a CTE (run though nothing reads it); the assignment is
+    // the statement itself, so its rows are returned as they are written, not gathered first.
     let assigned = sqlx::query_as::<_, TaskRecord>(
-        "WITH a AS (
-             UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
-                 error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
-             FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
-             WHERE t.id = u.id AND (t.status = 'ready') IS TRUE
-             RETURNING t.*
-         ), stamped AS (
+        "WITH stamped AS (
              UPDATE agents SET last_assigned_at = now() WHERE id = ANY($3)
          )
-         SELECT * FROM a",
+         UPDATE tasks t SET status = 'assigned', attempt = t.attempt + 1, agent_id = u.agent_id,
+             error = NULL, started_at = NULL, pinned_agent_id = NULL, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, agent_id)
+         WHERE t.id = u.id AND (t.status = 'ready') IS TRUE
+         RETURNING t.*",
     )
     .bind(&tasks)
     .bind(&agents)
