@@ -251,3 +251,26 @@ async fn failed_attempts_back_off_then_fail_for_good_at_max_attempts() {
     assert!((4_900..=10_100).contains(&waits[0]), "{waits:?}");
     assert!((9_900..=20_100).contains(&waits[1]), "{waits:?}");
 }
+
+#[tokio::test]
+async fn connections_run_without_jit_unless_the_url_asks_for_it() {
+    let env = TestEnv::new().await;
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+    let separator = if env.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let asked = format!("{}{separator}options=-c%20jit%3Don", env.database_url);
+    let pool = omoi::db::connect(&asked, 1).await.unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "on", "the URL's own options win");
+    pool.close().await;
+}
