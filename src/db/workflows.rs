@@ -204,34 +204,39 @@ pub async fn task_counts(
 /// Each unfinished task of a workflow that needs capabilities no live agent has or (for a task
 /// that runs on a worker) an executor no live agent offers, by key, with what is missing. The
 /// agents are searched once per distinct need, not per task (a workflow's tasks mostly share a
-/// few).
+/// few), and the tasks are read again for their keys only where a need is unmet: the view of a
+/// large workflow that the fleet can serve reads its unfinished tasks once, for their needs.
 pub async fn unmet_needs(
     db: impl PgExecutor<'_>,
     id: WorkflowId,
 ) -> Result<Vec<(String, Vec<String>, Option<String>)>, DbError> {
     Ok(sqlx::query_as(
-        "WITH open AS (
-             SELECT key, capabilities, executor, kind = 'task' AS on_worker FROM tasks
-             WHERE workflow_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
-         ), needs AS (
-             SELECT DISTINCT capabilities, executor, on_worker FROM open
+        "WITH needs AS (
+             SELECT DISTINCT capabilities, executor, kind = 'task' AS on_worker FROM tasks
+             WHERE workflow_id = $1 AND finished_at IS NULL
          ), unmet AS (
-             SELECT n.capabilities, n.executor, n.on_worker,
-                 ARRAY(SELECT c FROM unnest(n.capabilities) AS c
-                       WHERE NOT EXISTS (SELECT 1 FROM agents a
-                                         WHERE a.status <> 'terminated'
-                                           AND c = ANY(a.capabilities))) AS missing,
-                 CASE WHEN n.on_worker AND NOT EXISTS (
-                          SELECT 1 FROM agents a WHERE a.status <> 'terminated'
-                            AND (n.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
-                      THEN n.executor END AS missing_executor
-             FROM needs n
+             SELECT * FROM (
+                 SELECT n.capabilities, n.executor, n.on_worker,
+                     ARRAY(SELECT c FROM unnest(n.capabilities) AS c
+                           WHERE NOT EXISTS (SELECT 1 FROM agents a
+                                             WHERE a.status <> 'terminated'
+                                               AND c = ANY(a.capabilities))) AS missing,
+                     CASE WHEN n.on_worker AND NOT EXISTS (
+                              SELECT 1 FROM agents a WHERE a.status <> 'terminated'
+                                AND (n.executor = ANY(a.executors) OR '*' = ANY(a.executors)))
+                          THEN n.executor END AS missing_executor
+                 FROM needs n
+             ) m
+             WHERE cardinality(m.missing) > 0 OR m.missing_executor IS NOT NULL
          )
          SELECT o.key, u.missing, u.missing_executor
          FROM unmet u
-         JOIN open o ON o.capabilities = u.capabilities AND o.executor = u.executor
-                    AND o.on_worker = u.on_worker
-         WHERE cardinality(u.missing) > 0 OR u.missing_executor IS NOT NULL
+         JOIN LATERAL (
+             SELECT key FROM tasks o
+             WHERE o.workflow_id = $1 AND o.finished_at IS NULL
+               AND o.capabilities = u.capabilities AND o.executor = u.executor
+               AND (o.kind = 'task') = u.on_worker
+         ) o ON true
          ORDER BY o.key",
     )
     .bind(id)
