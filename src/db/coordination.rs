@@ -141,6 +141,8 @@ pub async fn expand(
 }
 
 /// Pending sync points whose timeout has passed, counted from the first source's start.
+/// Planned at each run, like `scheduling::promote_due_retries` (a maintenance statement without
+/// parameters would keep the plan made when `tasks` was small).
 pub async fn expired_syncs(db: &mut PgConnection) -> Result<Vec<TaskRecord>, DbError> {
     Ok(sqlx::query_as::<_, TaskRecord>(
         "SELECT t.* FROM tasks t
@@ -151,6 +153,7 @@ pub async fn expired_syncs(db: &mut PgConnection) -> Result<Vec<TaskRecord>, DbE
                 WHERE d.workflow_id = t.workflow_id AND d.key = ANY(t.depends_on))
                + make_interval(secs => (t.coordination->>'timeout_seconds')::float8) < now()",
     )
+    .persistent(false)
     .fetch_all(&mut *db)
     .await?)
 }

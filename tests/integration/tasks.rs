@@ -274,3 +274,54 @@ async fn connections_run_without_jit_unless_the_url_asks_for_it() {
     assert_eq!(jit, "on", "the URL's own options win");
     pool.close().await;
 }
+
+/// Sequential scans of `tasks` in the connection's current transaction.
+async fn seq_scans(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'tasks'")
+        .fetch_one(conn)
+        .await
+}
+
+/// The maintenance tick's search for due retries reads the index of waiting retries, not the
+/// table — even on a connection that first ran it while `tasks` was empty (a statement without
+/// parameters, prepared once, would keep that first plan: a scan of the whole table, at every
+/// tick, however large the table grew).
+#[tokio::test]
+async fn due_retries_are_found_by_their_index_however_small_the_table_was_at_first() {
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    assert!(
+        omoi::db::scheduling::promote_due_retries(&mut conn)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
+    let rows: Vec<NewTask> = (0..20_000)
+        .map(|i| {
+            let mut row = NewTask::from_spec(TaskId::new(), &spec);
+            row.key = format!("t{i}");
+            row
+        })
+        .collect();
+    let mut tx = env.pool.begin().await.unwrap();
+    workflows::create(
+        &mut tx,
+        WorkflowId::new(),
+        "large",
+        "fail_fast",
+        &serde_json::json!({}),
+        &rows,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let before = seq_scans(&mut conn).await.unwrap();
+    omoi::db::scheduling::promote_due_retries(&mut conn)
+        .await
+        .unwrap();
+    let after = seq_scans(&mut conn).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(after, before, "the tasks table was scanned");
+}
