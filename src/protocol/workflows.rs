@@ -148,6 +148,11 @@ pub struct WorkflowView {
     pub tasks_omitted: bool,
 }
 
+/// The fewest bytes of JSON a task takes in a view (every field is named; two ids and two
+/// timestamps at least; 596 measured for the barest): a view of more than
+/// `limit / MIN_TASK_JSON_BYTES` tasks cannot fit in `limit` bytes, whatever they hold.
+pub const MIN_TASK_JSON_BYTES: usize = 400;
+
 impl WorkflowView {
     /// This view made to fit in `limit` bytes of JSON: the tasks are left out, saying so, when
     /// the whole would not fit.
@@ -210,4 +215,48 @@ pub struct SubmitUpload {
     #[serde(default = "v1")]
     pub v: u32,
     pub object: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_task_takes_fewer_bytes_in_a_view_than_the_minimum_counted_on() {
+        let at = Utc::now();
+        let bare = TaskRecord {
+            id: TaskId::new(),
+            workflow_id: WorkflowId::new(),
+            key: String::new(),
+            executor: String::new(),
+            capabilities: vec![],
+            input: serde_json::Value::Null,
+            output: None,
+            depends_on: vec![],
+            resources: serde_json::Value::Null,
+            priority: Priority::Low,
+            status: TaskStatus::Ready,
+            attempt: 0,
+            failures: 0,
+            max_attempts: 1,
+            timeout_seconds: None,
+            agent_id: None,
+            error: None,
+            retry_at: None,
+            created_at: at,
+            updated_at: at,
+            ready_at: None,
+            started_at: None,
+            finished_at: None,
+            pinned_agent_id: None,
+            kind: NodeKind::Task,
+            join_quorum: None,
+            coordination: None,
+            expansion: 0,
+            timed_out: false,
+            lock_wait_ms: None,
+        };
+        let bytes = serde_json::to_vec(&bare).unwrap().len();
+        assert!(bytes >= MIN_TASK_JSON_BYTES, "{bytes} bytes");
+    }
 }

@@ -199,6 +199,13 @@ impl Workflows {
         unschedulable_of(&self.pool, id).await
     }
 
+    /// How many tasks the workflow has (`not_found` if there is no such workflow).
+    pub async fn task_total(&self, id: WorkflowId) -> Result<usize, ServiceError> {
+        workflows::get(&self.pool, id).await?;
+        let counted = workflows::task_counts(&self.pool, id).await?;
+        Ok(counted.into_iter().map(|(_, n)| n as usize).sum())
+    }
+
     pub async fn get(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
         self.view(id, true).await
     }

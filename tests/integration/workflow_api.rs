@@ -186,6 +186,15 @@ async fn a_submission_too_large_for_one_message_goes_through_the_uploads_store()
         submitted.tasks.len()
     );
     assert_eq!(uploads_left(&c).await, 0, "the upload is deleted once read");
+    // Its tasks cannot come back in one message: refused for their number, before being read.
+    match c.client.get(submitted.workflow_id).await {
+        Err(omoi::client::ClientError::Remote(e))
+            if e.code == omoi::protocol::ErrorCode::TooLarge =>
+        {
+            assert!(e.message.contains("12000 tasks"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
     c.client.cancel(submitted.workflow_id).await.unwrap();
 
     // `omoi submit` does the same from a file.
