@@ -27,6 +27,8 @@ HEADER_ROOM = 64 * 1024
 UPLOAD_SUBMIT_TIMEOUT = 120.0
 #: How often :meth:`WorkflowClient.wait` asks for the state besides hearing the end.
 WAIT_POLL = 1.0
+#: …at the most: a wait pauses at least this many times as long as the last answer took.
+WAIT_POLL_COST = 10
 
 
 def _parse_time(text: str) -> datetime.datetime:
@@ -129,7 +131,8 @@ class WorkflowClient(Client):
     async def wait(self, workflow_id: str, timeout: Optional[float] = None) -> dict[str, Any]:
         """Waits until the workflow is ``completed``, ``failed`` or ``cancelled`` and returns
         it with its tasks. Hears the end from its ``workflow.*`` event and asks for the state
-        every second besides, riding out a control plane that does not answer for a while.
+        every second besides (less often when an answer takes long: at least ten times as long
+        as the last one took), riding out a control plane that does not answer for a while.
         Raises ``TimeoutError`` after ``timeout`` seconds."""
         nc = await self._conn.nc()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,6 +149,7 @@ class WorkflowClient(Client):
                 subs.append(await nc.subscribe(self.names.event(kind), cb=on_end))
         try:
             while True:
+                asked = time.monotonic()
                 try:
                     view = await self.get(workflow_id, include_tasks=False)
                     if view.get("status") in TERMINAL_STATUSES:
@@ -161,7 +165,10 @@ class WorkflowClient(Client):
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise TimeoutError(f"workflow {workflow_id} did not finish within {timeout} s")
-                pause = WAIT_POLL if deadline is None else min(WAIT_POLL, deadline - now)
+                # A state costs the database what it took to answer: polls take at most a tenth
+                # of the time, however large the workflow.
+                every = max(WAIT_POLL, WAIT_POLL_COST * (now - asked))
+                pause = every if deadline is None else min(every, deadline - now)
                 ended.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ended.wait(), timeout=max(pause, 0.01))
