@@ -432,21 +432,16 @@ pub async fn start_workflows(
             names.workflow_endpoint("get"),
             move |r: WorkflowRef| {
                 let wf = wf.clone();
+                // Too many tasks for one message whatever they hold: refused before they are
+                // read (a 100,000-task workflow took a second to read and encode, for a reply
+                // then refused for its size).
                 async move {
-                    // Too many tasks for one message whatever they hold: refused before they
-                    // are read (a 100,000-task workflow took a second to read and encode, for
-                    // a reply that was then refused for its size).
-                    if r.include_tasks {
-                        let total = wf.task_total(r.workflow_id).await?;
-                        if total > MAX_REPLY_BYTES / MIN_TASK_JSON_BYTES {
-                            return Err(ServiceError::TooLarge {
-                                message: format!(
-                                    "the workflow's {total} tasks do not fit in one NATS reply ({MAX_REPLY_BYTES} bytes); ask without include_tasks, or use the HTTP API"
-                                ),
-                            });
-                        }
-                    }
-                    wf.view(r.workflow_id, r.include_tasks).await
+                    wf.view_listing_at_most(
+                        r.workflow_id,
+                        r.include_tasks,
+                        MAX_REPLY_BYTES / MIN_TASK_JSON_BYTES,
+                    )
+                    .await
                 }
             },
         )

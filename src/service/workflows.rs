@@ -199,13 +199,6 @@ impl Workflows {
         unschedulable_of(&self.pool, id).await
     }
 
-    /// How many tasks the workflow has (`not_found` if there is no such workflow).
-    pub async fn task_total(&self, id: WorkflowId) -> Result<usize, ServiceError> {
-        workflows::get(&self.pool, id).await?;
-        let counted = workflows::task_counts(&self.pool, id).await?;
-        Ok(counted.into_iter().map(|(_, n)| n as usize).sum())
-    }
-
     pub async fn get(&self, id: WorkflowId) -> Result<WorkflowView, ServiceError> {
         self.view(id, true).await
     }
@@ -216,8 +209,27 @@ impl Workflows {
         id: WorkflowId,
         with_tasks: bool,
     ) -> Result<WorkflowView, ServiceError> {
+        self.view_listing_at_most(id, with_tasks, usize::MAX).await
+    }
+
+    /// [`Workflows::view`], answered `too_large` — before the tasks are read — when `with_tasks`
+    /// asks for more than `max_tasks` of them (more than a reply can hold).
+    pub async fn view_listing_at_most(
+        &self,
+        id: WorkflowId,
+        with_tasks: bool,
+        max_tasks: usize,
+    ) -> Result<WorkflowView, ServiceError> {
         let workflow = workflows::get(&self.pool, id).await?;
         let counted = workflows::task_counts(&self.pool, id).await?;
+        let total: usize = counted.iter().map(|(_, n)| *n as usize).sum();
+        if with_tasks && total > max_tasks {
+            return Err(ServiceError::TooLarge {
+                message: format!(
+                    "the workflow's {total} tasks are more than a reply can list ({max_tasks}); ask without include_tasks, or use the HTTP API"
+                ),
+            });
+        }
         let counts = counted
             .into_iter()
             .map(|(st, n)| (st.to_string(), n as usize))
