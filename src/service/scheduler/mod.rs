@@ -48,6 +48,7 @@ use crate::db::tasks::{self};
 use crate::db::{DbError, agents};
 use crate::domain::dag::{ResourceSpec, resolve_input};
 use crate::domain::{AgentId, RetryPolicy, TaskId, TaskStatus, WorkflowId};
+use crate::protocol::events::TaskEvent;
 use crate::protocol::workflows::TaskRecord;
 use crate::protocol::{Dispatch, Envelope, Event, Outcome, PROTOCOL_VERSION, TaskReport};
 
@@ -464,11 +465,10 @@ impl Scheduler {
                 assigned = scheduling::assign(&mut tx, &planned, &known)
                     .await
                     .map_err(db)?;
-                let rows: Vec<TaskRecord> = assigned.iter().map(|a| a.task.clone()).collect();
-                state.observe_rows(&rows);
-                if rows.len() < planned.len() {
+                state.observe_assigned(assigned.iter().map(|a| &a.task));
+                if assigned.len() < planned.len() {
                     // Some were no longer ready (memory was behind): read them back.
-                    let got: BTreeSet<TaskId> = rows.iter().map(|r| r.id).collect();
+                    let got: BTreeSet<TaskId> = assigned.iter().map(|a| a.task.id).collect();
                     let missed: Vec<TaskId> = planned
                         .iter()
                         .map(|(t, _)| *t)
@@ -478,8 +478,12 @@ impl Scheduler {
                         state.observe(&t);
                     }
                 }
-                changes.events.extend(task_events(&rows));
-                metrics::histogram!("omoi_scheduler_dispatch_batch").record(rows.len() as f64);
+                changes.events.extend(
+                    assigned
+                        .iter()
+                        .map(|a| Event::TaskAssigned(assigned_event(&a.task))),
+                );
+                metrics::histogram!("omoi_scheduler_dispatch_batch").record(assigned.len() as f64);
             }
         }
         metrics::gauge!("omoi_scheduler_ready_tasks").set(state.queue.len() as f64);
@@ -1065,4 +1069,19 @@ fn check_dispatch(payload: &[u8]) -> Result<(), String> {
     serde_json::from_slice::<Dispatch>(payload)
         .map(|_| ())
         .map_err(|e| format!("dispatch cannot be read back: {e}"))
+}
+
+/// The `task.assigned` event of a task an assignment returned.
+fn assigned_event(t: &scheduling::AssignedTask) -> TaskEvent {
+    TaskEvent {
+        task_id: t.id,
+        workflow_id: t.workflow_id,
+        key: t.key.clone(),
+        status: TaskStatus::Assigned,
+        attempt: t.attempt,
+        agent_id: t.agent_id,
+        error: None,
+        retry_at: None,
+        lock_wait_ms: None,
+    }
 }

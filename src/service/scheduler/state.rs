@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgConnection;
 
 use crate::db::DbError;
-use crate::db::scheduling::{self, TaskState};
+use crate::db::scheduling::{self, AssignedTask, TaskState};
 use crate::domain::matching::{AgentSnapshot, Picker, Requirements};
 use crate::domain::ready::{Needs, ReadyQueue, ReadyTask};
 use crate::domain::{AgentId, TaskId, TaskStatus, WorkflowId};
@@ -132,22 +132,40 @@ impl State {
     /// Takes in a task's current state: queued if ready (and not yet queued), out of the
     /// queue otherwise; its holder (and that agent's count) follow its status.
     pub fn observe(&mut self, t: &TaskState) {
+        let ready = (t.status == TaskStatus::Ready).then(|| ReadyTask::from(t));
+        let holder = t.agent_id.filter(|_| t.status.occupies_agent());
+        self.apply(t.id, t.workflow_id, ready, holder);
+    }
+
+    /// [`State::observe`] for tasks an assignment returned: each is held by its agent now.
+    pub fn observe_assigned<'a>(&mut self, tasks: impl IntoIterator<Item = &'a AssignedTask>) {
+        for t in tasks {
+            self.apply(t.id, t.workflow_id, None, t.agent_id);
+        }
+    }
+
+    /// A task's new place: in the queue if `ready`, out of it otherwise; held by `holder`.
+    fn apply(
+        &mut self,
+        id: TaskId,
+        workflow: WorkflowId,
+        ready: Option<ReadyTask>,
+        holder: Option<AgentId>,
+    ) {
         if self.recent.len() >= RECENT_MAX {
             self.recent.clear();
         }
-        self.recent.insert(t.id);
-        let was_active = self.is_active(t.id);
-        if t.status == TaskStatus::Ready {
-            self.queue.insert(ReadyTask::from(t));
-        } else {
-            self.queue.remove(t.id);
+        self.recent.insert(id);
+        let was_active = self.is_active(id);
+        match ready {
+            Some(r) => self.queue.insert(r),
+            None => self.queue.remove(id),
         }
-        let holder = t.agent_id.filter(|_| t.status.occupies_agent());
-        match (self.holders.get(&t.id).copied(), holder) {
+        match (self.holders.get(&id).copied(), holder) {
             (Some(old), Some(new)) if old == new => {}
             (old, new) => {
                 if let Some(old) = old {
-                    self.holders.remove(&t.id);
+                    self.holders.remove(&id);
                     if let Some(n) = self.in_flight.get_mut(&old) {
                         *n -= 1;
                         if *n <= 0 {
@@ -156,18 +174,18 @@ impl State {
                     }
                 }
                 if let Some(new) = new {
-                    self.holders.insert(t.id, new);
+                    self.holders.insert(id, new);
                     *self.in_flight.entry(new).or_default() += 1;
                 }
             }
         }
-        match (was_active, self.is_active(t.id)) {
-            (false, true) => *self.active_in.entry(t.workflow_id).or_default() += 1,
+        match (was_active, self.is_active(id)) {
+            (false, true) => *self.active_in.entry(workflow).or_default() += 1,
             (true, false) => {
-                if let Some(n) = self.active_in.get_mut(&t.workflow_id) {
+                if let Some(n) = self.active_in.get_mut(&workflow) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        self.active_in.remove(&t.workflow_id);
+                        self.active_in.remove(&workflow);
                     }
                 }
             }
@@ -262,7 +280,7 @@ impl State {
         }
         // Who could take each kind of task, worked out once per kind, in a heap by rank;
         // an agent's version changes with each task it is given (its key in every heap).
-        let mut pickers: HashMap<Needs, Picker<'_>> = HashMap::new();
+        let mut pickers: HashMap<Needs, Picker<'_>> = HashMap::default();
         let mut versions = vec![0u32; snapshots.len()];
         let mut assigned = 0usize;
         let planned = self.queue.plan(max, |needs| {
