@@ -357,6 +357,61 @@ pub async fn mark_completed(
     if reports.is_empty() {
         return Ok(Vec::new());
     }
+    Ok(completion_query(COMPLETE, reports)
+        .fetch_all(&mut *db)
+        .await?)
+}
+
+/// [`mark_completed`], and in the same statement `pending → ready` for those of `candidates`
+/// (dependants of the completing tasks) whose join is now satisfied, the tasks completing
+/// counted as completed: one round trip instead of two. Returns what completed and what was
+/// promoted.
+pub async fn complete_and_promote(
+    db: &mut PgConnection,
+    reports: &[Completion],
+    candidates: &[TaskId],
+) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), DbError> {
+    if candidates.is_empty() {
+        return Ok((mark_completed(db, reports).await?, Vec::new()));
+    }
+    if reports.is_empty() {
+        return Ok((Vec::new(), promote_candidates(db, candidates).await?));
+    }
+    let rows = completion_query(
+        sqlx::AssertSqlSafe(format!(
+            "WITH done AS ({COMPLETE}),
+             promoted AS ({PROMOTE} WHERE t.id = ANY($7) {})
+             SELECT * FROM done UNION ALL SELECT * FROM promoted",
+            unblocked(Some("done"))
+        )),
+        reports,
+    )
+    .bind(candidates)
+    .fetch_all(&mut *db)
+    .await?;
+    // The two sets by status: a completed row is never pending, a promoted one never running.
+    Ok(rows
+        .into_iter()
+        .partition(|t| t.status == crate::domain::TaskStatus::Completed))
+}
+
+/// `assigned|running → completed` for the reports bound as `$1`–`$6`.
+const COMPLETE: &str = "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
+         lock_wait_ms = u.lock_wait_ms,
+         started_at = COALESCE(t.started_at, GREATEST(t.updated_at,
+                          now() - make_interval(secs => u.running_ms::float8 / 1000))),
+         finished_at = now(), updated_at = now()
+     FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::jsonb[], $5::bigint[], $6::bigint[])
+          AS u(id, attempt, agent_id, output, lock_wait_ms, running_ms)
+     WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
+       AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
+     RETURNING t.*";
+
+/// `sql` (whose `$1`–`$6` are [`COMPLETE`]'s) with the reports bound.
+fn completion_query<'q>(
+    sql: impl sqlx::SqlSafeStr,
+    reports: &'q [Completion],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, TaskRecord, sqlx::postgres::PgArguments> {
     let fences: Vec<Fence> = reports.iter().map(|r| r.fence).collect();
     let (ids, attempts, agents) = fence_columns(&fences);
     let outputs: Vec<&serde_json::Value> = reports.iter().map(|r| &r.output).collect();
@@ -366,26 +421,13 @@ pub async fn mark_completed(
         .iter()
         .map(|r| r.running_ms.unwrap_or(0).min(86_400_000) as i64)
         .collect();
-    Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'completed', output = u.output, error = NULL,
-             lock_wait_ms = u.lock_wait_ms,
-             started_at = COALESCE(t.started_at, GREATEST(t.updated_at,
-                              now() - make_interval(secs => u.running_ms::float8 / 1000))),
-             finished_at = now(), updated_at = now()
-         FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::jsonb[], $5::bigint[], $6::bigint[])
-              AS u(id, attempt, agent_id, output, lock_wait_ms, running_ms)
-         WHERE t.id = u.id AND t.attempt = u.attempt AND t.status IN ('assigned', 'running')
-           AND (u.agent_id IS NULL OR t.agent_id = u.agent_id)
-         RETURNING t.*",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&agents)
-    .bind(&outputs)
-    .bind(&waits)
-    .bind(&running)
-    .fetch_all(&mut *db)
-    .await?)
+    sqlx::query_as::<_, TaskRecord>(sql)
+        .bind(ids)
+        .bind(attempts)
+        .bind(agents)
+        .bind(outputs)
+        .bind(waits)
+        .bind(running)
 }
 
 /// `assigned|running → retry_wait` (blocked: due again after `delay_ms`) or `→ ready`
@@ -427,19 +469,37 @@ const PROMOTE: &str = "UPDATE tasks t SET status = 'ready', ready_at = now(), up
 /// at least `join_quorum` of them. The common case stops at the first unfinished dependency.
 /// Each dependency is looked up by its own (workflow, key) in a scalar subquery: written as a
 /// join, PostgreSQL (with the statistics of a table that just grew) scans every task of the
-/// workflow for each candidate — seconds for the children of a large split.
-const UNBLOCKED: &str = "AND t.status = 'pending'
-    AND CASE WHEN t.join_quorum IS NULL THEN
-            NOT EXISTS (SELECT 1 FROM unnest(t.depends_on) AS k(key)
-                        WHERE (SELECT d.status FROM tasks d
-                               WHERE d.workflow_id = t.workflow_id AND d.key = k.key)
-                              IS DISTINCT FROM 'completed')
-        ELSE (SELECT count(*) FROM unnest(t.depends_on) AS k(key)
-              WHERE (SELECT d.status FROM tasks d
-                     WHERE d.workflow_id = t.workflow_id AND d.key = k.key) = 'completed')
-             >= t.join_quorum
-        END
-    RETURNING t.*";
+/// workflow for each candidate — seconds for the children of a large split. With
+/// `also_completed`, a dependency in that CTE (tasks completing in the same statement, which its
+/// snapshot does not show completed) counts as completed.
+fn unblocked(also_completed: Option<&str>) -> String {
+    const STATUS: &str = "(SELECT d.status FROM tasks d
+                           WHERE d.workflow_id = t.workflow_id AND d.key = k.key)";
+    let (unfinished, finished) = match also_completed {
+        None => (
+            format!("{STATUS} IS DISTINCT FROM 'completed'"),
+            format!("{STATUS} = 'completed'"),
+        ),
+        Some(cte) => {
+            let completing = format!(
+                "EXISTS (SELECT 1 FROM {cte} c WHERE c.workflow_id = t.workflow_id AND c.key = k.key)"
+            );
+            (
+                format!("{STATUS} IS DISTINCT FROM 'completed' AND NOT {completing}"),
+                format!("({STATUS} = 'completed' OR {completing})"),
+            )
+        }
+    };
+    format!(
+        "AND t.status = 'pending'
+         AND CASE WHEN t.join_quorum IS NULL THEN
+                 NOT EXISTS (SELECT 1 FROM unnest(t.depends_on) AS k(key) WHERE {unfinished})
+             ELSE (SELECT count(*) FROM unnest(t.depends_on) AS k(key) WHERE {finished})
+                  >= t.join_quorum
+             END
+         RETURNING t.*"
+    )
+}
 
 /// Pending tasks of `workflows` whose every dependency has completed become ready.
 pub async fn promote_unblocked(
@@ -450,7 +510,8 @@ pub async fn promote_unblocked(
         return Ok(Vec::new());
     }
     Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(format!(
-        "{PROMOTE} WHERE t.workflow_id = ANY($1) {UNBLOCKED}"
+        "{PROMOTE} WHERE t.workflow_id = ANY($1) {}",
+        unblocked(None)
     )))
     .bind(workflows)
     .fetch_all(&mut *db)
@@ -467,7 +528,8 @@ pub async fn promote_candidates(
         return Ok(Vec::new());
     }
     Ok(sqlx::query_as::<_, TaskRecord>(sqlx::AssertSqlSafe(format!(
-        "{PROMOTE} WHERE t.id = ANY($1) {UNBLOCKED}"
+        "{PROMOTE} WHERE t.id = ANY($1) {}",
+        unblocked(None)
     )))
     .bind(tasks)
     .fetch_all(&mut *db)

@@ -325,3 +325,94 @@ async fn due_retries_are_found_by_their_index_however_small_the_table_was_at_fir
     sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
     assert_eq!(after, before, "the tasks table was scanned");
 }
+
+/// A completion promotes, in its own statement, the candidates it unblocks: those whose every
+/// dependency is completed or completing with it, and a quorum join once enough are — not one
+/// still waiting on another task, and nothing for a report of an attempt no longer current.
+#[tokio::test]
+async fn a_completion_promotes_in_the_same_statement_the_dependants_it_unblocks() {
+    use omoi::db::scheduling::{self, Completion, Fence};
+    let env = TestEnv::new().await;
+    let task = |key: &str, deps: &[&str], quorum: Option<i32>| {
+        let mut spec = omoi::protocol::workflows::TaskSpec::new(String::new());
+        spec.depends_on = deps.iter().map(|d| d.to_string()).collect();
+        let mut row = NewTask::from_spec(TaskId::new(), &spec);
+        row.key = key.into();
+        row.join_quorum = quorum;
+        row
+    };
+    let rows = vec![
+        task("a", &[], None),
+        task("b", &[], None),
+        task("after_a", &["a"], None),
+        task("after_both", &["a", "b"], None),
+        task("any_one", &["a", "b"], Some(1)),
+    ];
+    let id = |key: &str| rows.iter().find(|r| r.key == key).unwrap().id;
+    let mut conn = env.pool.acquire().await.unwrap();
+    workflows::create(
+        &mut conn,
+        WorkflowId::new(),
+        "joins",
+        "fail_fast",
+        &serde_json::json!({}),
+        &rows,
+    )
+    .await
+    .unwrap();
+    let agent = AgentId::new();
+    let assigned = scheduling::assign(
+        &mut conn,
+        &[(id("a"), agent), (id("b"), agent)],
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(assigned.len(), 2);
+    let completion = |key: &str, attempt: i32| Completion {
+        fence: Fence {
+            task: id(key),
+            attempt,
+            agent: Some(agent),
+        },
+        output: serde_json::json!({"from": key}),
+        lock_wait_ms: None,
+        running_ms: Some(1),
+    };
+    let candidates = [id("after_a"), id("after_both"), id("any_one")];
+    let keys = |rows: &[omoi::protocol::workflows::TaskRecord]| {
+        let mut k: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+        k.sort();
+        k
+    };
+
+    let (done, promoted) =
+        scheduling::complete_and_promote(&mut conn, &[completion("a", 1)], &candidates)
+            .await
+            .unwrap();
+    assert_eq!(keys(&done), ["a"]);
+    assert!(done.iter().all(|t| t.status == TaskStatus::Completed));
+    assert_eq!(
+        keys(&promoted),
+        ["after_a", "any_one"],
+        "after_both still waits on b"
+    );
+    assert!(promoted.iter().all(|t| t.status == TaskStatus::Ready));
+
+    let (done, promoted) =
+        scheduling::complete_and_promote(&mut conn, &[completion("b", 2)], &[id("after_both")])
+            .await
+            .unwrap();
+    assert!(
+        done.is_empty() && promoted.is_empty(),
+        "a report of another attempt completes and promotes nothing"
+    );
+    let (done, promoted) =
+        scheduling::complete_and_promote(&mut conn, &[completion("b", 1)], &[id("after_both")])
+            .await
+            .unwrap();
+    assert_eq!(
+        (keys(&done), keys(&promoted)),
+        (vec!["b".to_string()], vec!["after_both".to_string()])
+    );
+}

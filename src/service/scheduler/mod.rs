@@ -442,7 +442,9 @@ impl Scheduler {
     ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
         let mut tx = conn.begin().await.map_err(DbError::from)?;
         let mut changes = Changes::default();
-        let (done, failed) = self.apply_reports(&mut tx, reports, &mut changes).await?;
+        let (done, failed, promoted_with) = self
+            .apply_reports(&mut tx, state, reports, &mut changes)
+            .await?;
         let (mut done, mut failed) = (done, failed);
         if maintain {
             let held = state.held();
@@ -450,7 +452,7 @@ impl Scheduler {
             done.extend(d);
             failed.extend(f);
         }
-        self.settle(&mut tx, state, &done, &failed, &mut changes)
+        self.settle(&mut tx, state, &done, &failed, &promoted_with, &mut changes)
             .await?;
         state.observe_rows(&changes.rows);
         let mut assigned = Vec::new();
@@ -536,11 +538,12 @@ impl Scheduler {
     async fn apply_reports(
         &self,
         conn: &mut PgConnection,
+        state: &mut State,
         reports: &[TaskReport],
         changes: &mut Changes,
-    ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
+    ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>, BTreeSet<TaskId>), ServiceError> {
         if reports.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), Vec::new(), BTreeSet::new()));
         }
         let (mut started, mut completed, mut blocked, mut released, mut failures) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -590,15 +593,33 @@ impl Scheduler {
             .await
             .map_err(db)?;
         applied += changes.tasks(s).len();
-        let done = scheduling::mark_completed(&mut *conn, &completed)
-            .await
-            .map_err(db)?;
+        // The dependants of what completes, where memory has the graph, are promoted by the
+        // completion's own statement (a hop of a chain saves a round trip); `settle` sees to
+        // the others. Not one that memory knows still waits on another unfinished task.
+        let completing: BTreeSet<TaskId> = completed.iter().map(|c| c.fence.task).collect();
+        let mut promoted_with = BTreeSet::new();
+        let mut candidates = BTreeSet::new();
+        for &task in &completing {
+            let Some(graph) = state.graph_of_held(task) else {
+                continue;
+            };
+            promoted_with.insert(task);
+            candidates.extend(graph.of_id(task).into_iter().filter(|c| {
+                !graph.waits_on(*c, |d| state.is_active(d) && !completing.contains(&d))
+            }));
+        }
+        let candidates: Vec<TaskId> = candidates.into_iter().collect();
+        let (done, promoted) =
+            scheduling::complete_and_promote(&mut *conn, &completed, &candidates)
+                .await
+                .map_err(db)?;
         applied += done.len();
         // The fleet's lock waits, where an operator looks (workers serve no /metrics).
         for waited in done.iter().filter_map(|t| t.lock_wait_ms) {
             metrics::histogram!("omoi_task_lock_wait_seconds").record(waited as f64 / 1000.0);
         }
         changes.tasks(done.clone());
+        state.observe_rows(changes.tasks(promoted));
         let b = scheduling::requeue(
             &mut *conn,
             &blocked,
@@ -644,7 +665,7 @@ impl Scheduler {
                 "reports for attempts that are no longer current were ignored"
             );
         }
-        Ok((done, failed))
+        Ok((done, failed, promoted_with))
     }
 
     /// Retries that are due, tasks of lost agents, timeouts, dispatches never started and
@@ -734,14 +755,16 @@ impl Scheduler {
         Ok(graph)
     }
 
-    /// After completions and failures: promote the dependants that became ready, apply failure
-    /// policies, and finish the workflows that have nothing left to run.
+    /// After completions and failures: promote the dependants that became ready (but those of
+    /// `promoted_with`, whose completion promoted them already), apply failure policies, and
+    /// finish the workflows that have nothing left to run.
     async fn settle(
         &self,
         conn: &mut PgConnection,
         state: &mut State,
         done: &[TaskRecord],
         failed: &[TaskRecord],
+        promoted_with: &BTreeSet<TaskId>,
         changes: &mut Changes,
     ) -> Result<(), ServiceError> {
         state.observe_rows(done.iter().chain(failed));
@@ -750,7 +773,7 @@ impl Scheduler {
         // that memory knows still waits on a task ready or running (a join over a wide split
         // is not checked again at each child's completion).
         let mut candidates = BTreeSet::new();
-        for t in done {
+        for t in done.iter().filter(|t| !promoted_with.contains(&t.id)) {
             let graph = self
                 .dependants(&mut *conn, state, t.workflow_id, &t.key)
                 .await?;
@@ -920,8 +943,15 @@ impl Scheduler {
             }
         }
         changes.tasks(gave_up.clone());
-        self.settle(&mut tx, state, &[], &gave_up, &mut changes)
-            .await?;
+        self.settle(
+            &mut tx,
+            state,
+            &[],
+            &gave_up,
+            &BTreeSet::new(),
+            &mut changes,
+        )
+        .await?;
         self.outbox
             .commit(tx, Staged::events(&self.names, changes.events))
             .await?;

@@ -145,12 +145,14 @@ impl Scheduler {
             Ran::Completed(t, event) => {
                 changes.tasks(vec![t.clone()]);
                 changes.events.extend(event);
-                self.settle(&mut tx, state, &[t], &[], &mut changes).await?;
+                self.settle(&mut tx, state, &[t], &[], &Default::default(), &mut changes)
+                    .await?;
             }
             Ran::Failed(t) => {
                 tracing::warn!(task.id = %t.id, key = %t.key, error = ?t.error, "coordination node failed");
                 changes.tasks(vec![t.clone()]);
-                self.settle(&mut tx, state, &[], &[t], &mut changes).await?;
+                self.settle(&mut tx, state, &[], &[t], &Default::default(), &mut changes)
+                    .await?;
             }
             Ran::Expanded {
                 rewired,

@@ -76,10 +76,17 @@ impl Dependants {
 
     /// Ids of the tasks that depend directly on `key`.
     pub fn of(&self, key: &str) -> Vec<TaskId> {
-        let Some(&node) = self.index.get(key) else {
-            return Vec::new();
-        };
-        self.graph.neighbors(node).map(|n| self.ids[n]).collect()
+        self.dependants_of(self.index.get(key))
+    }
+
+    /// Ids of the tasks that depend directly on the task `id`.
+    pub fn of_id(&self, id: TaskId) -> Vec<TaskId> {
+        self.dependants_of(self.by_id.get(&id))
+    }
+
+    fn dependants_of(&self, node: Option<&usize>) -> Vec<TaskId> {
+        node.map(|&n| self.graph.neighbors(n).map(|d| self.ids[d]).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -95,6 +102,8 @@ pub struct State {
     pub queue: ReadyQueue,
     /// Holder of each assigned or running task.
     holders: HashMap<TaskId, AgentId>,
+    /// The workflow of each task memory learned is held (a report names only its task).
+    held_in: HashMap<TaskId, WorkflowId>,
     in_flight: HashMap<AgentId, i32>,
     graphs: HashMap<WorkflowId, Arc<Dependants>>,
     /// How many of each workflow's tasks memory holds as ready or held.
@@ -163,6 +172,11 @@ impl State {
             Some(r) => self.queue.insert(r),
             None => self.queue.remove(id),
         }
+        if holder.is_some() {
+            self.held_in.insert(id, workflow);
+        } else {
+            self.held_in.remove(&id);
+        }
         match (self.holders.get(&id).copied(), holder) {
             (Some(old), Some(new)) if old == new => {}
             (old, new) => {
@@ -230,6 +244,16 @@ impl State {
     /// How many tasks memory holds as ready, and as held by agents.
     pub fn counts(&self) -> (usize, usize) {
         (self.queue.len(), self.holders.len())
+    }
+
+    /// The loaded graph of the workflow of `task`, a task memory holds as held, if that graph
+    /// knows it.
+    pub fn graph_of_held(&self, task: TaskId) -> Option<Arc<Dependants>> {
+        let workflow = self.held_in.get(&task)?;
+        self.graphs
+            .get(workflow)
+            .filter(|g| g.by_id.contains_key(&task))
+            .cloned()
     }
 
     /// A workflow's graph, if loaded.
@@ -419,5 +443,30 @@ mod tests {
             !g.waits_on(TaskId::new(), |_| true),
             "unknown: checked in the database"
         );
+        assert_eq!(g.of_id(left), vec![join]);
+        assert!(g.of_id(TaskId::new()).is_empty());
+    }
+
+    #[test]
+    fn a_held_task_finds_its_workflows_graph_while_it_is_held() {
+        let mut s = State::default();
+        let mut t = state_of(TaskStatus::Ready, None);
+        let g = Arc::new(Dependants::build([(t.id, "t".to_string(), vec![], false)]));
+        s.observe(&t);
+        s.set_graph(t.workflow_id, g);
+        assert!(s.graph_of_held(t.id).is_none(), "ready, not held");
+        t.status = TaskStatus::Running;
+        t.agent_id = Some(AgentId::new());
+        s.observe(&t);
+        assert!(s.graph_of_held(t.id).is_some());
+        let stranger = state_of(TaskStatus::Running, t.agent_id);
+        s.observe(&stranger);
+        assert!(
+            s.graph_of_held(stranger.id).is_none(),
+            "its workflow's graph is not loaded"
+        );
+        t.status = TaskStatus::Completed;
+        s.observe(&t);
+        assert!(s.graph_of_held(t.id).is_none());
     }
 }
