@@ -374,9 +374,6 @@ pub async fn complete_and_promote(
     if candidates.is_empty() {
         return Ok((mark_completed(db, reports).await?, Vec::new()));
     }
-    if reports.is_empty() {
-        return Ok((Vec::new(), promote_candidates(db, candidates).await?));
-    }
     let rows = completion_query(
         sqlx::AssertSqlSafe(format!(
             "WITH done AS ({COMPLETE}),
