@@ -326,6 +326,58 @@ async fn due_retries_are_found_by_their_index_however_small_the_table_was_at_fir
     assert_eq!(after, before, "the tasks table was scanned");
 }
 
+/// A large assignment round finds its tasks by id: it reads no row it does not assign, even
+/// when the round is a sizable part of the table (given the ids as constants, PostgreSQL would
+/// rather hash a scan of the whole table).
+#[tokio::test]
+async fn a_large_assignment_round_reads_only_the_tasks_it_assigns() {
+    let env = TestEnv::new().await;
+    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
+    let rows: Vec<NewTask> = (0..20_000)
+        .map(|i| {
+            let mut row = NewTask::from_spec(TaskId::new(), &spec);
+            row.key = format!("t{i}");
+            row
+        })
+        .collect();
+    let mut tx = env.pool.begin().await.unwrap();
+    workflows::create(
+        &mut tx,
+        WorkflowId::new(),
+        "large",
+        "fail_fast",
+        &serde_json::json!({}),
+        &rows,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::query("ANALYZE tasks")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let agent = AgentId::new();
+    let pairs: Vec<(TaskId, AgentId)> = rows.iter().take(5_000).map(|r| (r.id, agent)).collect();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let before = seq_scans(&mut conn).await.unwrap();
+    let assigned = omoi::db::scheduling::assign(&mut conn, &pairs, &Default::default())
+        .await
+        .unwrap();
+    let after = seq_scans(&mut conn).await.unwrap();
+    let hashjoin: String = sqlx::query_scalar("SHOW enable_hashjoin")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(assigned.len(), 5_000);
+    assert_eq!(after, before, "the tasks table was scanned");
+    assert_eq!(
+        hashjoin, "on",
+        "the planner settings outlived the statement"
+    );
+}
+
 /// A completion promotes, in its own statement, the candidates it unblocks: those whose every
 /// dependency is completed or completing with it, and a quorum join once enough are — not one
 /// still waiting on another task, and nothing for a report of an attempt no longer current.

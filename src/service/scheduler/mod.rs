@@ -401,6 +401,7 @@ impl Scheduler {
         tracing::debug!(
             reports,
             dispatched,
+            maintain,
             commit_us = committed.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
             "scheduler step"
