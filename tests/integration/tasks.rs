@@ -378,6 +378,88 @@ async fn a_large_assignment_round_reads_only_the_tasks_it_assigns() {
     );
 }
 
+/// A completion on a connection that has completed tasks many times while `tasks` was small
+/// still finds its tasks by id once the table has grown, before any statistics: PostgreSQL
+/// would otherwise keep the generic plan it made on the small table (a scan of all of it).
+#[tokio::test]
+async fn completions_find_their_tasks_by_id_after_the_table_grew() {
+    use omoi::db::scheduling::{self, Completion, Fence};
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
+    let workflow = |n: usize, prefix: &str| -> Vec<NewTask> {
+        (0..n)
+            .map(|i| {
+                let mut row = NewTask::from_spec(TaskId::new(), &spec);
+                row.key = format!("{prefix}{i}");
+                row
+            })
+            .collect()
+    };
+    let agent = AgentId::new();
+    let complete = |rows: &[NewTask]| -> Vec<Completion> {
+        rows.iter()
+            .map(|r| Completion {
+                fence: Fence {
+                    task: r.id,
+                    attempt: 1,
+                    agent: Some(agent),
+                },
+                output: serde_json::json!({}),
+                lock_wait_ms: None,
+                running_ms: None,
+            })
+            .collect()
+    };
+    let store = |rows: Vec<NewTask>, name: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            workflows::create(
+                &mut tx,
+                WorkflowId::new(),
+                name,
+                "fail_fast",
+                &serde_json::json!({}),
+                &rows,
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            rows
+        }
+    };
+    let small = store(workflow(20, "s"), "small").await;
+    for pair in small.chunks(2) {
+        let pairs: Vec<(TaskId, AgentId)> = pair.iter().map(|r| (r.id, agent)).collect();
+        scheduling::assign(&mut conn, &pairs, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            scheduling::mark_completed(&mut conn, &complete(pair))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+    let large = store(workflow(20_000, "l"), "large").await;
+    let few = &large[..10];
+    let pairs: Vec<(TaskId, AgentId)> = few.iter().map(|r| (r.id, agent)).collect();
+    scheduling::assign(&mut conn, &pairs, &Default::default())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let before = seq_scans(&mut conn).await.unwrap();
+    let done = scheduling::mark_completed(&mut conn, &complete(few))
+        .await
+        .unwrap();
+    let after = seq_scans(&mut conn).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(done.len(), 10);
+    assert_eq!(after, before, "the tasks table was scanned");
+}
+
 /// A completion promotes, in its own statement, the candidates it unblocks: those whose every
 /// dependency is completed or completing with it, and a quorum join once enough are — not one
 /// still waiting on another task, and nothing for a report of an attempt no longer current.
