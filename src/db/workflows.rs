@@ -72,13 +72,14 @@ impl NewTask {
 }
 
 /// Inserts a workflow and its tasks (in the caller's transaction: all of it is stored, or
-/// none).
-pub async fn create(
+/// none). The spec is serialized straight into the statement's buffer (a 100,000-task spec as
+/// a `serde_json::Value` tree would take more memory than the tasks themselves).
+pub async fn create<S: serde::Serialize + Sync>(
     db: &mut PgConnection,
     id: WorkflowId,
     name: &str,
     failure_policy: &str,
-    spec: &serde_json::Value,
+    spec: &S,
     tasks: &[NewTask],
 ) -> Result<WorkflowRecord, DbError> {
     let workflow = sqlx::query_as::<_, WorkflowRecord>(sqlx::AssertSqlSafe(format!(
@@ -88,7 +89,7 @@ pub async fn create(
     .bind(id)
     .bind(name)
     .bind(failure_policy)
-    .bind(spec)
+    .bind(sqlx::types::Json(spec))
     .fetch_one(&mut *db)
     .await?;
     insert_tasks(&mut *db, id, tasks).await?;

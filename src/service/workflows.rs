@@ -135,8 +135,6 @@ impl Workflows {
     pub async fn submit(&self, spec: WorkflowSpec) -> Result<Submitted, ServiceError> {
         let valid = validate(spec)?;
         let id = WorkflowId::new();
-        let spec_json =
-            serde_json::to_value(&valid.spec).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let new_tasks: Vec<NewTask> = valid
             .spec
             .tasks
@@ -149,7 +147,7 @@ impl Workflows {
             id,
             &valid.spec.name,
             valid.spec.failure_policy.as_str(),
-            &spec_json,
+            &valid.spec,
             &new_tasks,
         )
         .await?;
