@@ -282,6 +282,32 @@ async fn seq_scans(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
         .await
 }
 
+/// A workflow of `n` independent tasks (keys `<prefix><i>`, all ready), stored in its own
+/// transaction; its rows as inserted.
+async fn stored_workflow(env: &TestEnv, n: usize, prefix: &str) -> Vec<NewTask> {
+    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
+    let rows: Vec<NewTask> = (0..n)
+        .map(|i| {
+            let mut row = NewTask::from_spec(TaskId::new(), &spec);
+            row.key = format!("{prefix}{i}");
+            row
+        })
+        .collect();
+    let mut tx = env.pool.begin().await.unwrap();
+    workflows::create(
+        &mut tx,
+        WorkflowId::new(),
+        "stored",
+        "fail_fast",
+        &serde_json::json!({}),
+        &rows,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    rows
+}
+
 /// The maintenance tick's search for due retries reads the index of waiting retries, not the
 /// table — even on a connection that first ran it while `tasks` was empty (a statement without
 /// parameters, prepared once, would keep that first plan: a scan of the whole table, at every
@@ -296,26 +322,7 @@ async fn due_retries_are_found_by_their_index_however_small_the_table_was_at_fir
             .unwrap()
             .is_empty()
     );
-    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
-    let rows: Vec<NewTask> = (0..20_000)
-        .map(|i| {
-            let mut row = NewTask::from_spec(TaskId::new(), &spec);
-            row.key = format!("t{i}");
-            row
-        })
-        .collect();
-    let mut tx = env.pool.begin().await.unwrap();
-    workflows::create(
-        &mut tx,
-        WorkflowId::new(),
-        "large",
-        "fail_fast",
-        &serde_json::json!({}),
-        &rows,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    stored_workflow(&env, 20_000, "t").await;
     sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
     let before = seq_scans(&mut conn).await.unwrap();
     omoi::db::scheduling::promote_due_retries(&mut conn)
@@ -332,26 +339,7 @@ async fn due_retries_are_found_by_their_index_however_small_the_table_was_at_fir
 #[tokio::test]
 async fn a_large_assignment_round_reads_only_the_tasks_it_assigns() {
     let env = TestEnv::new().await;
-    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
-    let rows: Vec<NewTask> = (0..20_000)
-        .map(|i| {
-            let mut row = NewTask::from_spec(TaskId::new(), &spec);
-            row.key = format!("t{i}");
-            row
-        })
-        .collect();
-    let mut tx = env.pool.begin().await.unwrap();
-    workflows::create(
-        &mut tx,
-        WorkflowId::new(),
-        "large",
-        "fail_fast",
-        &serde_json::json!({}),
-        &rows,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    let rows = stored_workflow(&env, 20_000, "t").await;
     let mut conn = env.pool.acquire().await.unwrap();
     sqlx::query("ANALYZE tasks")
         .execute(&mut *conn)
@@ -386,16 +374,6 @@ async fn completions_find_their_tasks_by_id_after_the_table_grew() {
     use omoi::db::scheduling::{self, Completion, Fence};
     let env = TestEnv::new().await;
     let mut conn = env.pool.acquire().await.unwrap();
-    let spec = omoi::protocol::workflows::TaskSpec::new(String::new());
-    let workflow = |n: usize, prefix: &str| -> Vec<NewTask> {
-        (0..n)
-            .map(|i| {
-                let mut row = NewTask::from_spec(TaskId::new(), &spec);
-                row.key = format!("{prefix}{i}");
-                row
-            })
-            .collect()
-    };
     let agent = AgentId::new();
     let complete = |rows: &[NewTask]| -> Vec<Completion> {
         rows.iter()
@@ -411,25 +389,7 @@ async fn completions_find_their_tasks_by_id_after_the_table_grew() {
             })
             .collect()
     };
-    let store = |rows: Vec<NewTask>, name: &'static str| {
-        let pool = env.pool.clone();
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            workflows::create(
-                &mut tx,
-                WorkflowId::new(),
-                name,
-                "fail_fast",
-                &serde_json::json!({}),
-                &rows,
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-            rows
-        }
-    };
-    let small = store(workflow(20, "s"), "small").await;
+    let small = stored_workflow(&env, 20, "s").await;
     for pair in small.chunks(2) {
         let pairs: Vec<(TaskId, AgentId)> = pair.iter().map(|r| (r.id, agent)).collect();
         scheduling::assign(&mut conn, &pairs, &Default::default())
@@ -443,7 +403,7 @@ async fn completions_find_their_tasks_by_id_after_the_table_grew() {
             2
         );
     }
-    let large = store(workflow(20_000, "l"), "large").await;
+    let large = stored_workflow(&env, 20_000, "l").await;
     let few = &large[..10];
     let pairs: Vec<(TaskId, AgentId)> = few.iter().map(|r| (r.id, agent)).collect();
     scheduling::assign(&mut conn, &pairs, &Default::default())
