@@ -232,7 +232,7 @@ impl Scheduler {
             }
             // Whatever else has arrived joins this step; nothing waits for more. Polled once: a
             // zero timeout would wait for the timer's next millisecond tick each time nothing is
-            // there (half of a chain's hop, measured).
+            // there (1.1 ms of a chain's 3.5 ms hop, measured).
             while batch.len() < REPORT_BATCH {
                 match reports.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
