@@ -92,8 +92,8 @@ impl DbError {
 ///   PostgreSQL may otherwise keep, for good, a generic plan made while `tasks` was small — a
 ///   scan of the whole table — and a 100,000-task workflow submitted next had each completion
 ///   read every task until autovacuum's statistics came (1,200–1,300 tasks/s instead of 3,600,
-///   PostgreSQL 0.63 CPU s per 1,000 tasks instead of 0.10). The hot path's statements bind
-///   arrays whose length decides the plan; they were planned at nearly every run already.
+///   PostgreSQL 0.63 CPU s per 1,000 tasks instead of 0.10). The scheduler's steps run on a
+///   connection of their own settings instead ([`scheduling::make_hot`]).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let masked = crate::config::mask_url_password(url);
     let mut options: PgConnectOptions = url.parse().map_err(|source| DbError::Connect {

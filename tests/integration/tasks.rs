@@ -420,6 +420,62 @@ async fn completions_find_their_tasks_by_id_after_the_table_grew() {
     assert_eq!(after, before, "the tasks table was scanned");
 }
 
+/// The scheduler's steps keep each statement's first plan (no planning at every step), and on
+/// their connection that plan is found by index even when made while `tasks` was small: once
+/// the table has grown, a completion still reads only the tasks it completes.
+#[tokio::test]
+async fn the_steps_connection_keeps_plans_that_find_tasks_by_id_as_the_table_grows() {
+    use omoi::db::scheduling::{self, Completion, Fence};
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    scheduling::make_hot(&mut conn).await.unwrap();
+    let agent = AgentId::new();
+    let complete = |rows: &[NewTask]| -> Vec<Completion> {
+        rows.iter()
+            .map(|r| Completion {
+                fence: Fence {
+                    task: r.id,
+                    attempt: 1,
+                    agent: Some(agent),
+                },
+                output: serde_json::json!({}),
+                lock_wait_ms: None,
+                running_ms: None,
+            })
+            .collect()
+    };
+    let small = stored_workflow(&env, 4, "s").await;
+    let pairs: Vec<(TaskId, AgentId)> = small.iter().map(|r| (r.id, agent)).collect();
+    scheduling::assign(&mut conn, &pairs, &Default::default())
+        .await
+        .unwrap();
+    for one in small.chunks(1) {
+        assert_eq!(
+            scheduling::mark_completed(&mut conn, &complete(one))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+    let large = stored_workflow(&env, 20_000, "l").await;
+    let few = &large[..10];
+    let pairs: Vec<(TaskId, AgentId)> = few.iter().map(|r| (r.id, agent)).collect();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let before = seq_scans(&mut conn).await.unwrap();
+    let assigned = scheduling::assign(&mut conn, &pairs, &Default::default())
+        .await
+        .unwrap();
+    let done = scheduling::mark_completed(&mut conn, &complete(few))
+        .await
+        .unwrap();
+    let after = seq_scans(&mut conn).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    drop(conn.detach());
+    assert_eq!((assigned.len(), done.len()), (10, 10));
+    assert_eq!(after, before, "the tasks table was scanned");
+}
+
 /// A completion promotes, in its own statement, the candidates it unblocks: those whose every
 /// dependency is completed or completing with it, and a quorum join once enough are — not one
 /// still waiting on another task, and nothing for a report of an attempt no longer current.

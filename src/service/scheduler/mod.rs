@@ -89,8 +89,17 @@ pub struct Scheduler {
     /// Wakes the loop (a local submission, or a step that left work for the next one).
     wake: Arc<Notify>,
     /// The connection steps run on, kept between them (one taken from the pool costs a round
-    /// trip: the pool pings it first); dropped after a failed step, as it may be broken.
+    /// trip: the pool pings it first), with its own planner settings
+    /// ([`scheduling::make_hot`]); closed, never returned to the pool, after a failed step (it
+    /// may be broken) and when leadership ends.
     hot: Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>,
+}
+
+/// Closes the steps' connection, if any, rather than return its settings to the pool.
+fn drop_hot(hot: &mut Option<PoolConnection<Postgres>>) {
+    if let Some(conn) = hot.take() {
+        drop(conn.detach());
+    }
 }
 
 fn db(e: DbError) -> ServiceError {
@@ -268,7 +277,7 @@ impl Scheduler {
         }
         listener.abort();
         // A control plane that is not leading holds no connection for steps.
-        *self.hot.lock().await = None;
+        drop_hot(&mut *self.hot.lock().await);
     }
 
     /// Taking the lease: what the outbox holds is published, memory is built, and the
@@ -423,13 +432,20 @@ impl Scheduler {
         let mut hot = self.hot.lock().await;
         let conn = match hot.as_mut() {
             Some(conn) => conn,
-            None => hot.insert(self.pool.acquire().await.map_err(DbError::from)?),
+            None => {
+                let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
+                if let Err(e) = scheduling::make_hot(&mut conn).await {
+                    drop(conn.detach());
+                    return Err(db(e));
+                }
+                hot.insert(conn)
+            }
         };
         let result = self
             .step_tx_on(conn, state, reports, maintain, dispatch)
             .await;
         if result.is_err() {
-            *hot = None;
+            drop_hot(&mut hot);
         }
         result
     }
