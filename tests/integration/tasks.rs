@@ -308,6 +308,22 @@ async fn stored_workflow(env: &TestEnv, n: usize, prefix: &str) -> Vec<NewTask> 
     rows
 }
 
+/// Completions of the first attempt of `rows`, by `agent`.
+fn first_attempts_done(rows: &[NewTask], agent: AgentId) -> Vec<omoi::db::scheduling::Completion> {
+    rows.iter()
+        .map(|r| omoi::db::scheduling::Completion {
+            fence: omoi::db::scheduling::Fence {
+                task: r.id,
+                attempt: 1,
+                agent: Some(agent),
+            },
+            output: serde_json::json!({}),
+            lock_wait_ms: None,
+            running_ms: None,
+        })
+        .collect()
+}
+
 /// The maintenance tick's search for due retries reads the index of waiting retries, not the
 /// table — even on a connection that first ran it while `tasks` was empty (a statement without
 /// parameters, prepared once, would keep that first plan: a scan of the whole table, at every
@@ -366,58 +382,54 @@ async fn a_large_assignment_round_reads_only_the_tasks_it_assigns() {
     );
 }
 
+/// On `conn`: assigns and completes `small` tasks, `per_round` at a time (the statements'
+/// plans made while `tasks` is small), then stores 20,000 more and, in one transaction, assigns
+/// and completes ten of them. Returns how many sequential scans of `tasks` that transaction made.
+async fn scans_once_grown(
+    env: &TestEnv,
+    conn: &mut sqlx::PgConnection,
+    small: usize,
+    per_round: usize,
+) -> i64 {
+    use omoi::db::scheduling;
+    let agent = AgentId::new();
+    let pairs = |rows: &[NewTask]| -> Vec<(TaskId, AgentId)> {
+        rows.iter().map(|r| (r.id, agent)).collect()
+    };
+    for round in stored_workflow(env, small, "s").await.chunks(per_round) {
+        scheduling::assign(&mut *conn, &pairs(round), &Default::default())
+            .await
+            .unwrap();
+        let done = scheduling::mark_completed(&mut *conn, &first_attempts_done(round, agent))
+            .await
+            .unwrap();
+        assert_eq!(done.len(), round.len());
+    }
+    let large = stored_workflow(env, 20_000, "l").await;
+    let few = &large[..10];
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let before = seq_scans(&mut *conn).await.unwrap();
+    let assigned = scheduling::assign(&mut *conn, &pairs(few), &Default::default())
+        .await
+        .unwrap();
+    let done = scheduling::mark_completed(&mut *conn, &first_attempts_done(few, agent))
+        .await
+        .unwrap();
+    let after = seq_scans(&mut *conn).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!((assigned.len(), done.len()), (10, 10));
+    after - before
+}
+
 /// A completion on a connection that has completed tasks many times while `tasks` was small
 /// still finds its tasks by id once the table has grown, before any statistics: PostgreSQL
 /// would otherwise keep the generic plan it made on the small table (a scan of all of it).
 #[tokio::test]
 async fn completions_find_their_tasks_by_id_after_the_table_grew() {
-    use omoi::db::scheduling::{self, Completion, Fence};
     let env = TestEnv::new().await;
     let mut conn = env.pool.acquire().await.unwrap();
-    let agent = AgentId::new();
-    let complete = |rows: &[NewTask]| -> Vec<Completion> {
-        rows.iter()
-            .map(|r| Completion {
-                fence: Fence {
-                    task: r.id,
-                    attempt: 1,
-                    agent: Some(agent),
-                },
-                output: serde_json::json!({}),
-                lock_wait_ms: None,
-                running_ms: None,
-            })
-            .collect()
-    };
-    let small = stored_workflow(&env, 20, "s").await;
-    for pair in small.chunks(2) {
-        let pairs: Vec<(TaskId, AgentId)> = pair.iter().map(|r| (r.id, agent)).collect();
-        scheduling::assign(&mut conn, &pairs, &Default::default())
-            .await
-            .unwrap();
-        assert_eq!(
-            scheduling::mark_completed(&mut conn, &complete(pair))
-                .await
-                .unwrap()
-                .len(),
-            2
-        );
-    }
-    let large = stored_workflow(&env, 20_000, "l").await;
-    let few = &large[..10];
-    let pairs: Vec<(TaskId, AgentId)> = few.iter().map(|r| (r.id, agent)).collect();
-    scheduling::assign(&mut conn, &pairs, &Default::default())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
-    let before = seq_scans(&mut conn).await.unwrap();
-    let done = scheduling::mark_completed(&mut conn, &complete(few))
-        .await
-        .unwrap();
-    let after = seq_scans(&mut conn).await.unwrap();
-    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
-    assert_eq!(done.len(), 10);
-    assert_eq!(after, before, "the tasks table was scanned");
+    let scans = scans_once_grown(&env, &mut conn, 20, 2).await;
+    assert_eq!(scans, 0, "the tasks table was scanned");
 }
 
 /// The scheduler's steps keep each statement's first plan (no planning at every step), and on
@@ -425,55 +437,12 @@ async fn completions_find_their_tasks_by_id_after_the_table_grew() {
 /// the table has grown, a completion still reads only the tasks it completes.
 #[tokio::test]
 async fn the_steps_connection_keeps_plans_that_find_tasks_by_id_as_the_table_grows() {
-    use omoi::db::scheduling::{self, Completion, Fence};
     let env = TestEnv::new().await;
     let mut conn = env.pool.acquire().await.unwrap();
-    scheduling::make_hot(&mut conn).await.unwrap();
-    let agent = AgentId::new();
-    let complete = |rows: &[NewTask]| -> Vec<Completion> {
-        rows.iter()
-            .map(|r| Completion {
-                fence: Fence {
-                    task: r.id,
-                    attempt: 1,
-                    agent: Some(agent),
-                },
-                output: serde_json::json!({}),
-                lock_wait_ms: None,
-                running_ms: None,
-            })
-            .collect()
-    };
-    let small = stored_workflow(&env, 4, "s").await;
-    let pairs: Vec<(TaskId, AgentId)> = small.iter().map(|r| (r.id, agent)).collect();
-    scheduling::assign(&mut conn, &pairs, &Default::default())
-        .await
-        .unwrap();
-    for one in small.chunks(1) {
-        assert_eq!(
-            scheduling::mark_completed(&mut conn, &complete(one))
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-    }
-    let large = stored_workflow(&env, 20_000, "l").await;
-    let few = &large[..10];
-    let pairs: Vec<(TaskId, AgentId)> = few.iter().map(|r| (r.id, agent)).collect();
-    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
-    let before = seq_scans(&mut conn).await.unwrap();
-    let assigned = scheduling::assign(&mut conn, &pairs, &Default::default())
-        .await
-        .unwrap();
-    let done = scheduling::mark_completed(&mut conn, &complete(few))
-        .await
-        .unwrap();
-    let after = seq_scans(&mut conn).await.unwrap();
-    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    omoi::db::scheduling::make_hot(&mut conn).await.unwrap();
+    let scans = scans_once_grown(&env, &mut conn, 4, 1).await;
     drop(conn.detach());
-    assert_eq!((assigned.len(), done.len()), (10, 10));
-    assert_eq!(after, before, "the tasks table was scanned");
+    assert_eq!(scans, 0, "the tasks table was scanned");
 }
 
 /// A completion promotes, in its own statement, the candidates it unblocks: those whose every
