@@ -521,13 +521,16 @@ async fn fetch_and_assign(
     let mut rounds = Vec::with_capacity(ASSIGN_ROUNDS);
     let mut plans = Vec::with_capacity(ASSIGN_ROUNDS);
     let mut conn = pool.acquire().await?;
+    // The assignments run on a connection readied as the scheduler's steps' is.
+    let mut hot = pool.acquire().await?;
+    crate::db::scheduling::make_hot(&mut hot).await?;
     for _ in 0..ASSIGN_ROUNDS {
         let mut state = State::load(&mut conn).await?;
         state.set_agents(crate::db::agents::dispatchable(&mut *conn).await?);
         let started = Instant::now();
         let planned = state.plan(ASSIGN_TASKS, stale_after_ms);
         plans.push(started.elapsed());
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *hot).await?;
         let assigned =
             crate::db::scheduling::assign(&mut tx, &planned, &Default::default()).await?;
         tx.commit().await?;
@@ -548,6 +551,7 @@ async fn fetch_and_assign(
         // few seconds (more than autovacuum sees in steady work).
         sqlx::query("VACUUM tasks").execute(&mut *conn).await?;
     }
+    drop(hot.detach());
     // Memory: what the leader holds for each pending (ready) task, measured in a fresh process
     // (this one's heap has room left by what came before).
     ready_tasks(pool, "bench-memory", MEMORY_TASKS - ASSIGN_TASKS).await?;

@@ -169,13 +169,12 @@ pub async fn make_hot(db: &mut PgConnection) -> Result<(), DbError> {
     Ok(())
 }
 
-/// From this many tasks, an assignment is planned as lookups by id (see [`assign`]).
-const LOOKUP_ROUND: usize = 256;
-
 /// Assigns tasks to agents — `ready → assigned`, attempt + 1, stamping the agents'
 /// `last_assigned_at` — in one statement, and reads their dependencies' outputs (those not in
-/// `known`). Rows no longer ready are skipped. Called in a transaction: a large round sets
-/// planner settings for its own statement with `SET LOCAL`.
+/// `known`). Rows no longer ready are skipped. The tasks are found by id on a connection readied
+/// by [`make_hot`] (the scheduler's, and the bench's fetch-and-assign): on another, given a
+/// large round's ids as constants beside a table of finished tasks, PostgreSQL may hash a scan
+/// of the whole table instead.
 pub async fn assign(
     db: &mut PgConnection,
     pairs: &[(TaskId, AgentId)],
@@ -199,19 +198,6 @@ pub async fn assign(
     // cost growing with the backlog.
     // The agents' stamp rides along as a CTE (run though nothing reads it); the assignment is
     // the statement itself, so its rows are returned as they are written, not gathered first.
-    //
-    // A large round is found by id whatever the table holds: given the ids as constants,
-    // PostgreSQL reckons that hashing a sequential scan of `tasks` beats as many index lookups
-    // once a round is a sizable part of the table — and reads every row, finished ones
-    // included (10,000 assignments beside 150,000 finished tasks: 80 ms instead of 50). The
-    // join is held to a nested loop over the primary key for this statement only (`SET LOCAL`
-    // in the caller's transaction, set back after it); small rounds do not pay the round trips.
-    let large = pairs.len() >= LOOKUP_ROUND;
-    if large {
-        sqlx::raw_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-            .execute(&mut *db)
-            .await?;
-    }
     let assigned = sqlx::query_as::<_, AssignedTask>(
         "WITH stamped AS (
              UPDATE agents SET last_assigned_at = now() WHERE id = ANY($3)
@@ -228,13 +214,6 @@ pub async fn assign(
     .bind(&stamped)
     .fetch_all(&mut *db)
     .await?;
-    if large {
-        sqlx::raw_sql(
-            "SET LOCAL enable_hashjoin TO DEFAULT; SET LOCAL enable_mergejoin TO DEFAULT",
-        )
-        .execute(&mut *db)
-        .await?;
-    }
     with_dependency_outputs(db, assigned, known).await
 }
 
