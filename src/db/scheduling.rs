@@ -279,10 +279,14 @@ async fn with_dependency_outputs(
         .collect())
 }
 
-/// Puts tasks whose dispatch could not be published back to ready (still at their attempt).
+/// Tasks whose dispatch could not be sent or stored wait `delay_ms` before their next
+/// assignment (`assigned → retry_wait`, still at their attempt, with `reason`), so a stream
+/// that refuses dispatches is not sent them again at every step.
 pub async fn unassign(
     db: &mut PgConnection,
     tasks: &[(TaskId, i32)],
+    delay_ms: i64,
+    reason: &str,
 ) -> Result<Vec<TaskRecord>, DbError> {
     if tasks.is_empty() {
         return Ok(Vec::new());
@@ -290,13 +294,16 @@ pub async fn unassign(
     let ids: Vec<TaskId> = tasks.iter().map(|t| t.0).collect();
     let attempts: Vec<i32> = tasks.iter().map(|t| t.1).collect();
     Ok(sqlx::query_as::<_, TaskRecord>(
-        "UPDATE tasks t SET status = 'ready', agent_id = NULL, ready_at = now(), updated_at = now()
+        "UPDATE tasks t SET status = 'retry_wait', agent_id = NULL, error = $4,
+             retry_at = now() + make_interval(secs => $3::float8 / 1000), updated_at = now()
          FROM UNNEST($1::uuid[], $2::int[]) AS u(id, attempt)
          WHERE t.id = u.id AND t.attempt = u.attempt AND t.status = 'assigned'
          RETURNING t.*",
     )
     .bind(&ids)
     .bind(&attempts)
+    .bind(delay_ms)
+    .bind(reason)
     .fetch_all(&mut *db)
     .await?)
 }

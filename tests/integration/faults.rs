@@ -581,6 +581,51 @@ async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
     c.stop().await;
 }
 
+/// A dispatch JetStream will not store puts its task back to wait (`task.retrying`, not a
+/// failure, not left assigned until the start timeout) instead of being sent again at every
+/// step; once the stream takes dispatches again, the task runs, once.
+#[tokio::test]
+async fn a_task_whose_dispatch_jetstream_will_not_store_waits_and_runs_once_it_does() {
+    let mut c = Cluster::start_with(|s| {
+        crate::cluster::patient(s);
+        s.task_start_timeout_ms = 600_000;
+    })
+    .await;
+    let stream_name = c.env.names.stream(omoi::bus::names::STREAM_DISPATCH);
+    let stream = c.env.js.get_stream(&stream_name).await.unwrap();
+    let config = stream.cached_info().config.clone();
+    let refusing = async_nats::jetstream::stream::Config {
+        max_message_size: 16,
+        ..config.clone()
+    };
+    c.env.js.update_stream(&refusing).await.unwrap();
+    c.spawn_worker("w", "echo", 1).await;
+    let wf = c
+        .submit(json!({"name": "refused", "tasks": [{"key": "a", "input": {"n": 1}}]}))
+        .await;
+    let put_back = eventually(Duration::from_secs(30), "the task put back", || async {
+        events_of(&c, "task.retrying").await.into_iter().find(|e| {
+            e.event
+                .task()
+                .is_some_and(|t| t.error.as_deref() == Some("dispatch not stored by JetStream"))
+        })
+    })
+    .await;
+    let t = put_back.event.task().unwrap();
+    assert!(t.retry_at.is_some(), "due again later: {t:?}");
+    assert_eq!(t.agent_id, None);
+    c.env.js.update_stream(&config).await.unwrap();
+    let done = c.wait(wf.workflow_id, Duration::from_secs(30)).await;
+    assert_eq!(done.workflow.status, WorkflowStatus::Completed);
+    assert_eq!(
+        task(&done, "a").output,
+        Some(json!({"agent": "w", "input": {"n": 1}}))
+    );
+    assert_eq!(events_of(&c, "task.completed").await.len(), 1);
+    assert_eq!(events_of(&c, "task.failed").await.len(), 0);
+    c.stop().await;
+}
+
 /// A TCP proxy in front of PostgreSQL that can go down: cut every connection through it and
 /// refuse new ones (as a database restarting does), then come back.
 struct PgProxy {

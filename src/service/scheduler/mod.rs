@@ -8,7 +8,9 @@
 //! agents, timeouts and dispatches never started are handled; then ready tasks are taken from
 //! memory in fair order and assigned to best-fit agents with free capacity — and the events of
 //! all of it go into the outbox — in the same commit. After the commit the dispatches are
-//! published on `<ns>.dispatch.<agent_id>`, the events by the outbox, and the reports acked.
+//! sent on `<ns>.dispatch.<agent_id>` and the events by the outbox; a task of the term's
+//! ([`finish_steps`]) waits until JetStream stored the dispatches and then acks the reports,
+//! while the loop goes on to the next step.
 //! So a task's life on the hot path is two commits (its assignment, and its completion with the
 //! promotions and the next assignments), each shared with everything else in flight, and a
 //! dispatch round costs what it dispatches, not what waits.
@@ -20,10 +22,10 @@
 //! against the database and rebuilt if they disagree.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer};
 use futures::{FutureExt, StreamExt};
@@ -66,6 +68,11 @@ const RELAY_AFTER_MS: i64 = 10_000;
 /// Dispatches published again on taking the lease are those of tasks assigned within this
 /// time: inside JetStream's de-duplication window, so a copy still pending is dropped.
 const REPUBLISH_WITHIN_MS: i64 = 100_000;
+/// How long a task whose dispatch JetStream did not store waits before it is assigned again.
+const UNSTORED_REQUEUE_MS: i64 = 1_000;
+/// Steps whose dispatches' acks (and then reports) may wait to be finished while the loop goes
+/// on; one more waits for room.
+const FINISHING_STEPS: usize = 4;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -217,6 +224,9 @@ impl Scheduler {
         };
         let (intake_tx, mut intake_rx) = mpsc::unbounded_channel();
         let listener = tokio::spawn(listen(self.js.client(), self.names.clone(), intake_tx));
+        let (finish, finishing) = mpsc::channel(FINISHING_STEPS);
+        let (unstored_tx, mut unstored) = mpsc::unbounded_channel();
+        let finisher = tokio::spawn(finish_steps(finishing, unstored_tx));
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = tokio::time::Instant::now();
@@ -238,6 +248,11 @@ impl Scheduler {
                 },
                 _ = tick.tick() => maintain = true,
                 () = self.wake.notified() => {}
+                Some(failed) = unstored.recv() => {
+                    if let Err(e) = self.put_back(&mut state, failed, Vec::new()).await {
+                        tracing::warn!(error = %e, "putting back tasks whose dispatches were not stored failed; they are sent again on the start timeout");
+                    }
+                }
             }
             // Whatever else has arrived joins this step; nothing waits for more. Polled once: a
             // zero timeout would wait for the timer's next millisecond tick each time nothing is
@@ -256,7 +271,7 @@ impl Scheduler {
                 state = self.rebuild().await.unwrap_or_default();
             }
             self.run_nodes(&mut state).await;
-            match self.step(&mut state, batch, maintain).await {
+            match self.step(&mut state, batch, maintain, &finish).await {
                 Ok(more) => {
                     if more {
                         self.wake.notify_one();
@@ -276,6 +291,9 @@ impl Scheduler {
             }
         }
         listener.abort();
+        // The steps committed are finished: their reports acked once their dispatches are stored.
+        drop(finish);
+        let _ = finisher.await;
         // A control plane that is not leading holds no connection for steps.
         drop_hot(&mut *self.hot.lock().await);
     }
@@ -356,13 +374,16 @@ impl Scheduler {
     }
 
     /// One step: the reports, maintenance (on its tick) and a dispatch round, in one
-    /// transaction. Returns whether more can be dispatched at once. On failure, the reports
-    /// come back (nothing of the step was stored) with the error.
+    /// transaction; after the commit the dispatches are sent, and the wait for JetStream to
+    /// store them, then the reports' acks, go to `finish` (the loop does not wait for them).
+    /// Returns whether more can be dispatched at once. On failure, the reports come back
+    /// (nothing of the step was stored) with the error.
     async fn step(
         &self,
         state: &mut State,
         mut batch: Vec<Delivery<TaskReport>>,
         maintain: bool,
+        finish: &mpsc::Sender<Finishing>,
     ) -> Result<bool, (ServiceError, Vec<Delivery<TaskReport>>)> {
         if batch.is_empty() && !maintain && state.queue.is_empty() {
             return Ok(false);
@@ -400,14 +421,22 @@ impl Scheduler {
             crate::bus::provision::purge_dispatches(&self.js, &self.names, *agent).await;
         }
         let more = assigned.len() >= DISPATCH_BATCH;
-        if !assigned.is_empty() {
-            if let Err(e) = self.publish_dispatches(state, assigned).await {
-                tracing::warn!(error = %e, "publishing dispatches failed; they are sent again on the start timeout");
+        let sent = self.send_dispatches(assigned).await;
+        if !sent.failed.is_empty() || !sent.undeliverable.is_empty() {
+            if let Err(e) = self.put_back(state, sent.failed, sent.undeliverable).await {
+                tracing::warn!(error = %e, "putting back tasks whose dispatches were not sent failed; they are sent again on the start timeout");
             }
         }
         let reports = batch.len();
-        for d in batch {
-            let _ = d.ack().await;
+        if !sent.acks.is_empty() || !batch.is_empty() {
+            let finishing = Finishing {
+                acks: sent.acks,
+                reports: batch,
+            };
+            if let Err(mpsc::error::SendError(f)) = finish.send(finishing).await {
+                // No finisher (the term is ending): finished here.
+                finish_step(f).await;
+            }
         }
         tracing::debug!(
             reports,
@@ -856,16 +885,27 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Publishes the dispatches of `assigned`; what cannot be published goes back to ready,
-    /// and a dispatch no worker could read fails its task.
+    /// Publishes the dispatches of `assigned` and waits until JetStream stored them; a task
+    /// whose dispatch was not stored waits a moment, and one no worker could read fails.
     async fn publish_dispatches(
         &self,
         state: &mut State,
         assigned: Vec<Assigned>,
     ) -> Result<(), ServiceError> {
-        let mut acks = Vec::with_capacity(assigned.len());
-        let mut failed = Vec::new();
-        let mut undeliverable = Vec::new();
+        let Sent {
+            acks,
+            mut failed,
+            undeliverable,
+        } = self.send_dispatches(assigned).await;
+        failed.extend(unstored(acks).await);
+        self.put_back(state, failed, undeliverable).await
+    }
+
+    /// Sends the dispatches of `assigned` (waiting for JetStream to store them only every
+    /// [`crate::bus::events::PUBLISH_CHUNK`]: each pending ack holds an in-flight permit of
+    /// the context).
+    async fn send_dispatches(&self, assigned: Vec<Assigned>) -> Sent {
+        let mut sent = Sent::default();
         for a in assigned {
             let t = &a.task;
             let Some(agent_id) = t.agent_id else { continue };
@@ -885,20 +925,26 @@ impl Scheduler {
                     .unwrap_or_default(),
                 timeout_seconds: t.timeout_seconds,
             };
-            let encode = |d: &Dispatch| {
-                serde_json::to_vec(d).map_err(|e| ServiceError::Internal(e.to_string()))
+            let mut payload = match serde_json::to_vec(&dispatch) {
+                Ok(p) => p,
+                Err(e) => {
+                    sent.undeliverable
+                        .push((a.task, format!("dispatch cannot be encoded: {e}")));
+                    continue;
+                }
             };
-            let mut payload = encode(&dispatch)?;
             if payload.len() > MAX_DISPATCH_BYTES && !dispatch.dependencies.is_empty() {
                 // The whole outputs (say, of a wide split) do not fit: send the input, which
                 // carries what the task asked for by reference, without them.
                 dispatch.dependencies.clear();
                 dispatch.dependencies_omitted = true;
-                payload = encode(&dispatch)?;
+                if let Ok(p) = serde_json::to_vec(&dispatch) {
+                    payload = p;
+                }
                 tracing::info!(task.id = %t.id, "dependency outputs left out of a dispatch too large for them");
             }
             if let Err(reason) = check_dispatch(&payload) {
-                undeliverable.push((a.task, reason));
+                sent.undeliverable.push((a.task, reason));
                 continue;
             }
             let msg = PublishMessage::build()
@@ -909,34 +955,41 @@ impl Scheduler {
                 .send_publish(self.names.dispatch(agent_id), msg)
                 .await
             {
-                Ok(ack) => acks.push((t.id, t.attempt, ack.into_future())),
+                Ok(ack) => sent.acks.push((t.id, t.attempt, ack)),
                 Err(e) => {
                     tracing::warn!(task.id = %t.id, error = %e, "dispatch publish failed");
-                    failed.push((t.id, t.attempt));
+                    sent.failed.push((t.id, t.attempt));
                 }
             }
-            // Await acks per chunk: each pending ack holds an in-flight permit of the context.
-            if acks.len() >= crate::bus::events::PUBLISH_CHUNK {
-                for (id, attempt, ack) in acks.drain(..) {
-                    if let Err(e) = ack.await {
-                        tracing::warn!(task.id = %id, error = %e, "dispatch not stored");
-                        failed.push((id, attempt));
-                    }
-                }
+            if sent.acks.len() >= crate::bus::events::PUBLISH_CHUNK {
+                let chunk = std::mem::take(&mut sent.acks);
+                sent.failed.extend(unstored(chunk).await);
             }
         }
-        for (id, attempt, ack) in acks {
-            if let Err(e) = ack.await {
-                tracing::warn!(task.id = %id, error = %e, "dispatch not stored");
-                failed.push((id, attempt));
-            }
-        }
+        sent
+    }
+
+    /// Tasks whose dispatches were not sent or stored wait a moment before they are assigned
+    /// again; those no worker could read fail.
+    async fn put_back(
+        &self,
+        state: &mut State,
+        failed: Vec<(TaskId, i32)>,
+        undeliverable: Vec<(scheduling::AssignedTask, String)>,
+    ) -> Result<(), ServiceError> {
         if failed.is_empty() && undeliverable.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(DbError::from)?;
         let mut changes = Changes::default();
-        let back = scheduling::unassign(&mut tx, &failed).await.map_err(db)?;
+        let back = scheduling::unassign(
+            &mut tx,
+            &failed,
+            UNSTORED_REQUEUE_MS,
+            "dispatch not stored by JetStream",
+        )
+        .await
+        .map_err(db)?;
         changes.tasks(back);
         // A dispatch no worker could read fails its task for good (retrying cannot help).
         let mut gave_up = Vec::new();
@@ -1055,6 +1108,57 @@ impl Scheduler {
             TypedConsumer::new(messages, self.js.clone(), self.names.clone())
                 .with_check(check_report),
         )
+    }
+}
+
+/// Dispatches sent: those JetStream is to ack, those not sent, those no worker could read.
+#[derive(Default)]
+struct Sent {
+    acks: Vec<(TaskId, i32, PublishAckFuture)>,
+    failed: Vec<(TaskId, i32)>,
+    undeliverable: Vec<(scheduling::AssignedTask, String)>,
+}
+
+/// What a committed step leaves to finish: its dispatches' acks to wait for, then its reports
+/// to ack.
+struct Finishing {
+    acks: Vec<(TaskId, i32, PublishAckFuture)>,
+    reports: Vec<Delivery<TaskReport>>,
+}
+
+/// The dispatches (of `acks`) JetStream did not store.
+async fn unstored(acks: Vec<(TaskId, i32, PublishAckFuture)>) -> Vec<(TaskId, i32)> {
+    let mut failed = Vec::new();
+    for (id, attempt, ack) in acks {
+        if let Err(e) = ack.await {
+            tracing::warn!(task.id = %id, error = %e, "dispatch not stored");
+            failed.push((id, attempt));
+        }
+    }
+    failed
+}
+
+/// Finishes a step: waits until its dispatches are stored, then acks its reports. Returns the
+/// dispatches not stored.
+async fn finish_step(f: Finishing) -> Vec<(TaskId, i32)> {
+    let failed = unstored(f.acks).await;
+    for d in f.reports {
+        let _ = d.ack().await;
+    }
+    failed
+}
+
+/// Finishes the term's steps in the order they committed, while the loop goes on to the next;
+/// the dispatches not stored go back to the loop (on `unstored`), which puts their tasks back.
+async fn finish_steps(
+    mut steps: mpsc::Receiver<Finishing>,
+    unstored: mpsc::UnboundedSender<Vec<(TaskId, i32)>>,
+) {
+    while let Some(f) = steps.recv().await {
+        let failed = finish_step(f).await;
+        if !failed.is_empty() {
+            let _ = unstored.send(failed);
+        }
     }
 }
 
