@@ -226,18 +226,19 @@ fn stat(pid: u32) -> Option<(String, u64, u64)> {
     Some((comm, num(11) + num(12), num(13) + num(14)))
 }
 
-/// Ticks by group, for processes of the machine: nats-server, PostgreSQL (live backends, plus
-/// what the postmaster's exited children used), and the given worker pids.
-fn snapshot(workers: &[u32]) -> HashMap<&'static str, u64> {
+/// Ticks used so far by each process measured: `pid → (group, own, exited children's)` — this
+/// process (the control plane), the given worker pids, every nats-server and PostgreSQL
+/// process of the machine.
+fn snapshot(workers: &[u32]) -> HashMap<u32, (&'static str, u64, u64)> {
     let mut out = HashMap::new();
-    if let Some((_, own, _)) = stat(std::process::id()) {
-        out.insert("control_plane", own);
+    let own = std::process::id();
+    for (pid, group) in
+        std::iter::once((own, "control_plane")).chain(workers.iter().map(|p| (*p, "workers")))
+    {
+        if let Some((_, used, children)) = stat(pid) {
+            out.insert(pid, (group, used, children));
+        }
     }
-    out.insert(
-        "workers",
-        workers.iter().filter_map(|p| stat(*p)).map(|s| s.1).sum(),
-    );
-    let (mut nats, mut pg) = (0, 0);
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let Some(pid) = entry
@@ -247,25 +248,28 @@ fn snapshot(workers: &[u32]) -> HashMap<&'static str, u64> {
             else {
                 continue;
             };
-            let Some((comm, own, children)) = stat(pid) else {
+            if out.contains_key(&pid) {
+                continue;
+            }
+            let Some((comm, used, children)) = stat(pid) else {
                 continue;
             };
             if comm.starts_with("nats-server") {
-                nats += own;
+                out.insert(pid, ("nats", used, children));
             } else if comm.starts_with("postgres") {
-                // The postmaster's children time counts the backends that exited.
-                pg += own + children;
+                out.insert(pid, ("postgres", used, children));
             }
         }
     }
-    out.insert("nats", nats);
-    out.insert("postgres", pg);
     out
 }
 
-/// Measures CPU time between `start` and `stop`.
+/// Measures CPU time between `start` and `stop`, process by process: a process that started
+/// meanwhile counts whole, one that exited counts nothing more (a PostgreSQL backend's time is
+/// then in the postmaster's children time; another nats-server stopping does not cancel out
+/// the one measured).
 pub struct CpuMeter {
-    at: HashMap<&'static str, u64>,
+    at: HashMap<u32, (&'static str, u64, u64)>,
 }
 
 impl CpuMeter {
@@ -276,20 +280,26 @@ impl CpuMeter {
     }
 
     pub fn stop(self, workers: &[u32]) -> CpuTime {
-        let now = snapshot(workers);
         let tps = ticks_per_second();
-        let used = |k: &str| {
-            now.get(k)
-                .copied()
-                .unwrap_or(0)
-                .saturating_sub(self.at.get(k).copied().unwrap_or(0)) as f64
-                / tps
-        };
+        let mut used: HashMap<&'static str, u64> = HashMap::new();
+        for (pid, (group, own, children)) in snapshot(workers) {
+            let (own_before, children_before) = match self.at.get(&pid) {
+                Some((g, o, c)) if *g == group => (*o, *c),
+                _ => (0, 0),
+            };
+            let mut ticks = own.saturating_sub(own_before);
+            if group == "postgres" {
+                // The postmaster's children time counts the backends that exited.
+                ticks += children.saturating_sub(children_before);
+            }
+            *used.entry(group).or_default() += ticks;
+        }
+        let seconds = |k: &str| used.get(k).copied().unwrap_or(0) as f64 / tps;
         CpuTime {
-            control_plane: used("control_plane"),
-            workers: used("workers"),
-            nats: used("nats"),
-            postgres: used("postgres"),
+            control_plane: seconds("control_plane"),
+            workers: seconds("workers"),
+            nats: seconds("nats"),
+            postgres: seconds("postgres"),
         }
     }
 }
