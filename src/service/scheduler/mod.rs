@@ -31,7 +31,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::{FutureExt, StreamExt};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 mod nodes;
@@ -416,6 +416,19 @@ impl Scheduler {
             Err(e) => return Err((e, batch)),
         };
         let dispatched = assigned.len();
+        if !changes.lost.is_empty() {
+            // What earlier steps sent is stored before the purge: none of it reaches a lost
+            // agent after.
+            let (stored, all_stored) = oneshot::channel();
+            let barrier = Finishing {
+                acks: Vec::new(),
+                reports: Vec::new(),
+                then: Some(stored),
+            };
+            if finish.send(barrier).await.is_ok() {
+                let _ = all_stored.await;
+            }
+        }
         for agent in &changes.lost {
             // A lost agent that comes back must not run what was taken from it.
             crate::bus::provision::purge_dispatches(&self.js, &self.names, *agent).await;
@@ -432,6 +445,7 @@ impl Scheduler {
             let finishing = Finishing {
                 acks: sent.acks,
                 reports: batch,
+                then: None,
             };
             if let Err(mpsc::error::SendError(f)) = finish.send(finishing).await {
                 // No finisher (the term is ending): finished here.
@@ -1120,10 +1134,11 @@ struct Sent {
 }
 
 /// What a committed step leaves to finish: its dispatches' acks to wait for, then its reports
-/// to ack.
+/// to ack; then, if asked, word that it (and every step before it) is finished.
 struct Finishing {
     acks: Vec<(TaskId, i32, PublishAckFuture)>,
     reports: Vec<Delivery<TaskReport>>,
+    then: Option<oneshot::Sender<()>>,
 }
 
 /// The dispatches (of `acks`) JetStream did not store.
@@ -1144,6 +1159,9 @@ async fn finish_step(f: Finishing) -> Vec<(TaskId, i32)> {
     let failed = unstored(f.acks).await;
     for d in f.reports {
         let _ = d.ack().await;
+    }
+    if let Some(then) = f.then {
+        let _ = then.send(());
     }
     failed
 }
