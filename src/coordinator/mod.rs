@@ -303,6 +303,9 @@ async fn sweep_loop(
     let period = (settings.heartbeat_interval() / 2).max(std::time::Duration::from_millis(50));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when heartbeats could have been heard: no agent is lost for a silence while no
+    // control plane led (heartbeats went unanswered) or the database was away (unrecorded).
+    let mut hearing_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.token.cancelled() => break,
@@ -310,16 +313,20 @@ async fn sweep_loop(
             _ = leader.changed() => continue,
         }
         if !*leader.borrow() {
+            hearing_since = None;
             continue;
         }
+        let since = *hearing_since.get_or_insert_with(tokio::time::Instant::now);
         if let Err(e) = registry
             .sweep(
                 settings.agent_stale_after_ms as i64,
                 settings.agent_offline_after_ms as i64,
+                since.elapsed().as_millis() as i64,
             )
             .await
         {
             tracing::warn!(error = %e, "liveness sweep failed; will retry");
+            hearing_since = Some(tokio::time::Instant::now());
         }
         if let Err(e) = collaboration.expire_due().await {
             tracing::warn!(error = %e, "handoff expiry failed; will retry");

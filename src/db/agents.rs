@@ -174,16 +174,19 @@ pub async fn terminated_among(pool: &PgPool, ids: &[AgentId]) -> Result<Vec<Agen
 }
 
 /// Marks agents that missed heartbeats: silent longer than `stale_after_ms` → stale, longer
-/// than `offline_after_ms` → offline. Returns only agents whose status changed.
+/// than `offline_after_ms` → offline (only if `judge_offline`). Returns only agents whose status
+/// changed.
 pub async fn sweep_silent(
     pool: &PgPool,
     stale_after_ms: i64,
     offline_after_ms: i64,
+    judge_offline: bool,
 ) -> Result<Vec<StatusChange>, DbError> {
     let rows = sqlx::query_as::<_, ChangedRow>(
         "WITH silent AS (
              SELECT id, status,
-                    last_heartbeat < now() - make_interval(secs => $2::float8 / 1000) AS gone
+                    $3 AND last_heartbeat < now() - make_interval(secs => $2::float8 / 1000)
+                        AS gone
              FROM agents
              WHERE status IN ('idle', 'running', 'degraded', 'maintenance', 'stale')
                AND last_heartbeat < now() - make_interval(secs => $1::float8 / 1000)
@@ -199,6 +202,7 @@ pub async fn sweep_silent(
     )
     .bind(stale_after_ms)
     .bind(offline_after_ms)
+    .bind(judge_offline)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())

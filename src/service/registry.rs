@@ -652,13 +652,23 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks agents that missed heartbeats stale, then offline; announces each change.
+    /// Marks agents that missed heartbeats stale, then offline — only as long as the control
+    /// planes could have heard them: `heard_for_ms` is how long that has been (since this one
+    /// took the lease, or the database came back), and an agent is not judged on a silence
+    /// longer than that. Announces each change.
     pub async fn sweep(
         &self,
         stale_after_ms: i64,
         offline_after_ms: i64,
+        heard_for_ms: i64,
     ) -> Result<Vec<StatusChange>, ServiceError> {
-        let changes = agents::sweep_silent(&self.pool, stale_after_ms, offline_after_ms).await?;
+        if heard_for_ms < stale_after_ms {
+            return Ok(Vec::new());
+        }
+        let judge_offline = heard_for_ms >= offline_after_ms;
+        let changes =
+            agents::sweep_silent(&self.pool, stale_after_ms, offline_after_ms, judge_offline)
+                .await?;
         if !changes.is_empty() {
             for c in &changes {
                 tracing::warn!(agent.id = %c.agent.id, agent.name = %c.agent.name,

@@ -626,6 +626,162 @@ async fn a_task_whose_dispatch_jetstream_will_not_store_waits_and_runs_once_it_d
     c.stop().await;
 }
 
+/// An agent is not lost for a silence no control plane could hear: with the only control
+/// plane killed for longer than the agents' offline time, its replacement gives its agents the
+/// offline time, from when it took the lease, to be heard again — the task running through the
+/// outage finishes at its first attempt, and no agent is announced offline. (The worker is
+/// stopped until the new leader has judged it stale, so it cannot be heard earlier.)
+#[tokio::test]
+async fn agents_are_not_lost_for_a_silence_while_no_control_plane_listened() {
+    let liveness = [
+        ("OMOI_AGENT_STALE_AFTER_MS", "1000"),
+        ("OMOI_AGENT_OFFLINE_AFTER_MS", "3000"),
+    ];
+    let mut c = Cluster::without_control_plane().await;
+    let mut first = c.spawn_coordinator_with(&liveness);
+    c.spawn_worker("w1", "sleep", 1).await;
+    let wf = c
+        .submit(json!({"name": "outage", "tasks": [
+            {"key": "long", "executor": "sleep", "capabilities": ["sleep"], "input": {"ms": 8000}}]}))
+        .await;
+    let running = wait_running_on(&c, wf.workflow_id, "long").await;
+    c.signal("w1", "-STOP");
+    kill9(&mut first).await;
+    let status = || async {
+        sqlx::query_as::<_, (String, bool)>(
+            "SELECT status, last_heartbeat < now() - interval '3500 milliseconds' FROM agents
+             WHERE name = 'w1'",
+        )
+        .fetch_one(&c.env.pool)
+        .await
+        .unwrap()
+    };
+    // Silent, as far as the database knows, for longer than the offline time.
+    eventually(
+        Duration::from_secs(30),
+        "the agent silent past it",
+        || async { status().await.1.then_some(()) },
+    )
+    .await;
+    let _second = c.spawn_coordinator_with(&liveness);
+    eventually(
+        Duration::from_secs(30),
+        "the new leader judging it",
+        || async {
+            let (s, _) = status().await;
+            (s == "stale" || s == "offline").then_some(())
+        },
+    )
+    .await;
+    c.signal("w1", "-CONT");
+    let done = c.wait(wf.workflow_id, Duration::from_secs(60)).await;
+    assert_eq!(done.workflow.status, WorkflowStatus::Completed);
+    assert_eq!(
+        task(&done, "long").attempt,
+        running.attempt,
+        "finished by the attempt that ran through the outage"
+    );
+    let offline: Vec<_> = events_of(&c, "agent.status.changed")
+        .await
+        .into_iter()
+        .filter(|e| {
+            matches!(&e.event, omoi::protocol::Event::AgentStatusChanged(s)
+                if s.to == omoi::domain::AgentStatus::Offline)
+        })
+        .collect();
+    assert!(
+        offline.is_empty(),
+        "an agent was announced offline: {offline:?}"
+    );
+    c.stop().await;
+}
+
+/// A new leader reads the reports sent while no leader listened before it judges a task
+/// overdue: a task assigned long before (longer than the start timeout) whose worker reported
+/// it done during the outage completes at that attempt — it is not taken back as a dispatch
+/// never started and run again.
+#[tokio::test]
+async fn a_new_leader_reads_the_reports_of_the_outage_before_judging_tasks_overdue() {
+    let c = Cluster::without_control_plane().await;
+    let agent = omoi::domain::AgentId::new();
+    omoi::db::agents::insert(
+        &c.env.pool,
+        &omoi::db::agents::NewAgent {
+            id: agent,
+            name: "away".into(),
+            agent_type: "test".into(),
+            phase_id: None,
+            capabilities: vec!["sleep".into()],
+            capacity: 1,
+            tags: vec![],
+            metadata: json!({}),
+            executors: vec!["sleep".into()],
+            instance: None,
+        },
+    )
+    .await
+    .unwrap();
+    // What a leader killed during a task leaves: the task assigned (longer ago than the start
+    // timeout), and its worker's report of its completion waiting in the results stream.
+    let workflow = omoi::domain::WorkflowId::new();
+    let task = omoi::domain::TaskId::new();
+    let spec: omoi::domain::dag::TaskSpec = serde_json::from_value(json!({
+        "key": "done_meanwhile", "executor": "sleep", "capabilities": ["sleep"]}))
+    .unwrap();
+    let mut tx = c.env.pool.begin().await.unwrap();
+    omoi::db::workflows::create(
+        &mut tx,
+        workflow,
+        "outage",
+        "fail_fast",
+        &json!({}),
+        &[omoi::db::workflows::NewTask::from_spec(task, &spec)],
+    )
+    .await
+    .unwrap();
+    let assigned = omoi::db::scheduling::assign(&mut tx, &[(task, agent)], &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), 1);
+    sqlx::query("UPDATE tasks SET updated_at = now() - interval '10 seconds' WHERE id = $1")
+        .bind(task)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let report = omoi::protocol::tasks::TaskReport {
+        v: omoi::protocol::PROTOCOL_VERSION,
+        task_id: task,
+        attempt: 1,
+        agent_id: agent,
+        outcome: omoi::protocol::tasks::Outcome::Completed {
+            output: json!({"done": true}),
+            lock_wait_ms: None,
+            running_ms: Some(5),
+        },
+    };
+    c.env
+        .js
+        .publish(
+            c.env.names.result(agent, task),
+            serde_json::to_vec(&report).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let _leader = c.spawn_coordinator_with(&[("OMOI_TASK_START_TIMEOUT_MS", "3000")]);
+    let done = eventually(Duration::from_secs(60), "the task completed", || async {
+        let t = omoi::db::tasks::get(&c.env.pool, task).await.unwrap();
+        (t.status == TaskStatus::Completed).then_some(t)
+    })
+    .await;
+    assert_eq!(done.attempt, 1, "completed by the report of the outage");
+    assert_eq!(done.output, Some(json!({"done": true})));
+    c.stop().await;
+}
+
 /// A TCP proxy in front of PostgreSQL that can go down: cut every connection through it and
 /// refuse new ones (as a database restarting does), then come back.
 struct PgProxy {

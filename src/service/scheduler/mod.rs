@@ -231,6 +231,10 @@ impl Scheduler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = tokio::time::Instant::now();
         let mut intake = Intake::default();
+        // Nothing is judged overdue until the reports sent while no leader listened have been
+        // read: not for a start timeout from the term's start (again after a failed step).
+        let judge_after = Duration::from_millis(self.config.start_timeout_ms.max(0) as u64);
+        let mut judge_from = tokio::time::Instant::now() + judge_after;
         while still_leading(&leader) {
             let mut batch: Vec<Delivery<TaskReport>> = Vec::new();
             let mut maintain = false;
@@ -271,7 +275,8 @@ impl Scheduler {
                 state = self.rebuild().await.unwrap_or_default();
             }
             self.run_nodes(&mut state).await;
-            match self.step(&mut state, batch, maintain, &finish).await {
+            let judge = maintain && tokio::time::Instant::now() >= judge_from;
+            match self.step(&mut state, batch, maintain, judge, &finish).await {
                 Ok(more) => {
                     if more {
                         self.wake.notify_one();
@@ -279,6 +284,7 @@ impl Scheduler {
                 }
                 Err((e, batch)) => {
                     tracing::warn!(error = %e, reports = batch.len(), "scheduler step failed; memory is rebuilt");
+                    judge_from = tokio::time::Instant::now() + judge_after;
                     state = self.rebuild().await.unwrap_or_default();
                     self.after_failed_step(&mut state, batch, &e).await;
                 }
@@ -383,6 +389,7 @@ impl Scheduler {
         state: &mut State,
         mut batch: Vec<Delivery<TaskReport>>,
         maintain: bool,
+        judge: bool,
         finish: &mpsc::Sender<Finishing>,
     ) -> Result<bool, (ServiceError, Vec<Delivery<TaskReport>>)> {
         if batch.is_empty() && !maintain && state.queue.is_empty() {
@@ -408,7 +415,12 @@ impl Scheduler {
         }
         let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
         let started = std::time::Instant::now();
-        let result = self.step_tx(state, &values, maintain, true).await;
+        let duties = Duties {
+            maintain,
+            judge_overdue: judge,
+            dispatch: true,
+        };
+        let result = self.step_tx(state, &values, duties).await;
         let committed = started.elapsed();
         metrics::histogram!("omoi_scheduler_step_seconds").record(committed.as_secs_f64());
         let (changes, assigned) = match result {
@@ -469,8 +481,7 @@ impl Scheduler {
         &self,
         state: &mut State,
         reports: &[TaskReport],
-        maintain: bool,
-        dispatch: bool,
+        duties: Duties,
     ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
         let mut hot = self.hot.lock().await;
         let conn = match hot.as_mut() {
@@ -484,9 +495,7 @@ impl Scheduler {
                 hot.insert(conn)
             }
         };
-        let result = self
-            .step_tx_on(conn, state, reports, maintain, dispatch)
-            .await;
+        let result = self.step_tx_on(conn, state, reports, duties).await;
         if result.is_err() {
             drop_hot(&mut hot);
         }
@@ -499,8 +508,7 @@ impl Scheduler {
         conn: &mut PgConnection,
         state: &mut State,
         reports: &[TaskReport],
-        maintain: bool,
-        dispatch: bool,
+        duties: Duties,
     ) -> Result<(Changes, Vec<Assigned>), ServiceError> {
         let mut tx = conn.begin().await.map_err(DbError::from)?;
         let mut changes = Changes::default();
@@ -508,9 +516,11 @@ impl Scheduler {
             .apply_reports(&mut tx, state, reports, &mut changes)
             .await?;
         let (mut done, mut failed) = (done, failed);
-        if maintain {
+        if duties.maintain {
             let held = state.held();
-            let (d, f) = self.maintain(&mut tx, &held, &mut changes).await?;
+            let (d, f) = self
+                .maintain(&mut tx, &held, duties.judge_overdue, &mut changes)
+                .await?;
             done.extend(d);
             failed.extend(f);
         }
@@ -518,7 +528,7 @@ impl Scheduler {
             .await?;
         state.observe_rows(&changes.rows);
         let mut assigned = Vec::new();
-        if dispatch {
+        if duties.dispatch {
             let planned = state.plan(DISPATCH_BATCH, self.config.stale_after_ms);
             if !planned.is_empty() {
                 // The dependants of what just completed need its output: at hand already.
@@ -573,7 +583,7 @@ impl Scheduler {
         }
         for d in batch {
             match self
-                .step_tx(state, std::slice::from_ref(&d.value), false, false)
+                .step_tx(state, std::slice::from_ref(&d.value), Duties::default())
                 .await
             {
                 Ok(_) => {
@@ -730,14 +740,15 @@ impl Scheduler {
         Ok((done, failed, promoted_with))
     }
 
-    /// Retries that are due, tasks of lost agents, timeouts, dispatches never started and
-    /// sync points past their time. The tasks agents hold are looked for among `held` (what
-    /// memory says they hold, repaired by the reconciliation). Returns what completed and what
-    /// failed.
+    /// Retries that are due, tasks of lost agents, timeouts and dispatches never started (if
+    /// `judge_overdue`), and sync points past their time. The tasks agents hold are looked for
+    /// among `held` (what memory says they hold, repaired by the reconciliation). Returns what
+    /// completed and what failed.
     async fn maintain(
         &self,
         conn: &mut PgConnection,
         held: &[TaskId],
+        judge_overdue: bool,
         changes: &mut Changes,
     ) -> Result<(Vec<TaskRecord>, Vec<TaskRecord>), ServiceError> {
         let due = scheduling::promote_due_retries(&mut *conn)
@@ -752,10 +763,13 @@ impl Scheduler {
             changes.lost.insert(*agent);
         }
         changes.tasks(reclaimed.into_iter().map(|(t, _)| t).collect());
-        let (timed_out, never_started) =
+        let (timed_out, never_started) = if judge_overdue {
             scheduling::overdue(&mut *conn, held, self.config.start_timeout_ms)
                 .await
-                .map_err(db)?;
+                .map_err(db)?
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut failed = Vec::new();
         for t in timed_out {
             let error = format!(
@@ -1123,6 +1137,17 @@ impl Scheduler {
                 .with_check(check_report),
         )
     }
+}
+
+/// What a step does besides applying its reports.
+#[derive(Debug, Clone, Copy, Default)]
+struct Duties {
+    /// The maintenance tick's work.
+    maintain: bool,
+    /// With it, judging tasks overdue (not while reports sent before the term may be unread).
+    judge_overdue: bool,
+    /// A dispatch round.
+    dispatch: bool,
 }
 
 /// Dispatches sent: those JetStream is to ack, those not sent, those no worker could read.
