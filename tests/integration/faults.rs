@@ -523,6 +523,34 @@ async fn a_leader_killed_again_and_again_announces_every_transition_once() {
     c.stop().await;
 }
 
+/// What a leader killed right after committing an assignment leaves: a one-task workflow whose
+/// task (`spec`) is assigned to `agent`, with no dispatch published.
+async fn assigned_without_dispatch(
+    c: &Cluster,
+    agent: omoi::domain::AgentId,
+    spec: serde_json::Value,
+) -> omoi::domain::TaskId {
+    let task = omoi::domain::TaskId::new();
+    let spec: omoi::domain::dag::TaskSpec = serde_json::from_value(spec).unwrap();
+    let mut tx = c.env.pool.begin().await.unwrap();
+    omoi::db::workflows::create(
+        &mut tx,
+        omoi::domain::WorkflowId::new(),
+        "stranded",
+        "fail_fast",
+        &json!({}),
+        &[omoi::db::workflows::NewTask::from_spec(task, &spec)],
+    )
+    .await
+    .unwrap();
+    let assigned = omoi::db::scheduling::assign(&mut tx, &[(task, agent)], &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), 1);
+    tx.commit().await.unwrap();
+    task
+}
+
 #[tokio::test]
 async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
     // Long start timeout and liveness: only the new leader's republication can start the task
@@ -543,28 +571,13 @@ async fn a_new_leader_publishes_the_dispatches_of_tasks_left_assigned() {
     kill9(&mut first).await;
     // What a leader killed between committing an assignment and publishing its dispatch
     // leaves: a task assigned to w1, and no dispatch.
-    let workflow = omoi::domain::WorkflowId::new();
-    let task = omoi::domain::TaskId::new();
-    let spec: omoi::domain::dag::TaskSpec = serde_json::from_value(json!({
-        "key": "stranded", "executor": "sleep", "capabilities": ["sleep"],
-        "input": {"ms": 10, "output": {"ran": true}}}))
-    .unwrap();
-    let mut tx = c.env.pool.begin().await.unwrap();
-    omoi::db::workflows::create(
-        &mut tx,
-        workflow,
-        "stranded",
-        "fail_fast",
-        &json!({}),
-        &[omoi::db::workflows::NewTask::from_spec(task, &spec)],
+    let task = assigned_without_dispatch(
+        &c,
+        agent,
+        json!({"key": "stranded", "executor": "sleep", "capabilities": ["sleep"],
+               "input": {"ms": 10, "output": {"ran": true}}}),
     )
-    .await
-    .unwrap();
-    let assigned = omoi::db::scheduling::assign(&mut tx, &[(task, agent)], &Default::default())
-        .await
-        .unwrap();
-    assert_eq!(assigned.len(), 1);
-    tx.commit().await.unwrap();
+    .await;
 
     let _second = c.spawn_coordinator_with(&patient);
     let done = eventually(Duration::from_secs(60), "the stranded task ran", || async {
@@ -723,32 +736,17 @@ async fn a_new_leader_reads_the_reports_of_the_outage_before_judging_tasks_overd
     .unwrap();
     // What a leader killed during a task leaves: the task assigned (longer ago than the start
     // timeout), and its worker's report of its completion waiting in the results stream.
-    let workflow = omoi::domain::WorkflowId::new();
-    let task = omoi::domain::TaskId::new();
-    let spec: omoi::domain::dag::TaskSpec = serde_json::from_value(json!({
-        "key": "done_meanwhile", "executor": "sleep", "capabilities": ["sleep"]}))
-    .unwrap();
-    let mut tx = c.env.pool.begin().await.unwrap();
-    omoi::db::workflows::create(
-        &mut tx,
-        workflow,
-        "outage",
-        "fail_fast",
-        &json!({}),
-        &[omoi::db::workflows::NewTask::from_spec(task, &spec)],
+    let task = assigned_without_dispatch(
+        &c,
+        agent,
+        json!({"key": "done_meanwhile", "executor": "sleep", "capabilities": ["sleep"]}),
     )
-    .await
-    .unwrap();
-    let assigned = omoi::db::scheduling::assign(&mut tx, &[(task, agent)], &Default::default())
-        .await
-        .unwrap();
-    assert_eq!(assigned.len(), 1);
+    .await;
     sqlx::query("UPDATE tasks SET updated_at = now() - interval '10 seconds' WHERE id = $1")
         .bind(task)
-        .execute(&mut *tx)
+        .execute(&c.env.pool)
         .await
         .unwrap();
-    tx.commit().await.unwrap();
     let report = omoi::protocol::tasks::TaskReport {
         v: omoi::protocol::PROTOCOL_VERSION,
         task_id: task,
