@@ -225,8 +225,8 @@ impl Scheduler {
         let (intake_tx, mut intake_rx) = mpsc::unbounded_channel();
         let listener = tokio::spawn(listen(self.js.client(), self.names.clone(), intake_tx));
         let (finish, finishing) = mpsc::channel(FINISHING_STEPS);
-        let (unstored_tx, mut unstored) = mpsc::unbounded_channel();
-        let finisher = tokio::spawn(finish_steps(finishing, unstored_tx));
+        let (not_stored_tx, mut not_stored) = mpsc::unbounded_channel();
+        let finisher = tokio::spawn(finish_steps(finishing, not_stored_tx));
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reconcile = tokio::time::Instant::now();
@@ -252,7 +252,7 @@ impl Scheduler {
                 },
                 _ = tick.tick() => maintain = true,
                 () = self.wake.notified() => {}
-                Some(failed) = unstored.recv() => {
+                Some(failed) = not_stored.recv() => {
                     if let Err(e) = self.put_back(&mut state, failed, Vec::new()).await {
                         tracing::warn!(error = %e, "putting back tasks whose dispatches were not stored failed; they are sent again on the start timeout");
                     }
@@ -275,8 +275,12 @@ impl Scheduler {
                 state = self.rebuild().await.unwrap_or_default();
             }
             self.run_nodes(&mut state).await;
-            let judge = maintain && tokio::time::Instant::now() >= judge_from;
-            match self.step(&mut state, batch, maintain, judge, &finish).await {
+            let duties = Duties {
+                maintain,
+                judge_overdue: maintain && tokio::time::Instant::now() >= judge_from,
+                dispatch: true,
+            };
+            match self.step(&mut state, batch, duties, &finish).await {
                 Ok(more) => {
                     if more {
                         self.wake.notify_one();
@@ -388,11 +392,10 @@ impl Scheduler {
         &self,
         state: &mut State,
         mut batch: Vec<Delivery<TaskReport>>,
-        maintain: bool,
-        judge: bool,
+        duties: Duties,
         finish: &mpsc::Sender<Finishing>,
     ) -> Result<bool, (ServiceError, Vec<Delivery<TaskReport>>)> {
-        if batch.is_empty() && !maintain && state.queue.is_empty() {
+        if batch.is_empty() && !duties.maintain && state.queue.is_empty() {
             return Ok(false);
         }
         // An output PostgreSQL cannot store fails its attempt; the report as sent is kept.
@@ -415,11 +418,6 @@ impl Scheduler {
         }
         let values: Vec<TaskReport> = batch.iter().map(|d| d.value.clone()).collect();
         let started = std::time::Instant::now();
-        let duties = Duties {
-            maintain,
-            judge_overdue: judge,
-            dispatch: true,
-        };
         let result = self.step_tx(state, &values, duties).await;
         let committed = started.elapsed();
         metrics::histogram!("omoi_scheduler_step_seconds").record(committed.as_secs_f64());
@@ -467,7 +465,7 @@ impl Scheduler {
         tracing::debug!(
             reports,
             dispatched,
-            maintain,
+            maintain = duties.maintain,
             commit_us = committed.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
             "scheduler step"
@@ -1150,10 +1148,13 @@ struct Duties {
     dispatch: bool,
 }
 
+/// A dispatch sent (its task and attempt) and JetStream's answer to come.
+type PendingAck = (TaskId, i32, PublishAckFuture);
+
 /// Dispatches sent: those JetStream is to ack, those not sent, those no worker could read.
 #[derive(Default)]
 struct Sent {
-    acks: Vec<(TaskId, i32, PublishAckFuture)>,
+    acks: Vec<PendingAck>,
     failed: Vec<(TaskId, i32)>,
     undeliverable: Vec<(scheduling::AssignedTask, String)>,
 }
@@ -1161,13 +1162,13 @@ struct Sent {
 /// What a committed step leaves to finish: its dispatches' acks to wait for, then its reports
 /// to ack; then, if asked, word that it (and every step before it) is finished.
 struct Finishing {
-    acks: Vec<(TaskId, i32, PublishAckFuture)>,
+    acks: Vec<PendingAck>,
     reports: Vec<Delivery<TaskReport>>,
     then: Option<oneshot::Sender<()>>,
 }
 
 /// The dispatches (of `acks`) JetStream did not store.
-async fn unstored(acks: Vec<(TaskId, i32, PublishAckFuture)>) -> Vec<(TaskId, i32)> {
+async fn unstored(acks: Vec<PendingAck>) -> Vec<(TaskId, i32)> {
     let mut failed = Vec::new();
     for (id, attempt, ack) in acks {
         if let Err(e) = ack.await {
@@ -1192,15 +1193,15 @@ async fn finish_step(f: Finishing) -> Vec<(TaskId, i32)> {
 }
 
 /// Finishes the term's steps in the order they committed, while the loop goes on to the next;
-/// the dispatches not stored go back to the loop (on `unstored`), which puts their tasks back.
+/// the dispatches not stored go back to the loop (on `not_stored`), which puts their tasks back.
 async fn finish_steps(
     mut steps: mpsc::Receiver<Finishing>,
-    unstored: mpsc::UnboundedSender<Vec<(TaskId, i32)>>,
+    not_stored: mpsc::UnboundedSender<Vec<(TaskId, i32)>>,
 ) {
     while let Some(f) = steps.recv().await {
         let failed = finish_step(f).await;
         if !failed.is_empty() {
-            let _ = unstored.send(failed);
+            let _ = not_stored.send(failed);
         }
     }
 }
